@@ -1,0 +1,348 @@
+"""MoE layer benchmark: vlmoe vs the ideal vs peers, side by side in one process.
+
+Run ``vlmoe bench moe --help``. For every case it times forward + backward (interleaved repeats,
+medians) of:
+
+- ``ideal``: k x a dense FFN of the same shapes (dim -> ffn -> dim) on the same tokens: the compute
+  a perfectly efficient top-k layer cannot avoid;
+- ``vlmoe``: :class:`vlmoe.moe.MoE` (router, sort-based dropless dispatch, grouped experts, combine);
+- ``naive``: sort + a Python loop over experts indexing a stacked (E, d, h) weight (``w[e]``), the
+  common pattern whose backward materialises a full-size weight gradient per expert;
+- ``torchscale``: torchscale's X-MoE ``MOELayer`` + ``Top2Gate(use_xmoe=True)`` when installed
+  (``pip install --no-deps torchscale fairscale``), capacity factor 1 in training as its default.
+
+Peak memory is the peak of live tensor bytes allocated during one forward + backward (allocator
+events recorded by the torch profiler); the ideal's memory is one dense FFN over the k x T rows that
+any top-k layer must hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlmoe.moe import MoE, MoEConfig, mhmoe_flop_parity, moe_flops_per_token
+
+
+# ---------------------------------------------------------------------------------------------- impls
+class DenseFFN(nn.Module):
+    def __init__(self, dim: int, ffn: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, ffn), nn.Linear(ffn, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class NaiveLoopMoE(nn.Module):
+    """Sort + per-expert loop over a stacked weight: ``x_e @ w1[e]`` (the pitfall, for reference)."""
+
+    def __init__(self, dim: int, ffn: int, num_experts: int, top_k: int) -> None:
+        super().__init__()
+        self.k, self.E = top_k, num_experts
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.w1 = nn.Parameter(torch.randn(num_experts, dim, ffn) * 0.02)
+        self.b1 = nn.Parameter(torch.zeros(num_experts, ffn))
+        self.w2 = nn.Parameter(torch.randn(num_experts, ffn, dim) * 0.02)
+        self.b2 = nn.Parameter(torch.zeros(num_experts, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        probs = self.gate(x).softmax(-1)
+        w, idx = probs.topk(self.k, dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        flat = idx.reshape(-1)
+        order = flat.argsort(stable=True)
+        tok = order // self.k
+        counts = torch.bincount(flat, minlength=self.E).tolist()
+        xs = x[tok]
+        outs, s = [], 0
+        for e, n in enumerate(counts):
+            h = F.gelu(xs[s : s + n] @ self.w1[e] + self.b1[e])
+            outs.append(h @ self.w2[e] + self.b2[e])
+            s += n
+        ys = torch.cat(outs) * w.reshape(-1)[order, None]
+        return torch.zeros_like(x).index_add_(0, tok, ys)
+
+
+def _torchscale_layer(dim: int, ffn: int, num_experts: int, top_k: int, tokens: int):
+    """torchscale X-MoE MOELayer (needs a process group; we start a 1-process gloo group)."""
+    try:
+        from torchscale.architecture.config import EncoderConfig
+        from torchscale.component.feedforward_network import make_experts
+        from torchscale.component.xmoe.moe_layer import MOELayer
+        from torchscale.component.xmoe.routing import Top1Gate, Top2Gate
+    except Exception:  # not installed (it is an optional peer)
+        return None
+    _ensure_process_group()
+    _patch_histc()
+    args = EncoderConfig(
+        encoder_embed_dim=dim, encoder_ffn_embed_dim=ffn, moe_freq=1, moe_expert_count=num_experts,
+        use_xmoe=True, moe_gating_use_fp32=True,
+    )
+    args.ddp_rank = 0
+    if top_k == 1:
+        gate = Top1Gate(dim, num_experts, use_xmoe=True, use_fp32=True)
+    else:
+        gate = Top2Gate(dim, num_experts, use_xmoe=True, use_fp32=True,
+                        normalize_gate_prob_before_dropping=True, second_expert_policy="random")
+    experts = make_experts(args, dim, ffn)
+    layer = MOELayer(gate, experts, args)
+
+    def run(x: Tensor) -> Tensor:
+        y, l_aux = layer(x.unsqueeze(0))
+        return y.squeeze(0) + 0 * l_aux
+
+    return layer, run
+
+
+def _ensure_process_group() -> None:
+    import os
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29533")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+def _patch_histc() -> None:
+    # torchscale's CPU path calls torch.histc on int64 tensors, which CPU histc does not support.
+    if getattr(torch.histc, "_vlmoe_patched", False):
+        return
+    orig = torch.histc
+
+    def histc(input, *a, **kw):
+        return orig(input.float() if not input.is_floating_point() else input, *a, **kw)
+
+    histc._vlmoe_patched = True
+    torch.histc = histc
+
+
+# ---------------------------------------------------------------------------------------------- timing
+@dataclass
+class Result:
+    name: str
+    times: list[float]
+    peak_bytes: int | None = None
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+
+def _fwd_bwd(fn: Callable[[Tensor], Tensor], x: Tensor, g: Tensor) -> None:
+    out = fn(x)
+    if isinstance(out, tuple):  # vlmoe MoE returns (y, aux)
+        y, aux = out
+        torch.autograd.backward([y, aux.loss], [g, torch.ones_like(aux.loss)])
+    else:
+        out.backward(g)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory(fn: Callable[[Tensor], Tensor], x: Tensor, g: Tensor) -> int:
+    """Peak live tensor bytes allocated during one forward + backward (beyond what existed before)."""
+    if x.is_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        _fwd_bwd(fn, x, g)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with contextlib.redirect_stdout(io.StringIO()), profile(
+        activities=[ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
+        _fwd_bwd(fn, x, g)
+    events = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
+    cur = peak = 0
+    for _, n in events:
+        cur += n
+        peak = max(peak, cur)
+    return peak
+
+
+def _zero_grads(*mods: nn.Module) -> None:
+    for m in mods:
+        for p in m.parameters():
+            p.grad = None
+
+
+@dataclass
+class Case:
+    name: str
+    num_experts: int
+    tokens: int
+    heads: int = 1
+    compare_to_plain: bool = False  # MH-MoE: also time the plain layer it is matched to
+
+
+def run_case(case: Case, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
+    torch.manual_seed(0)
+    d, f, k, T = args.dim, args.ffn, args.top_k, case.tokens
+    base = MoEConfig(num_experts=case.num_experts, top_k=k, ffn_dim=f, check_finite=False)
+    cfg = mhmoe_flop_parity(d, base, case.heads) if case.heads > 1 else base
+    impls: dict[str, tuple[nn.Module, Callable]] = {}
+    ideal = DenseFFN(d, f).to(device, dtype)
+    impls["ideal"] = (ideal, ideal)
+    ours = MoE(d, cfg).to(device, dtype)
+    impls["vlmoe"] = (ours, ours)
+    if case.compare_to_plain:
+        plain = MoE(d, base).to(device, dtype)
+        impls["vlmoe plain"] = (plain, plain)
+    if case.heads == 1 and not args.no_peers:
+        if args.naive:
+            naive = NaiveLoopMoE(d, f, case.num_experts, k).to(device, dtype)
+            impls["naive loop"] = (naive, naive)
+        ts = _torchscale_layer(d, f, case.num_experts, k, T) if args.torchscale else None
+        if ts is not None:
+            layer, run = ts
+            impls["torchscale"] = (layer.to(device, dtype), run)
+
+    x = torch.randn(T, d, device=device, dtype=dtype, requires_grad=True)
+    g = torch.randn(T, d, device=device, dtype=dtype)
+    xk = torch.randn(k * T, d, device=device, dtype=dtype, requires_grad=True)  # ideal memory
+    gk = torch.randn(k * T, d, device=device, dtype=dtype)
+
+    results = {name: Result(name, []) for name in impls}
+    for name, (mod, fn) in impls.items():  # warm-up
+        _fwd_bwd(fn, x, g)
+        _zero_grads(mod)
+    for _ in range(args.repeats):
+        for name, (mod, fn) in impls.items():
+            x.grad = None
+            _sync(device)
+            t0 = time.perf_counter()
+            _fwd_bwd(fn, x, g)
+            _sync(device)
+            results[name].times.append(time.perf_counter() - t0)
+            _zero_grads(mod)
+    results["ideal"].times = [k * t for t in results["ideal"].times]
+    if args.memory:
+        for name, (mod, fn) in impls.items():
+            if name == "ideal":
+                results[name].peak_bytes = peak_memory(fn, xk, gk)
+            else:
+                results[name].peak_bytes = peak_memory(fn, x, g)
+            _zero_grads(mod)
+            x.grad = xk.grad = None
+    plain_flops = T * moe_flops_per_token(d, base)
+    fwd_flops = {name: plain_flops for name in impls}
+    fwd_flops["vlmoe"] = T * moe_flops_per_token(d, cfg)
+    return {"case": case, "config": cfg, "results": results, "fwd_flops": fwd_flops}
+
+
+def format_table(rows: list[dict], device: torch.device) -> str:
+    lines = [
+        "| case | impl | time (ms) | × ideal | tokens/s | TFLOP/s | peak mem (MiB) | × ideal mem |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        case, res = row["case"], row["results"]
+        ideal = res["ideal"]
+        for name, r in res.items():
+            flops = 3 * row["fwd_flops"][name]
+            mem = f"{r.peak_bytes / 2**20:.0f}" if r.peak_bytes is not None else "-"
+            memx = (
+                f"{r.peak_bytes / ideal.peak_bytes:.2f}"
+                if r.peak_bytes is not None and ideal.peak_bytes
+                else "-"
+            )
+            tf = f"{flops / r.median / 1e12:.3f}"
+            lines.append(
+                f"| {case.name} | {name} | {1e3 * r.median:.0f} | {r.median / ideal.median:.2f} | "
+                f"{case.tokens / r.median:,.0f} | {tf} | {mem} | {memx} |"
+            )
+        if "vlmoe plain" in res:
+            ratio = res["vlmoe"].median / res["vlmoe plain"].median
+            lines.append(f"| {case.name} | MH-MoE / plain | {ratio:.2f}× | | | | | |")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlmoe bench moe", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dim", type=int, default=768)
+    p.add_argument("--ffn", type=int, default=3072)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--cases", default="8x4096,32x4096,8x16384,mh4:8x4096",
+                   help="comma list of EXPERTSxTOKENS; prefix 'mhH:' for MH-MoE with H heads at FLOP parity")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs")
+    p.add_argument("--no-peers", action="store_true", help="only ideal and vlmoe")
+    p.add_argument("--no-naive", dest="naive", action="store_false")
+    p.add_argument("--no-torchscale", dest="torchscale", action="store_false")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    return p
+
+
+def parse_cases(spec: str) -> list[Case]:
+    cases = []
+    for item in spec.split(","):
+        item = item.strip()
+        heads = 1
+        if item.startswith("mh"):
+            h, item = item[2:].split(":", 1)
+            heads = int(h)
+        try:
+            e, t = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"bad case {item!r}: expected EXPERTSxTOKENS, e.g. 8x4096") from None
+        name = f"E={e}, T={t}" + (f", MH-MoE h={heads} (FLOP parity)" if heads > 1 else "")
+        cases.append(Case(name, e, t, heads, compare_to_plain=heads > 1))
+    return cases
+
+
+def main(argv: list[str] | None = None) -> str:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    header = (
+        f"device={device} ({_device_name(device)}), dtype={args.dtype}, threads={torch.get_num_threads()}, "
+        f"torch={torch.__version__}, dim={args.dim}, ffn={args.ffn}, top-{args.top_k}, fwd+bwd, "
+        f"median of {args.repeats}"
+    )
+    print(header, flush=True)
+    rows = []
+    for case in parse_cases(args.cases):
+        row = run_case(case, args, device, dtype)
+        rows.append(row)
+        print(format_table([row], device), flush=True)
+    table = format_table(rows, device)
+    print("\n" + header + "\n" + table)
+    return table
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

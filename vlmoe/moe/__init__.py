@@ -1,0 +1,52 @@
+"""The vlmoe Mixture-of-Experts engine (pure torch; usable in any transformer).
+
+    from vlmoe.moe import MoEConfig, MoE
+    layer = MoE(dim=768, config=MoEConfig(num_experts=8, top_k=2, ffn_dim=3072))
+    y, aux = layer(x, padding_mask=None)   # aux.loss: scalar; aux.tokens_per_expert: (E,)
+"""
+
+from .config import MoEConfig
+from .dispatch import DispatchPlan, combine, dispatch, expert_capacity, make_plan
+from .experts import GroupedExperts
+from .grouped import grouped_linear
+from .layer import MoE
+from .losses import load_balance_loss, router_z_loss
+from .routers import CosineRouter, LinearRouter, Router, RouterOutput, build_router
+from .sizing import mhmoe_flop_parity, mhmoe_param_parity, moe_flops_per_token, moe_params
+from .stats import (
+    MoEAux,
+    RoutingStats,
+    RoutingStatsAccumulator,
+    activation_ratio,
+    load_cv,
+    load_entropy,
+)
+
+__all__ = [
+    "MoE",
+    "MoEAux",
+    "MoEConfig",
+    "CosineRouter",
+    "DispatchPlan",
+    "GroupedExperts",
+    "LinearRouter",
+    "Router",
+    "RouterOutput",
+    "RoutingStats",
+    "RoutingStatsAccumulator",
+    "activation_ratio",
+    "build_router",
+    "combine",
+    "dispatch",
+    "expert_capacity",
+    "grouped_linear",
+    "load_balance_loss",
+    "load_cv",
+    "load_entropy",
+    "make_plan",
+    "mhmoe_flop_parity",
+    "mhmoe_param_parity",
+    "moe_flops_per_token",
+    "moe_params",
+    "router_z_loss",
+]

@@ -1,0 +1,154 @@
+"""Typed configuration of one MoE layer.
+
+Every field is a plain scalar / string / list so that configs round-trip through YAML and
+jsonargparse. Only :class:`vlmoe.moe.MoE` reads a config; the parts it is built from take explicit
+arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+ROUTERS = ("softmax", "sigmoid", "xmoe", "xmoe_sigmoid")
+EXPERT_TYPES = ("gelu", "swiglu")
+BALANCE_LOSSES = ("switch", "gshard", "none")
+
+
+@dataclass
+class MoEConfig:
+    """Configuration of a Mixture-of-Experts FFN layer.
+
+    The defaults give a dropless top-2 softmax router over 8 GELU experts (BEiT-3 FFN shape) with
+    the Switch load-balance loss at 1e-2.
+    """
+
+    # --- experts ---
+    num_experts: int = 8
+    top_k: int = 2
+    ffn_dim: int = 3072
+    """Hidden width of each expert (homogeneous experts)."""
+    expert_type: str = "gelu"
+    """``gelu``: fc1 -> GELU -> [sub-LN] -> fc2 (BEiT-3 FFN). ``swiglu``: W2(SiLU(W_g x) * W_u x)."""
+    ffn_layernorm: bool = False
+    """Sub-LN over the hidden layer of each expert (Magneto / BEiT-3 ``ffn_layernorm``)."""
+    bias: bool = True
+    """Biases in the expert linears (BEiT-3: yes; LLaMA-style SwiGLU: usually no)."""
+
+    # --- router ---
+    router: str = "softmax"
+    """``softmax`` (GShard/Switch), ``sigmoid`` (DeepSeek-V3 style scores), ``xmoe`` / ``xmoe_sigmoid``
+    (X-MoE: low-dim projection, cosine against L2-normalised expert embeddings, learnable temperature)."""
+    normalize_gates: bool | None = None
+    """Renormalise the k selected gate values to sum to 1 (before any capacity dropping).
+    ``None``: only when top_k > 1 (GShard); with top_k = 1 the raw gate scales the output (Switch), which
+    is what gives the router a gradient from the task loss. ``True`` at top_k = 1 makes every gate 1."""
+    router_dim: int | None = None
+    """X-MoE routing dimension d_e. ``None``: 16 // heads (the X-MoE / MH-MoE papers' setting), >= 2."""
+    router_temperature: float | None = None
+    """X-MoE initial learnable temperature. ``None``: 0.3 (softmax) / 0.07 (sigmoid)."""
+    balance_temperature: float | None = None
+    """X-MoE fixed temperature tau_0 used inside the balance loss. ``None``: 0.3 / 0.07 as above."""
+    expert_embedding_norm: float = 0.1
+    """X-MoE: expert embeddings are kept at this L2 norm (paper's implementation tip)."""
+    router_jitter: float = 0.0
+    """Switch-style multiplicative input jitter U(1-eps, 1+eps) on the router input, training only."""
+    router_noise: float = 0.0
+    """Std of Gaussian noise added to router logits in training (tutel ``gate_noise``)."""
+    router_fp32: bool = True
+    """Compute router logits/probabilities in float32 under autocast."""
+
+    # --- balancing ---
+    balance_loss: str = "switch"
+    """``switch``: E * sum_e f_e P_e with f_e over all k assignments; ``gshard``: f_e counts first
+    choices only (torchscale / MH-MoE code); ``none``."""
+    balance_coef: float = 0.01
+    z_loss_coef: float = 0.0
+    """ST-MoE router z-loss coefficient (1e-3 suggested)."""
+    bias_balance: bool = False
+    """Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias added to scores for selection only."""
+    bias_update_rate: float = 1e-3
+
+    # --- dispatch ---
+    capacity_factor: float | None = None
+    """``None``: dropless. Otherwise capacity = ceil(cf * k * tokens / E) per expert in training."""
+    eval_capacity_factor: float | None = None
+    """Capacity factor in eval mode (``None``: dropless at eval)."""
+
+    # --- multi-head (MH-MoE) ---
+    heads: int = 1
+    """MH-MoE heads h: each token is split into h sub-tokens of dim/h that are routed independently."""
+    head_projections: bool | None = None
+    """Multi-head and merge linear layers (d -> d). ``None``: on when heads > 1 (official code)."""
+
+    # --- runtime checks ---
+    check_finite: bool = True
+    """Raise a ValueError when router logits contain NaN/Inf (costs one device sync per layer on GPU)."""
+
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form metadata kept with the config (ignored by the layer)."""
+
+    def __post_init__(self) -> None:
+        def bad(name: str, value: Any, why: str) -> ValueError:
+            return ValueError(f"MoEConfig.{name}={value!r}: {why}")
+
+        if self.num_experts < 1:
+            raise bad("num_experts", self.num_experts, "must be >= 1")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise bad("top_k", self.top_k, f"must be in [1, num_experts={self.num_experts}]")
+        if self.ffn_dim < 1:
+            raise bad("ffn_dim", self.ffn_dim, "must be >= 1")
+        if self.expert_type not in EXPERT_TYPES:
+            raise bad("expert_type", self.expert_type, f"choose from {EXPERT_TYPES}")
+        if self.router not in ROUTERS:
+            raise bad("router", self.router, f"choose from {ROUTERS}")
+        if self.balance_loss not in BALANCE_LOSSES:
+            raise bad("balance_loss", self.balance_loss, f"choose from {BALANCE_LOSSES}")
+        if self.heads < 1:
+            raise bad("heads", self.heads, "must be >= 1")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise bad(name, v, "must be > 0, or None for dropless")
+        for name in ("balance_coef", "z_loss_coef", "router_jitter", "router_noise", "bias_update_rate"):
+            if getattr(self, name) < 0:
+                raise bad(name, getattr(self, name), "must be >= 0")
+        if self.router_dim is not None and self.router_dim < 1:
+            raise bad("router_dim", self.router_dim, "must be >= 1")
+        if self.router_temperature is not None and self.router_temperature <= 0:
+            raise bad("router_temperature", self.router_temperature, "must be > 0")
+        if self.expert_type == "swiglu" and self.ffn_layernorm:
+            raise bad("ffn_layernorm", True, "sub-LN is defined for the GELU expert only")
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def use_head_projections(self) -> bool:
+        return self.heads > 1 if self.head_projections is None else self.head_projections
+
+    @property
+    def resolved_normalize_gates(self) -> bool:
+        return self.top_k > 1 if self.normalize_gates is None else self.normalize_gates
+
+    @property
+    def resolved_router_dim(self) -> int:
+        return self.router_dim if self.router_dim is not None else max(16 // self.heads, 2)
+
+    @property
+    def sigmoid_scores(self) -> bool:
+        return self.router in ("sigmoid", "xmoe_sigmoid")
+
+    def replace(self, **changes: Any) -> MoEConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MoEConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown MoEConfig key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**d)

@@ -1,0 +1,132 @@
+"""Experts with stacked weights: E feed-forward networks computed in one grouped pass.
+
+``gelu``: fc1 -> GELU -> [sub-LN] -> fc2, the BEiT-3 / Magneto FFN (``ffn_layernorm`` is the sub-LN).
+``swiglu``: W2 (SiLU(W_g x) * W_u x), the LLaMA / HMoE expert.
+
+Weights are stored as ``(E, in, out)`` so that rows multiply on the left (``x @ w1[e]``); a dense
+``nn.Linear`` weight ``W`` of shape (out, in) maps to ``w[e] = W.T``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .grouped import grouped_linear
+
+
+class GroupedExperts(nn.Module):
+    def __init__(
+        self,
+        num_experts: int,
+        dim: int,
+        ffn_dim: int,
+        *,
+        expert_type: str = "gelu",
+        ffn_layernorm: bool = False,
+        bias: bool = True,
+        layernorm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.num_experts, self.dim, self.ffn_dim = num_experts, dim, ffn_dim
+        self.expert_type = expert_type
+        self.layernorm_eps = layernorm_eps
+        fc1_out = 2 * ffn_dim if expert_type == "swiglu" else ffn_dim  # swiglu: [gate | up]
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, fc1_out))
+        self.w2 = nn.Parameter(torch.empty(num_experts, ffn_dim, dim))
+        self.b1 = nn.Parameter(torch.zeros(num_experts, fc1_out)) if bias else None
+        self.b2 = nn.Parameter(torch.zeros(num_experts, dim)) if bias else None
+        if ffn_layernorm:
+            self.ln_weight = nn.Parameter(torch.ones(num_experts, ffn_dim))
+            self.ln_bias = nn.Parameter(torch.zeros(num_experts, ffn_dim))
+        else:
+            self.ln_weight = self.ln_bias = None
+        self.backend = "auto"
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.trunc_normal_(self.w1, std=0.02)
+        nn.init.trunc_normal_(self.w2, std=0.02)
+        for p in (self.b1, self.b2, self.ln_bias):
+            if p is not None:
+                nn.init.zeros_(p)
+        if self.ln_weight is not None:
+            nn.init.ones_(self.ln_weight)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, dim={self.dim}, ffn_dim={self.ffn_dim}, "
+            f"type={self.expert_type}, sub_ln={self.ln_weight is not None}, bias={self.b1 is not None}"
+        )
+
+    def forward(self, x: Tensor, counts: Tensor) -> Tensor:
+        """(M, dim) rows sorted by expert, (E,) rows per expert -> (M, dim)."""
+        w1, b1, w2, b2 = self.w1, self.b1, self.w2, self.b2
+        dt = _autocast_dtype(x)
+        if dt is not None:  # the grouped kernels run outside autocast: cast once here
+            x, w1, w2 = x.to(dt), w1.to(dt), w2.to(dt)
+            b1 = b1.to(dt) if b1 is not None else None
+            b2 = b2.to(dt) if b2 is not None else None
+        counts_list = None if (x.is_cuda and self.backend != "loop") else tuple(counts.tolist())
+        with torch.autocast(x.device.type, enabled=False):
+            h = grouped_linear(x, w1, b1, counts, counts_list, self.backend)  # (M, F) or (M, 2F)
+            if self.expert_type == "swiglu":
+                gate, up = h.chunk(2, dim=-1)
+                h = F.silu(gate) * up
+            else:
+                # BEiT-3 computes the GELU in float32
+                h = F.gelu(h.float()).to(h.dtype)
+            if self.ln_weight is not None:
+                # Sub-LN: the per-expert affine is folded into fc2 (exact), so the normalisation runs
+                # once over all rows and no (M, F) per-row gamma/beta is ever gathered.
+                h = F.layer_norm(h.float(), (self.ffn_dim,), eps=self.layernorm_eps).to(h.dtype)
+                lw, lb = self.ln_weight.to(w2.dtype), self.ln_bias.to(w2.dtype)
+                fold_b = torch.bmm(lb.unsqueeze(1), w2).squeeze(1)  # (E, dim) = beta_e @ W2_e
+                b2 = fold_b if b2 is None else b2 + fold_b
+                w2 = lw.unsqueeze(-1) * w2  # (E, F, dim) = diag(gamma_e) W2_e
+            return grouped_linear(h, w2, b2, counts, counts_list, self.backend)
+
+    # ------------------------------------------------------------------ reference / interop
+    def expert_forward(self, e: int, x: Tensor) -> Tensor:
+        """Expert e applied to (n, dim) rows with plain ops (the oracle the grouped path must match)."""
+        h = x @ self.w1[e] + (self.b1[e] if self.b1 is not None else 0)
+        if self.expert_type == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h.float()).to(h.dtype)
+        if self.ln_weight is not None:
+            h = F.layer_norm(h, (self.ffn_dim,), self.ln_weight[e], self.ln_bias[e], self.layernorm_eps)
+        return h @ self.w2[e] + (self.b2[e] if self.b2 is not None else 0)
+
+    @torch.no_grad()
+    def load_dense(self, fc1: nn.Linear, fc2: nn.Linear, ln: nn.LayerNorm | None = None,
+                   experts: list[int] | None = None, noise_std: float = 0.0) -> None:
+        """Copy a dense FFN (fc1, [ffn_layernorm], fc2) into experts (all by default): upcycling."""
+        if self.expert_type != "gelu":
+            raise ValueError("load_dense copies a GELU FFN; this layer has expert_type=" + self.expert_type)
+        if fc1.weight.shape != (self.ffn_dim, self.dim) or fc2.weight.shape != (self.dim, self.ffn_dim):
+            raise ValueError(
+                f"dense FFN shapes fc1={tuple(fc1.weight.shape)}, fc2={tuple(fc2.weight.shape)} do not match "
+                f"experts (dim={self.dim}, ffn_dim={self.ffn_dim})"
+            )
+        for e in experts if experts is not None else range(self.num_experts):
+            self.w1[e].copy_(fc1.weight.t())
+            self.w2[e].copy_(fc2.weight.t())
+            if self.b1 is not None:
+                self.b1[e].copy_(fc1.bias if fc1.bias is not None else 0)
+                self.b2[e].copy_(fc2.bias if fc2.bias is not None else 0)
+            if self.ln_weight is not None and ln is not None:
+                self.ln_weight[e].copy_(ln.weight)
+                self.ln_bias[e].copy_(ln.bias)
+            if noise_std > 0:
+                self.w1[e].add_(torch.randn_like(self.w1[e]) * noise_std)
+                self.w2[e].add_(torch.randn_like(self.w2[e]) * noise_std)
+
+
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return None

@@ -1,0 +1,194 @@
+"""Routers: token -> (top-k experts, gate values, routing distribution).
+
+- ``softmax``: linear gate + softmax, top-k (GShard / Switch).
+- ``sigmoid``: linear gate + per-expert sigmoid scores (DeepSeek-V3 style).
+- ``xmoe`` / ``xmoe_sigmoid``: the X-MoE router (Chi et al., 2022, "On the Representation Collapse
+  of Sparse Mixture of Experts"): project the token to a low dimension d_e, take the cosine against
+  L2-normalised expert embeddings, divide by a *learnable* temperature. The balance loss uses a
+  fixed temperature tau_0. Unlike torchscale's gate, both the token and the expert side are
+  normalised and the temperature is really learned.
+
+Every router can add an auxiliary-loss-free selection bias (DeepSeek-V3, arXiv 2412.19437): the bias
+shifts which experts are *selected* but never the gate values; it is nudged after every training
+step towards balanced load and kept at zero mean.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import MoEConfig
+
+
+@dataclass
+class RouterOutput:
+    """What a router hands to dispatch and to the losses (all float32 / int64)."""
+
+    weights: Tensor
+    """(T, k) gate value of each selected expert."""
+    indices: Tensor
+    """(T, k) selected experts, best first."""
+    probs: Tensor
+    """(T, E) routing distribution (sums to 1 per token) for the balance loss."""
+    logits: Tensor
+    """(T, E) pre-normalisation scores (for the z-loss)."""
+
+
+class Router(nn.Module):
+    """Shared top-k selection, noise, bias balancing and gate normalisation."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        top_k: int,
+        *,
+        sigmoid: bool = False,
+        normalize_gates: bool = False,
+        jitter: float = 0.0,
+        noise: float = 0.0,
+        bias_balance: bool = False,
+        bias_update_rate: float = 1e-3,
+        fp32: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.sigmoid = sigmoid
+        self.normalize_gates = normalize_gates
+        self.jitter = jitter
+        self.noise = noise
+        self.bias_balance = bias_balance
+        self.bias_update_rate = bias_update_rate
+        self.fp32 = fp32
+        # Selection-only bias; a buffer, not a parameter: it is updated by a rule, not by gradients.
+        self.register_buffer("expert_bias", torch.zeros(num_experts), persistent=bias_balance)
+
+    # subclasses compute (T, E) logits, and optionally balance-loss logits
+    def compute_logits(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> RouterOutput:
+        if self.training and self.jitter > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        with torch.autocast(x.device.type, enabled=False) if self.fp32 else nullcontext():
+            if self.fp32:
+                x = x.float()
+            logits, balance_logits = self.compute_logits(x)  # (T, E)
+            if self.training and self.noise > 0:
+                logits = logits + torch.randn_like(logits) * self.noise
+            if self.sigmoid:
+                scores = torch.sigmoid(logits)
+                probs = _sigmoid_probs(balance_logits if balance_logits is not None else logits)
+            else:
+                scores = torch.softmax(logits, dim=-1)
+                probs = scores if balance_logits is None else torch.softmax(balance_logits, dim=-1)
+            select = scores + self.expert_bias if self.bias_balance else scores
+            # topk is deterministic for ties (lowest index first), which the capacity tests rely on.
+            _, indices = torch.topk(select.detach(), self.top_k, dim=-1, sorted=True)  # (T, k)
+            weights = scores.gather(-1, indices)  # (T, k)
+            if self.normalize_gates:
+                weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
+        return RouterOutput(weights=weights, indices=indices, probs=probs, logits=logits)
+
+    @torch.no_grad()
+    def update_bias(self, tokens_per_expert: Tensor) -> None:
+        """One aux-loss-free balancing step: raise the bias of under-loaded experts, lower the others."""
+        load = tokens_per_expert.to(self.expert_bias)
+        self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+        self.expert_bias -= self.expert_bias.mean()  # recentre (the bias is only defined up to a constant)
+
+
+class LinearRouter(Router):
+    """``softmax`` / ``sigmoid`` routers: logits = x W_g^T."""
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, **kw) -> None:
+        super().__init__(num_experts, top_k, **kw)
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        nn.init.trunc_normal_(self.gate.weight, std=0.02)
+
+    def compute_logits(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        return F.linear(x, self.gate.weight.to(x.dtype)), None
+
+
+class CosineRouter(Router):
+    """X-MoE router: s = cos(W x, e_i) / tau with learnable tau; balance loss on cos / tau_0."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        router_dim: int = 16,
+        temperature: float = 0.3,
+        balance_temperature: float = 0.3,
+        embedding_norm: float = 0.1,
+        **kw,
+    ) -> None:
+        super().__init__(num_experts, top_k, **kw)
+        self.proj = nn.Linear(dim, router_dim, bias=False)
+        nn.init.trunc_normal_(self.proj.weight, std=0.02)
+        emb = torch.empty(num_experts, router_dim)
+        if num_experts <= router_dim:
+            nn.init.orthogonal_(emb)
+        else:
+            nn.init.normal_(emb)
+        self.expert_embeddings = nn.Parameter(F.normalize(emb, dim=-1) * embedding_norm)
+        self.embedding_norm = embedding_norm
+        # log-parametrised so tau stays positive; clamped at 0.01 like tutel's cosine gate.
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
+        self.balance_temperature = balance_temperature
+
+    @property
+    def temperature(self) -> Tensor:
+        return self.log_temperature.exp().clamp_min(0.01)
+
+    def compute_logits(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        if self.training:
+            # Keep the expert embeddings at a fixed norm (X-MoE implementation tip): cosine routing is
+            # scale-free, but a growing norm shrinks the effective learning rate of the embeddings.
+            with torch.no_grad():
+                e = self.expert_embeddings
+                e.mul_(self.embedding_norm / e.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        h = F.normalize(F.linear(x, self.proj.weight.to(x.dtype)), dim=-1)  # (T, d_e)
+        e = F.normalize(self.expert_embeddings.to(x.dtype), dim=-1)  # (E, d_e)
+        cos = h @ e.t()  # (T, E)
+        # the balance loss sees a fixed temperature tau_0 (gradients still reach W and e through cos)
+        return cos / self.temperature.to(x.dtype), cos / self.balance_temperature
+
+
+def _sigmoid_probs(logits: Tensor) -> Tensor:
+    s = torch.sigmoid(logits)
+    return s / s.sum(-1, keepdim=True).clamp_min(1e-20)
+
+
+def build_router(config: MoEConfig, dim: int) -> Router:
+    """The router named by ``config.router`` for tokens of width ``dim``."""
+    common = dict(
+        sigmoid=config.sigmoid_scores,
+        normalize_gates=config.resolved_normalize_gates,
+        jitter=config.router_jitter,
+        noise=config.router_noise,
+        bias_balance=config.bias_balance,
+        bias_update_rate=config.bias_update_rate,
+        fp32=config.router_fp32,
+    )
+    if config.router in ("softmax", "sigmoid"):
+        return LinearRouter(dim, config.num_experts, config.top_k, **common)
+    default_tau = 0.07 if config.sigmoid_scores else 0.3
+    return CosineRouter(
+        dim,
+        config.num_experts,
+        config.top_k,
+        router_dim=config.resolved_router_dim,
+        temperature=config.router_temperature or default_tau,
+        balance_temperature=config.balance_temperature or default_tau,
+        embedding_norm=config.expert_embedding_norm,
+        **common,
+    )

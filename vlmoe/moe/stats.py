@@ -1,0 +1,179 @@
+"""Routing statistics and the auxiliary output of MoE layers.
+
+Expert activation ratio (our definition, precise and recomputable)
+-------------------------------------------------------------------
+For one MoE layer and a set of batches, let ``c_e`` be the number of routed (sub-)token
+*assignments* that expert e received (each routed token - or MH-MoE sub-token - contributes k
+assignments; padding is never routed; counts are taken before capacity dropping), and
+``C = sum_e c_e``. Expert e is *activated* when its share reaches a fraction tau of the uniform share:
+
+    c_e >= tau * C / E          (tau = 0.1 by default)
+
+The layer's activation ratio is the fraction of its E experts that are activated. Counts are
+aggregated over batches by summing ``c_e`` *before* thresholding; a model's ratio is the mean over
+its MoE layers (``RoutingStatsAccumulator`` reports both). Because the threshold is relative to the
+uniform share, the metric does not favour MH-MoE for making h selections per token, which is the flaw
+of the loosely defined figure in the MH-MoE paper.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+def activation_ratio(counts: Tensor, tau: float = 0.1) -> float:
+    """Fraction of experts whose assignment count is >= tau * (uniform share). 0 when nothing routed."""
+    counts = counts.double()
+    total = counts.sum()
+    if total <= 0:
+        return 0.0
+    return float((counts >= tau * total / counts.numel()).double().mean())
+
+
+def load_entropy(counts: Tensor) -> float:
+    """Entropy of the load distribution normalised by log E (1 = perfectly uniform, 0 = one expert)."""
+    counts = counts.double()
+    E = counts.numel()
+    total = counts.sum()
+    if total <= 0 or E < 2:
+        return 0.0 if total <= 0 else 1.0
+    p = counts / total
+    h = -(p * torch.log(p.clamp_min(1e-300))).sum()
+    return float(h / torch.log(torch.tensor(float(E), dtype=torch.float64)))
+
+
+def load_cv(counts: Tensor) -> float:
+    """Coefficient of variation (std / mean, population std) of the per-expert load."""
+    counts = counts.double()
+    mean = counts.mean()
+    if mean <= 0:
+        return 0.0
+    return float(counts.std(unbiased=False) / mean)
+
+
+@dataclass
+class RoutingStats:
+    """One layer's routing in one forward pass (tensors stay on the layer's device)."""
+
+    tokens_per_expert: Tensor
+    """(E,) routed assignments per expert, before capacity dropping."""
+    dropped: Tensor
+    """() assignments dropped by the capacity limit."""
+    routed_tokens: int
+    """Routed (non-padding) tokens, or sub-tokens for MH-MoE."""
+    top_k: int
+    name: str = ""
+
+    @property
+    def num_experts(self) -> int:
+        return self.tokens_per_expert.numel()
+
+    def activation_ratio(self, tau: float = 0.1) -> float:
+        return activation_ratio(self.tokens_per_expert.detach().cpu(), tau)
+
+    def load_entropy(self) -> float:
+        return load_entropy(self.tokens_per_expert.detach().cpu())
+
+    def load_cv(self) -> float:
+        return load_cv(self.tokens_per_expert.detach().cpu())
+
+
+@dataclass
+class MoEAux:
+    """Auxiliary output of one MoE layer, or the sum over several layers (``a + b``).
+
+    ``loss`` is the weighted sum of the auxiliary losses, ready to be added to the task loss;
+    ``losses`` holds the weighted components (``balance``, ``z``, ...) for logging; ``stats`` has
+    one :class:`RoutingStats` per layer call in the sum.
+    """
+
+    loss: Tensor
+    losses: dict[str, Tensor] = field(default_factory=dict)
+    stats: tuple[RoutingStats, ...] = ()
+
+    @classmethod
+    def zero(cls, device: torch.device | str | None = None) -> MoEAux:
+        return cls(loss=torch.zeros((), device=device))
+
+    def __add__(self, other: MoEAux) -> MoEAux:
+        if not isinstance(other, MoEAux):
+            return NotImplemented
+        losses = dict(self.losses)
+        for k, v in other.losses.items():
+            losses[k] = losses[k] + v if k in losses else v
+        return MoEAux(loss=self.loss + other.loss, losses=losses, stats=self.stats + other.stats)
+
+    def __radd__(self, other):  # sum([...]) starts from 0
+        if isinstance(other, (int, float)) and other == 0:
+            return self
+        return NotImplemented
+
+    def _single(self) -> RoutingStats:
+        if len(self.stats) != 1:
+            raise ValueError(
+                f"this MoEAux sums {len(self.stats)} layer calls; read aux.stats[i] for one layer"
+            )
+        return self.stats[0]
+
+    @property
+    def tokens_per_expert(self) -> Tensor:
+        return self._single().tokens_per_expert
+
+    @property
+    def dropped_tokens(self) -> Tensor:
+        """Dropped assignments summed over every layer call in this aux."""
+        if not self.stats:
+            return self.loss.new_zeros((), dtype=torch.long)
+        return torch.stack([s.dropped.to(self.loss.device) for s in self.stats]).sum()
+
+
+class RoutingStatsAccumulator:
+    """Sums per-layer expert counts over batches; reports per-layer and model-level metrics."""
+
+    def __init__(self, tau: float = 0.1) -> None:
+        self.tau = tau
+        self.counts: OrderedDict[str, Tensor] = OrderedDict()
+        self.dropped: OrderedDict[str, int] = OrderedDict()
+        self.routed: OrderedDict[str, int] = OrderedDict()
+
+    def update(self, aux: MoEAux | RoutingStats | list[RoutingStats]) -> None:
+        items = aux.stats if isinstance(aux, MoEAux) else ([aux] if isinstance(aux, RoutingStats) else aux)
+        for i, s in enumerate(items):
+            name = s.name or f"layer{i}"
+            c = s.tokens_per_expert.detach().to("cpu", torch.long)
+            self.counts[name] = self.counts[name] + c if name in self.counts else c.clone()
+            self.dropped[name] = self.dropped.get(name, 0) + int(s.dropped)
+            self.routed[name] = self.routed.get(name, 0) + int(s.routed_tokens)
+
+    def reset(self) -> None:
+        self.counts.clear()
+        self.dropped.clear()
+        self.routed.clear()
+
+    def per_layer(self) -> dict[str, dict[str, float]]:
+        out = {}
+        for name, c in self.counts.items():
+            out[name] = {
+                "activation_ratio": activation_ratio(c, self.tau),
+                "load_entropy": load_entropy(c),
+                "load_cv": load_cv(c),
+                "dropped": float(self.dropped[name]),
+                "routed_tokens": float(self.routed[name]),
+            }
+        return out
+
+    def summary(self) -> dict[str, float]:
+        layers = self.per_layer()
+        if not layers:
+            return {}
+        n = len(layers)
+        return {
+            "activation_ratio": sum(v["activation_ratio"] for v in layers.values()) / n,
+            "load_entropy": sum(v["load_entropy"] for v in layers.values()) / n,
+            "load_cv": sum(v["load_cv"] for v in layers.values()) / n,
+            "dropped": sum(v["dropped"] for v in layers.values()),
+        }
