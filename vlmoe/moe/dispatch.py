@@ -102,7 +102,7 @@ class _Dispatch(torch.autograd.Function):
         if inv.numel() and ctx.num_kept < inv.numel():  # dropped assignments read a zero row
             g = torch.cat([g, g.new_zeros(1, g.shape[1])])
         T = inv.numel() // ctx.top_k
-        gx = g.index_select(0, inv).view(T, ctx.top_k, -1)  # (T, k, d)
+        gx = g.index_select(0, inv).view(T, ctx.top_k, g.shape[1])  # (T, k, d)
         gx = gx[:, 0] if ctx.top_k == 1 else gx.sum(1)
         return gx, None, None, None, None
 
@@ -131,7 +131,7 @@ def dispatch(x: Tensor, plan: DispatchPlan) -> Tensor:
 def combine(y: Tensor, weights: Tensor, plan: DispatchPlan) -> Tensor:
     """(M, d) expert outputs -> (T, d): sum over each token's k experts weighted by the gates."""
     T, k = plan.num_tokens, plan.top_k
-    ya = _Unpermute.apply(y, plan.perm, plan.inv).view(T, k, -1)  # (T, k, d)
+    ya = _Unpermute.apply(y, plan.perm, plan.inv).view(T, k, y.shape[-1])  # (T, k, d)
     w = weights.to(ya.dtype)
     if k == 1:
         return ya[:, 0] * w

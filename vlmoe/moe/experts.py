@@ -76,11 +76,11 @@ class GroupedExperts(nn.Module):
                 h = F.silu(gate) * up
             else:
                 # BEiT-3 computes the GELU in float32
-                h = F.gelu(h.float()).to(h.dtype)
+                h = F.gelu(_upcast(h)).to(h.dtype)
             if self.ln_weight is not None:
                 # Sub-LN: the per-expert affine is folded into fc2 (exact), so the normalisation runs
                 # once over all rows and no (M, F) per-row gamma/beta is ever gathered.
-                h = F.layer_norm(h.float(), (self.ffn_dim,), eps=self.layernorm_eps).to(h.dtype)
+                h = F.layer_norm(_upcast(h), (self.ffn_dim,), eps=self.layernorm_eps).to(h.dtype)
                 lw, lb = self.ln_weight.to(w2.dtype), self.ln_bias.to(w2.dtype)
                 fold_b = torch.bmm(lb.unsqueeze(1), w2).squeeze(1)  # (E, dim) = beta_e @ W2_e
                 b2 = fold_b if b2 is None else b2 + fold_b
@@ -95,7 +95,7 @@ class GroupedExperts(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h.float()).to(h.dtype)
+            h = F.gelu(_upcast(h)).to(h.dtype)
         if self.ln_weight is not None:
             h = F.layer_norm(h, (self.ffn_dim,), self.ln_weight[e], self.ln_bias[e], self.layernorm_eps)
         return h @ self.w2[e] + (self.b2[e] if self.b2 is not None else 0)
@@ -123,6 +123,11 @@ class GroupedExperts(nn.Module):
             if noise_std > 0:
                 self.w1[e].add_(torch.randn_like(self.w1[e]) * noise_std)
                 self.w2[e].add_(torch.randn_like(self.w2[e]) * noise_std)
+
+
+def _upcast(h: Tensor) -> Tensor:
+    """float32 for half-precision inputs (BEiT-3 computes GELU / LN in fp32); float64 stays float64."""
+    return h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
 
 
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:

@@ -1,0 +1,287 @@
+"""Oracle tests of the MoE layer: dense equivalence, reference-loop equivalence, padding, capacity."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from vlmoe.moe import MoE, MoEConfig
+
+from .reference import reference_forward
+
+
+class DenseFFN(nn.Module):
+    def __init__(self, dim, ffn, sub_ln=False):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, ffn), nn.Linear(ffn, dim)
+        self.ln = nn.LayerNorm(ffn) if sub_ln else None
+
+    def forward(self, x):
+        h = F.gelu(self.fc1(x))
+        if self.ln is not None:
+            h = self.ln(h)
+        return self.fc2(h)
+
+
+def _randomize(module: nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+@pytest.mark.parametrize("sub_ln", [False, True])
+def test_one_expert_top1_equals_dense_ffn_forward_and_grads(sub_ln):
+    torch.manual_seed(0)
+    dim, ffn = 16, 40
+    dense = DenseFFN(dim, ffn, sub_ln)
+    _randomize(dense)
+    layer = MoE(dim, MoEConfig(num_experts=1, top_k=1, ffn_dim=ffn, ffn_layernorm=sub_ln))
+    layer.experts.load_dense(dense.fc1, dense.fc2, dense.ln)
+    x = torch.randn(3, 7, dim)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ref = dense(x1)
+    y, aux = layer(x2)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    y_ref.backward(g)
+    y.backward(g)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.experts.w1.grad[0], dense.fc1.weight.grad.t(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer.experts.w2.grad[0], dense.fc2.weight.grad.t(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer.experts.b1.grad[0], dense.fc1.bias.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer.experts.b2.grad[0], dense.fc2.bias.grad, rtol=1e-4, atol=1e-5)
+    if sub_ln:
+        torch.testing.assert_close(layer.experts.ln_weight.grad[0], dense.ln.weight.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(layer.experts.ln_bias.grad[0], dense.ln.bias.grad, rtol=1e-4, atol=1e-5)
+    assert aux.tokens_per_expert.tolist() == [21]
+
+
+@pytest.mark.parametrize("expert_type", ["gelu", "swiglu"])
+def test_all_experts_with_uniform_router_is_mean_of_experts(expert_type):
+    torch.manual_seed(1)
+    E, dim = 5, 12
+    layer = MoE(dim, MoEConfig(num_experts=E, top_k=E, ffn_dim=20, expert_type=expert_type))
+    _randomize(layer.experts, seed=3)
+    nn.init.zeros_(layer.router.gate.weight)  # uniform routing distribution
+    x = torch.randn(9, dim)
+    y, _ = layer(x)
+    mean = torch.stack([layer.experts.expert_forward(e, x) for e in range(E)]).mean(0)
+    torch.testing.assert_close(y, mean, rtol=1e-5, atol=1e-6)
+
+
+def test_mhmoe_h1_with_identity_projections_equals_plain_layer():
+    torch.manual_seed(2)
+    dim = 16
+    plain = MoE(dim, MoEConfig(num_experts=4, top_k=2, ffn_dim=24))
+    mh = MoE(dim, MoEConfig(num_experts=4, top_k=2, ffn_dim=24, heads=1, head_projections=True))
+    mh.load_state_dict(plain.state_dict(), strict=False)
+    with torch.no_grad():
+        for proj in (mh.head_proj, mh.merge_proj):
+            proj.weight.copy_(torch.eye(dim))
+            proj.bias.zero_()
+    x = torch.randn(2, 6, dim)
+    y1, a1 = plain(x)
+    y2, a2 = mh(x)
+    torch.testing.assert_close(y2, y1)
+    assert torch.equal(a1.tokens_per_expert, a2.tokens_per_expert)
+    torch.testing.assert_close(a1.loss, a2.loss)
+
+
+def test_mhmoe_splits_tokens_into_contiguous_subtokens():
+    torch.manual_seed(3)
+    dim, h = 16, 4
+    layer = MoE(dim, MoEConfig(num_experts=3, top_k=1, ffn_dim=8, heads=h, head_projections=False))
+    x = torch.randn(5, dim)
+    y, aux = layer(x)
+    # each sub-token is routed on its own: the output of slice i only depends on slice i
+    route = layer.router(x.reshape(5 * h, dim // h))
+    for t in range(5):
+        for i in range(h):
+            s = x[t, i * 4 : (i + 1) * 4]
+            e = int(route.indices[t * h + i, 0])
+            expect = route.weights[t * h + i, 0] * layer.experts.expert_forward(e, s[None])[0]
+            torch.testing.assert_close(y[t, i * 4 : (i + 1) * 4], expect, rtol=1e-5, atol=1e-6)
+    assert aux.stats[0].routed_tokens == 5 * h
+    assert int(aux.tokens_per_expert.sum()) == 5 * h
+
+
+configs = st.fixed_dictionaries(
+    {
+        "num_experts": st.integers(1, 6),
+        "k_frac": st.floats(0, 1),
+        "heads": st.sampled_from([1, 2, 4]),
+        "expert_type": st.sampled_from(["gelu", "swiglu"]),
+        "sub_ln": st.booleans(),
+        "bias": st.booleans(),
+        "router": st.sampled_from(["softmax", "sigmoid", "xmoe", "xmoe_sigmoid"]),
+        "capacity_factor": st.sampled_from([None, None, 0.5, 1.0, 1.5]),
+        "projections": st.booleans(),
+        "pad": st.booleans(),
+        "seed": st.integers(0, 10_000),
+    }
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(cfg=configs)
+def test_grouped_path_matches_per_token_reference_loop(cfg):
+    torch.manual_seed(cfg["seed"])
+    E = cfg["num_experts"]
+    k = 1 + int(cfg["k_frac"] * (E - 1))
+    sub_ln = cfg["sub_ln"] and cfg["expert_type"] == "gelu"
+    dim = 8 * cfg["heads"]
+    config = MoEConfig(
+        num_experts=E,
+        top_k=k,
+        ffn_dim=12,
+        heads=cfg["heads"],
+        head_projections=cfg["projections"] or None,
+        expert_type=cfg["expert_type"],
+        ffn_layernorm=sub_ln,
+        bias=cfg["bias"],
+        router=cfg["router"],
+        capacity_factor=cfg["capacity_factor"],
+    )
+    layer = MoE(dim, config).double()
+    _randomize(layer, seed=cfg["seed"])
+    x = torch.randn(3, 5, dim, dtype=torch.float64)
+    pm = None
+    if cfg["pad"]:
+        pm = torch.zeros(3, 5, dtype=torch.bool)
+        pm[0, 3:] = True
+        pm[2, 1:] = True
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ref = reference_forward(layer, x1, pm)
+    ref_grads = torch.autograd.grad(y_ref.sum() * 1.0 + (y_ref**2).sum(), [x1, layer.experts.w1, layer.experts.w2])
+    y, aux = layer(x2, pm)
+    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-10)
+    grads = torch.autograd.grad(y.sum() * 1.0 + (y**2).sum(), [x2, layer.experts.w1, layer.experts.w2])
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    n_valid = 15 if pm is None else int((~pm).sum())
+    assert int(aux.tokens_per_expert.sum()) == n_valid * cfg["heads"] * k
+
+
+def test_padding_tokens_change_nothing():
+    torch.manual_seed(4)
+    dim = 16
+    layer = MoE(dim, MoEConfig(num_experts=4, top_k=2, ffn_dim=24, capacity_factor=1.0))
+    x_valid = torch.randn(1, 6, dim)
+    garbage = torch.randn(1, 4, dim) * 100
+    x = torch.cat([x_valid, garbage], 1)
+    pm = torch.tensor([[False] * 6 + [True] * 4])
+    y_pad, aux_pad = layer(x, pm)
+    y, aux = layer(x_valid)
+    torch.testing.assert_close(y_pad[:, :6], y)
+    assert torch.count_nonzero(y_pad[:, 6:]) == 0
+    assert torch.equal(aux_pad.tokens_per_expert, aux.tokens_per_expert)
+    assert int(aux_pad.dropped_tokens) == int(aux.dropped_tokens)
+    torch.testing.assert_close(aux_pad.loss, aux.loss)
+    assert aux_pad.stats[0].routed_tokens == 6
+
+
+def test_all_padding_gives_zeros_and_zero_loss():
+    layer = MoE(8, MoEConfig(num_experts=3, top_k=2, ffn_dim=8))
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    y, aux = layer(x, torch.ones(2, 3, dtype=torch.bool))
+    assert torch.count_nonzero(y) == 0
+    assert aux.loss.item() == 0.0
+    assert int(aux.tokens_per_expert.sum()) == 0
+    (y.sum() + aux.loss).backward()
+    assert torch.count_nonzero(x.grad) == 0
+
+
+def _forced_router(layer: MoE, preference: list[float]) -> None:
+    """Make every token prefer experts in the given order: logits = preference (constant)."""
+    with torch.no_grad():
+        layer.router.gate.weight.zero_()
+    bias = torch.tensor(preference)
+    orig = layer.router.compute_logits
+
+    def compute_logits(x):
+        logits, bal = orig(x)
+        return logits + bias, bal
+
+    layer.router.compute_logits = compute_logits
+
+
+def test_capacity_drops_exactly_the_expected_assignments_top1():
+    torch.manual_seed(5)
+    dim, T = 8, 6
+    layer = MoE(dim, MoEConfig(num_experts=2, top_k=1, ffn_dim=8, capacity_factor=2 / 3))
+    _forced_router(layer, [5.0, 0.0])  # everyone wants expert 0
+    x = torch.randn(T, dim)
+    y, aux = layer(x)
+    # capacity = ceil(2/3 * 1 * 6 / 2) = 2: tokens 0 and 1 kept (token order), 2..5 dropped
+    assert int(aux.dropped_tokens) == 4
+    assert aux.tokens_per_expert.tolist() == [6, 0]
+    assert torch.count_nonzero(y[2:]) == 0
+    w0 = torch.softmax(torch.tensor([5.0, 0.0]), 0)[0]
+    torch.testing.assert_close(y[:2], w0 * layer.experts.expert_forward(0, x[:2]))
+
+
+def test_capacity_prioritises_first_choices_over_second_choices():
+    torch.manual_seed(6)
+    dim, T = 8, 4
+    # 3 experts, top-2; capacity = ceil(0.75 * 2 * 4 / 3) = 2
+    layer = MoE(dim, MoEConfig(num_experts=3, top_k=2, ffn_dim=8, capacity_factor=0.75))
+    # tokens 0,1 prefer (0, 1); tokens 2,3 prefer (1, 0)
+    with torch.no_grad():
+        layer.router.gate.weight.zero_()
+    pref = torch.tensor([[3.0, 2.0, 0.0], [3.0, 2.0, 0.0], [2.0, 3.0, 0.0], [2.0, 3.0, 0.0]])
+    layer.router.compute_logits = lambda x: (pref.clone(), None)
+    x = torch.randn(T, dim)
+    y, aux = layer(x)
+    # expert 0: first choices of tokens 0,1 fill it -> second choices of tokens 2,3 dropped
+    # expert 1: first choices of tokens 2,3 fill it -> second choices of tokens 0,1 dropped
+    assert int(aux.dropped_tokens) == 4
+    # gates are renormalised over the top-2 *before* dropping: first choice keeps e^3 / (e^3 + e^2)
+    g1 = math.exp(3) / (math.exp(3) + math.exp(2))
+    torch.testing.assert_close(y[0], g1 * layer.experts.expert_forward(0, x[:1])[0])
+    torch.testing.assert_close(y[2], g1 * layer.experts.expert_forward(1, x[2:3])[0])
+
+
+def test_eval_mode_uses_eval_capacity():
+    layer = MoE(8, MoEConfig(num_experts=2, top_k=1, ffn_dim=8, capacity_factor=0.5, eval_capacity_factor=None))
+    _forced_router(layer, [5.0, 0.0])
+    x = torch.randn(8, 8)
+    _, aux_train = layer(x)
+    layer.eval()
+    _, aux_eval = layer(x)
+    assert int(aux_train.dropped_tokens) == 8 - math.ceil(0.5 * 8 / 2)
+    assert int(aux_eval.dropped_tokens) == 0
+
+
+def test_autocast_bf16_cpu_runs_and_backprops():
+    torch.manual_seed(7)
+    layer = MoE(16, MoEConfig(num_experts=4, top_k=2, ffn_dim=32, ffn_layernorm=True, heads=2))
+    x = torch.randn(4, 5, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, aux = layer(x)
+    assert y.dtype == torch.bfloat16
+    (y.float().sum() + aux.loss).backward()
+    assert torch.isfinite(x.grad).all() and layer.experts.w1.grad is not None
+    assert aux.loss.dtype == torch.float32
+
+
+def test_aux_sums_over_layers():
+    a = MoE(8, MoEConfig(num_experts=2, top_k=1, ffn_dim=8))
+    b = MoE(8, MoEConfig(num_experts=3, top_k=2, ffn_dim=8, z_loss_coef=1e-3))
+    a.stats_name, b.stats_name = "a", "b"
+    x = torch.randn(5, 8)
+    _, aa = a(x)
+    _, ab = b(x)
+    s = aa + ab
+    torch.testing.assert_close(s.loss, aa.loss + ab.loss)
+    assert set(s.losses) == {"balance", "z"}
+    assert [st.name for st in s.stats] == ["a", "b"]
+    with pytest.raises(ValueError, match="sums 2 layer calls"):
+        _ = s.tokens_per_expert
+    assert sum([aa, ab]).loss.item() == pytest.approx(s.loss.item())
