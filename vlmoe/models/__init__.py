@@ -1,0 +1,49 @@
+"""Model configs and presets, the multiway (MoE) backbone, heads, checkpoint conversion and export.
+
+from vlmoe.models import create_model, load_beit3
+model = create_model("base_xmoe8")                      # preset + keyword overrides
+model, report = load_beit3("beit3_base_patch16_224.pth", "base_xmoe8")   # dense -> MoE upcycling
+"""
+
+from .backbone import BackboneOutput, VLMoE, create_model, list_models
+from .block import MultiwayBlock
+from .checkpoint import (
+    LoadReport,
+    load_beit3,
+    load_checkpoint,
+    load_state_dict,
+    load_timm_vit,
+    read_state_dict,
+    timm_vit_config,
+    upcycle,
+)
+from .config import PRESETS, VLMoEConfig
+from .convert import beit3_to_vlmoe, detect_format, timm_vit_to_vlmoe, vlmoe_to_beit3
+from .heads import Head, MIMHead, MLMHead, Pooler, build_head
+
+__all__ = [
+    "PRESETS",
+    "BackboneOutput",
+    "Head",
+    "LoadReport",
+    "MIMHead",
+    "MLMHead",
+    "MultiwayBlock",
+    "Pooler",
+    "VLMoE",
+    "VLMoEConfig",
+    "beit3_to_vlmoe",
+    "build_head",
+    "create_model",
+    "detect_format",
+    "list_models",
+    "load_beit3",
+    "load_checkpoint",
+    "load_state_dict",
+    "load_timm_vit",
+    "read_state_dict",
+    "timm_vit_config",
+    "timm_vit_to_vlmoe",
+    "upcycle",
+    "vlmoe_to_beit3",
+]

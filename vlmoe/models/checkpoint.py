@@ -1,0 +1,523 @@
+"""Loading checkpoints into a :class:`~vlmoe.models.VLMoE`: BEiT-3, timm ViT, vlmoe; dense -> MoE upcycling.
+
+    model, report = load_beit3("beit3_base_patch16_224.pth", "base")        # official checkpoint
+    model, report = load_beit3(sd, "base_xmoe8", img_size=384)              # upcycled, positions resized
+    print(report)                                                           # missing / unused / ...
+
+Files are read without unpickling code: safetensors, or ``torch.load(weights_only=True)`` (with
+``argparse.Namespace`` allowed, which BEiT-3 training checkpoints store under ``args``).
+
+Dense -> MoE upcycling (a dense FFN in the checkpoint, an MoE layer in the model)
+-------------------------------------------------------------------------------------
+Every expert of the layer's pool receives a copy of the dense FFN (``fc1``, sub-LN, ``fc2``), plus
+optional Gaussian noise on ``w1``/``w2`` (``upcycle_noise``) to break the symmetry; routers keep their
+fresh initialisation. What then holds:
+
+- **top-1 with** ``normalize_gates=True``: every gate is exactly 1 and every expert is the dense
+  FFN, so each MoE layer - and the model - computes the dense model's function (equal up to float
+  rounding of the grouped kernels; tested at 1e-5). The default top-1 gate (Switch) instead scales
+  the output by the raw router probability (about 1/E at init), which does *not* preserve it.
+- **top-k > 1** with normalised gates (the default for k > 1): the k gates sum to 1 and the experts
+  are equal, so the output is again the dense FFN's (up to rounding of the weighted sum).
+- **per-modality pools** take the vision FFN (``A``) into the vision pool and the language FFN
+  (``B``) into the language pool; the equalities above hold per modality.
+- **a shared pool** (``moe_multiway="shared"``) gets the vision FFN in its first ceil(E/2) experts
+  and the language FFN in the rest; tokens are routed by content, so the dense function is *not*
+  preserved (a token may reach the other modality's copy).
+- **MH-MoE** (``heads = h > 1``): experts act on d/h-wide sub-tokens, so a d-wide dense FFN cannot be
+  copied into them; the head and merge projections are set to the identity (the layer is then
+  exactly "split into h sub-tokens -> experts -> concatenate"), the experts keep their fresh
+  initialisation, and the dense function is not preserved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vlmoe.layers import POSITION_OFFSET, resample_vision_positions
+from vlmoe.moe import MoE
+
+from .backbone import VLMoE, create_model
+from .config import VLMoEConfig
+from .convert import StateDict, beit3_to_vlmoe, detect_format, strip_prefix, timm_vit_to_vlmoe
+
+_CONTAINER_KEYS = ("model", "module", "state_dict", "model_state_dict")
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def read_state_dict(src: str | Path | dict[str, Any], key: str | None = None) -> tuple[StateDict, str]:
+    """Read a checkpoint file (or take a mapping) and unwrap it to a flat ``{name: tensor}`` dict.
+
+    Args:
+        src: ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` path, a directory holding
+            ``model.safetensors``, or an already loaded mapping.
+        key: container key to unwrap; default: the first of ``model``, ``module``, ``state_dict``.
+
+    Returns:
+        ``(state_dict, source description)``.
+    """
+    if isinstance(src, dict):
+        obj, where = src, "<state dict>"
+    else:
+        path = Path(src)
+        if path.is_dir():
+            path = path / "model.safetensors"
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        where = str(path)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path), device="cpu")
+        else:
+            try:
+                with torch.serialization.safe_globals([argparse.Namespace]):
+                    obj = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # UnpicklingError and friends: say what and where
+                raise ValueError(
+                    f"{path}: cannot be read with torch.load(weights_only=True) "
+                    f"(code is never unpickled): {e}"
+                ) from None
+    if key is not None:
+        if key not in obj:
+            raise KeyError(f"{where}: no key {key!r}; top-level keys: {sorted(obj)[:10]}")
+        obj = obj[key]
+    else:
+        for k in _CONTAINER_KEYS:
+            if isinstance(obj.get(k), dict):
+                obj = obj[k]
+                break
+    bad = [k for k, v in obj.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise ValueError(
+            f"{where}: not a state dict (non-tensor entries {bad[:5]}); pass key=... to unwrap it"
+        )
+    return dict(obj), where
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _collapse(keys: list[str]) -> list[str]:
+    """Group keys that differ only in the block index: ``blocks.*.attn.qkv.text.weight (x12)``."""
+    groups: dict[str, int] = defaultdict(int)
+    for k in keys:
+        groups[re.sub(r"(^|\.)(blocks|layers)\.\d+\.", r"\1\2.*.", k)] += 1
+    return [g if n == 1 else f"{g} (x{n})" for g, n in groups.items()]
+
+
+@dataclass
+class LoadReport:
+    """What loading a checkpoint did.
+
+    Attributes:
+        source: where the weights came from.
+        format: ``beit3``, ``timm`` or ``vlmoe``.
+        missing: model parameters the checkpoint did not provide (left at their initialisation).
+        unexpected: checkpoint keys (source names) with no place in the model.
+        fresh: parameters initialised fresh by design (routers, MH-MoE projections) when upcycling.
+        upcycled: MoE layers filled from a dense FFN, with a note.
+        resized: position tables resized or truncated, with a note.
+    """
+
+    source: str
+    format: str
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    fresh: list[str] = field(default_factory=list)
+    upcycled: list[str] = field(default_factory=list)
+    resized: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        """Every parameter loaded (or fresh by design) and every checkpoint key used."""
+        return not self.missing and not self.unexpected
+
+    def __str__(self) -> str:
+        lines = [f"loaded {self.format} checkpoint {self.source}"]
+        for title, items in (
+            ("resized", self.resized),
+            ("upcycled (dense FFN -> experts)", self.upcycled),
+            ("initialised fresh by design", _collapse(self.fresh)),
+            ("missing from the checkpoint (left at init)", _collapse(self.missing)),
+            ("unused checkpoint keys", _collapse(self.unexpected)),
+        ):
+            if items:
+                lines.append(f"  {title}: {len(items)}")
+                lines += [f"    {x}" for x in items]
+        if self.complete:
+            lines.append("  every parameter loaded")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+_DENSE_FFN = re.compile(r"^blocks\.(\d+)\.mlp\.(vision|text|vl)\.(fc1|fc2|norm)\.(weight|bias)$")
+
+
+def _describe(sd: StateDict) -> str:
+    dims = {t.shape[-1] for k, t in sd.items() if k.endswith("cls_token")}
+    depth = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"^blocks\.(\d+)\.", k))), default=-1)
+    parts = [f"dim={d}" for d in dims] + ([f"depth={depth}"] if depth else [])
+    return ", ".join(parts) or "unknown shape"
+
+
+def load_state_dict(
+    model: VLMoE,
+    sd: StateDict,
+    *,
+    source: str = "<state dict>",
+    format: str = "vlmoe",
+    origin: dict[str, str] | None = None,
+    unused: list[str] | None = None,
+    strict: bool = False,
+    upcycle_noise: float = 0.0,
+) -> LoadReport:
+    """Load a state dict in vlmoe naming into ``model``.
+
+    Handles what a plain ``load_state_dict`` cannot: a vision position table of another grid
+    (bicubic resize), a longer text position table (truncated), dense FFNs loaded into MoE layers
+    (upcycling, see the module docstring). Any other shape difference is an error naming the key.
+
+    Args:
+        model: the model to fill.
+        sd: tensors under vlmoe names.
+        source: description for messages.
+        format: the layout the keys came from (for the report).
+        origin: vlmoe key -> source key, for messages.
+        unused: source keys already known to be unused.
+        strict: raise when parameters are missing or keys are unused.
+        upcycle_noise: std of the noise added to each expert's copy of a dense FFN.
+    """
+    origin = origin or {}
+    report = LoadReport(source=source, format=format, unexpected=list(unused or []))
+    own = model.state_dict()
+    cfg = model.config
+    to_load: StateDict = {}
+    dense_ffn: dict[tuple[int, str], dict[str, Tensor]] = defaultdict(dict)
+
+    def shape_error(key: str, got: Tensor, want: Tensor, hint: str = "") -> ValueError:
+        src = origin.get(key, key)
+        name = f"{src!r} (-> {key!r})" if src != key else f"{key!r}"
+        return ValueError(
+            f"{source}: checkpoint key {name} has shape {tuple(got.shape)} but the model expects "
+            f"{tuple(want.shape)}{hint}. The checkpoint looks like {_describe(sd)}; the model is "
+            f"{cfg.name!r} with dim={cfg.dim}, depth={cfg.depth}, mlp_dim={cfg.mlp_dim}: "
+            "pick the matching preset"
+        )
+
+    for key, value in sd.items():
+        if key not in own:
+            m = _DENSE_FFN.match(key)
+            if m and _moe_target(model, int(m.group(1)), m.group(2)) is not None:
+                dense_ffn[(int(m.group(1)), m.group(2))][f"{m.group(3)}.{m.group(4)}"] = value
+            else:
+                report.unexpected.append(origin.get(key, key))
+            continue
+        want = own[key]
+        if value.shape != want.shape:
+            if key == "vision_embed.pos_embed.weight" and value.shape[1:] == want.shape[1:]:
+                value = _resize_vision_positions(value, model, report, source)
+            elif key == "text_embed.pos_embed.weight" and value.shape[1:] == want.shape[1:]:
+                if value.shape[0] < want.shape[0]:
+                    raise shape_error(
+                        key,
+                        value,
+                        want,
+                        f" (a text table of {value.shape[0]} rows: build the "
+                        f"model with max_text_positions={value.shape[0]})",
+                    )
+                report.resized.append(f"{key}: kept the first {want.shape[0]} of {value.shape[0]} rows")
+                value = value[: want.shape[0]]
+            else:
+                raise shape_error(key, value, want)
+        to_load[key] = value
+
+    covered: set[str] = set()
+    for (layer, way), parts in sorted(dense_ffn.items()):
+        covered |= _upcycle(model, layer, way, parts, upcycle_noise, report, source)
+
+    result = model.load_state_dict(to_load, strict=False)
+    missing = [k for k in result.missing_keys if k not in covered]
+    fresh = set(report.fresh)
+    report.missing = [k for k in missing if k not in fresh]
+    if strict and not report.complete:
+        raise ValueError(str(report) + "\n(strict=True: the checkpoint does not fit the model exactly)")
+    return report
+
+
+def _resize_vision_positions(value: Tensor, model: VLMoE, report: LoadReport, source: str) -> Tensor:
+    num_prefix = POSITION_OFFSET + 1
+    n_old = value.shape[0] - num_prefix
+    side = math.isqrt(n_old)
+    if side * side != n_old:
+        raise ValueError(
+            f"{source}: vision position table of {value.shape[0]} rows is not {num_prefix} + a square grid"
+        )
+    new_grid = model.vision_embed.grid_size
+    out = resample_vision_positions(value, new_grid, (side, side), num_prefix)
+    report.resized.append(
+        f"vision_embed.pos_embed.weight: {side}x{side} -> {new_grid[0]}x{new_grid[1]} patches (bicubic)"
+    )
+    return out
+
+
+def _moe_target(model: VLMoE, layer: int, way: str) -> tuple[MoE, list[int] | None] | None:
+    """The MoE (and expert subset) a dense FFN ``blocks.layer.mlp.way`` upcycles into, if any."""
+    if layer >= len(model.blocks):
+        return None
+    ffn = model.blocks[layer].mlp
+    if isinstance(ffn.shared, MoE):
+        if way == "vl":
+            return None
+        E = ffn.shared.num_experts
+        half = (E + 1) // 2
+        return ffn.shared, (list(range(half)) if way == "vision" else list(range(half, E)) or [E - 1])
+    target = getattr(ffn, way, None)
+    return (target, None) if isinstance(target, MoE) else None
+
+
+@torch.no_grad()
+def _upcycle(
+    model: VLMoE,
+    layer: int,
+    way: str,
+    parts: dict[str, Tensor],
+    noise: float,
+    report: LoadReport,
+    source: str,
+) -> set[str]:
+    moe, experts = _moe_target(model, layer, way)
+    prefix = f"blocks.{layer}.mlp.{'shared' if isinstance(model.blocks[layer].mlp.shared, MoE) else way}"
+    needed = {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
+    if not needed <= set(parts):
+        raise ValueError(
+            f"{source}: the dense FFN blocks.{layer}.mlp.{way} is incomplete (has {sorted(parts)}); "
+            "cannot upcycle"
+        )
+    ex = moe.experts
+    for name, _ in moe.router.named_parameters(prefix="router"):
+        if f"{prefix}.{name}" not in report.fresh:
+            report.fresh.append(f"{prefix}.{name}")
+    covered = set()
+    if moe.head_proj is not None:
+        # identity projections make "split into h sub-tokens -> experts -> concatenate" exact
+        eye = torch.eye(moe.dim, dtype=moe.head_proj.weight.dtype, device=moe.head_proj.weight.device)
+        for pname in ("head_proj", "merge_proj"):
+            proj = getattr(moe, pname)
+            proj.weight.copy_(eye)
+            proj.bias.zero_()
+            covered |= {f"{prefix}.{pname}.weight", f"{prefix}.{pname}.bias"}
+    if moe.config.heads > 1:
+        # MH-MoE: experts see d/h-wide sub-tokens; the d-wide dense FFN does not fit into them.
+        report.upcycled.append(
+            f"{prefix}: MH-MoE (h={moe.config.heads}) head/merge projections set to identity; experts keep "
+            "their initialisation (d/h-wide experts cannot hold the d-wide dense FFN)"
+        )
+        report.fresh += [
+            f"{prefix}.experts.{n}"
+            for n, _ in ex.named_parameters()
+            if f"{prefix}.experts.{n}" not in report.fresh
+        ]
+        return covered
+    has_ln = "norm.weight" in parts
+    if has_ln != (ex.ln_weight is not None):
+        raise ValueError(
+            f"{source}: cannot upcycle blocks.{layer}.mlp.{way}: the dense FFN "
+            f"{'has' if has_ln else 'has no'} sub-LN but the experts "
+            f"{'have' if ex.ln_weight is not None else 'have no'}"
+            " (set MoEConfig.ffn_layernorm to match VLMoEConfig.subln)"
+        )
+    if parts["fc1.weight"].shape != (ex.ffn_dim, ex.dim):
+        raise ValueError(
+            f"{source}: cannot upcycle blocks.{layer}.mlp.{way}: dense fc1.weight has shape "
+            f"{tuple(parts['fc1.weight'].shape)} but the experts are {ex.dim} -> {ex.ffn_dim} "
+            "(MoEConfig.ffn_dim)"
+        )
+    fc1 = SimpleNamespace(weight=parts["fc1.weight"], bias=parts["fc1.bias"])
+    fc2 = SimpleNamespace(weight=parts["fc2.weight"], bias=parts["fc2.bias"])
+    ln = SimpleNamespace(weight=parts["norm.weight"], bias=parts["norm.bias"]) if has_ln else None
+    ex.load_dense(fc1, fc2, ln, experts=experts, noise_std=noise)
+    n = ex.num_experts if experts is None else len(experts)
+    which = "" if experts is None else f" (experts {experts[0]}-{experts[-1]})"
+    note = f", noise std {noise}" if noise else ""
+    report.upcycled.append(f"{prefix}{which}: {n} expert(s) <- dense {way} FFN{note}")
+    return covered | {f"{prefix}.experts.{n}" for n, _ in ex.named_parameters()}
+
+
+def load_checkpoint(
+    model: VLMoE,
+    src: str | Path | dict[str, Any],
+    *,
+    format: str = "auto",
+    key: str | None = None,
+    strict: bool = False,
+    upcycle_noise: float = 0.0,
+) -> LoadReport:
+    """Load a BEiT-3, timm ViT or vlmoe checkpoint into ``model`` (layout detected from the keys).
+
+    Args:
+        model: the model to fill (its config decides dense / MoE, sizes and image size).
+        src: file path, directory with ``model.safetensors``, or a loaded mapping.
+        format: ``auto``, ``beit3``, ``timm`` or ``vlmoe``.
+        key: container key to unwrap (default: ``model`` / ``module`` / ``state_dict``).
+        strict: raise unless every parameter is loaded and every key used.
+        upcycle_noise: noise std for dense -> MoE copies.
+    """
+    sd, where = read_state_dict(src, key)
+    sd = strip_prefix(sd, ("module.",))
+    fmt = detect_format(sd) if format == "auto" else format
+    if fmt == "beit3":
+        conv, origin, unused = beit3_to_vlmoe(sd)
+    elif fmt == "timm":
+        conv, origin, unused = timm_vit_to_vlmoe(sd)
+    elif fmt == "vlmoe":
+        conv, origin, unused = sd, {}, []
+    else:
+        raise ValueError(f"unknown checkpoint format {format!r}; choose from auto, beit3, timm, vlmoe")
+    return load_state_dict(
+        model,
+        conv,
+        source=where,
+        format=fmt,
+        origin=origin,
+        unused=unused,
+        strict=strict,
+        upcycle_noise=upcycle_noise,
+    )
+
+
+def _config(config: str | VLMoEConfig | None, overrides: dict[str, Any], default: str) -> VLMoEConfig:
+    if config is None:
+        config = default
+    if isinstance(config, VLMoEConfig):
+        return config.replace(**overrides) if overrides else config
+    if str(config).endswith((".yaml", ".yml", ".json")):
+        return VLMoEConfig.from_file(config).replace(**overrides)
+    return VLMoEConfig.from_name(config, **overrides)
+
+
+def load_beit3(
+    src: str | Path | dict[str, Any],
+    config: str | VLMoEConfig = "base",
+    *,
+    strict: bool = False,
+    upcycle_noise: float = 0.0,
+    key: str | None = None,
+    **overrides: Any,
+) -> tuple[VLMoE, LoadReport]:
+    """Build a model and load an official BEiT-3 checkpoint into it.
+
+    Accepts ``{'model': sd}``, ``{'module': sd}`` (DeepSpeed) or a bare state dict, keys with or
+    without ``beit3.``; ``A`` weights go to the vision branch, ``B`` to the language branch;
+    ``mim_head`` / ``mlm_head`` / ``pooler`` load when the config lists those heads. The vision
+    positions are resized (bicubic) when ``img_size`` differs from the checkpoint's. MoE presets are
+    upcycled from the dense FFNs (see the module docstring for what holds exactly).
+
+    Args:
+        src: path or loaded checkpoint.
+        config: preset name, config file or :class:`VLMoEConfig` (``base`` / ``large`` for the
+            released models; BEiT-3's VQA / ImageNet finetunes use ``final_norm=False``).
+        strict: raise unless the checkpoint fits the model exactly.
+        upcycle_noise: noise std for dense -> MoE copies.
+        key: container key to unwrap.
+        overrides: config fields to change (``img_size=384``, ``heads=["mim"]`` ...).
+
+    Returns:
+        ``(model, report)``.
+    """
+    model = VLMoE(_config(config, overrides, "base"))
+    report = load_checkpoint(model, src, format="beit3", key=key, strict=strict, upcycle_noise=upcycle_noise)
+    return model, report
+
+
+def load_timm_vit(
+    src: str | Path | dict[str, Any],
+    config: str | VLMoEConfig | None = None,
+    *,
+    strict: bool = False,
+    key: str | None = None,
+    **overrides: Any,
+) -> tuple[VLMoE, LoadReport]:
+    """Build a model and load a timm ``VisionTransformer`` checkpoint into its vision branch.
+
+    Without ``config`` the architecture is read off the checkpoint (width, depth, MLP width, patch
+    and image size, sub-LN and final-norm presence, q/k/v bias); ``num_heads`` defaults to width / 64
+    (pass it for other ViTs) and ``layernorm_eps`` to 1e-6 (timm's ViT default; timm's BEiT-3 models
+    use 1e-5). The language branch stays at its initialisation: use the model on images only.
+
+    Returns:
+        ``(model, report)``.
+    """
+    sd, where = read_state_dict(src, key)
+    if config is None:
+        config = timm_vit_config(sd, **overrides)
+        overrides = {}
+    model = VLMoE(_config(config, overrides, "base"))
+    report = load_checkpoint(model, sd, format="timm", strict=False)
+    report.source = where
+    # the text branch is expected to be absent; only vision-side gaps are worth reporting
+    report.missing = [k for k in report.missing if not _is_text_param(k)]
+    if strict and not report.complete:
+        raise ValueError(str(report) + "\n(strict=True)")
+    return model, report
+
+
+def _is_text_param(key: str) -> bool:
+    return key.startswith(("text_embed.", "heads.")) or ".text." in key
+
+
+def timm_vit_config(sd: StateDict, **overrides: Any) -> VLMoEConfig:
+    """A :class:`VLMoEConfig` whose vision branch has the shapes of a timm ViT state dict."""
+    try:
+        patch = sd["patch_embed.proj.weight"]
+        pos = sd["pos_embed"]
+    except KeyError as e:
+        raise ValueError(f"not a timm ViT state dict: no {e.args[0]!r} key") from None
+    dim, in_chans, p = patch.shape[0], patch.shape[1], patch.shape[-1]
+    n = pos.shape[1] - 1
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(
+            f"timm pos_embed {tuple(pos.shape)}: not CLS + a square grid "
+            "(no_embed_class ViTs are unsupported)"
+        )
+    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"^blocks\.(\d+)\.", k)))
+    fields = dict(
+        name="timm_vit",
+        img_size=side * p,
+        patch_size=p,
+        in_chans=in_chans,
+        dim=dim,
+        depth=depth,
+        num_heads=max(dim // 64, 1),
+        mlp_dim=sd["blocks.0.mlp.fc1.weight"].shape[0],
+        qkv_bias="blocks.0.attn.qkv.bias" in sd,
+        subln="blocks.0.attn.norm.weight" in sd,
+        final_norm="norm.weight" in sd,
+        layernorm_eps=1e-6,
+    )
+    fields.update(overrides)
+    return VLMoEConfig(**fields)
+
+
+def upcycle(
+    dense: VLMoE, config: str | VLMoEConfig, *, noise_std: float = 0.0, **overrides: Any
+) -> tuple[VLMoE, LoadReport]:
+    """An MoE model initialised from a dense model (every expert a copy of its dense FFN).
+
+    Args:
+        dense: the dense model.
+        config: the MoE model's preset / config (same shapes as ``dense`` outside the MoE layers).
+        noise_std: noise on each expert's copy.
+    """
+    model = create_model(_config(config, overrides, "base"))
+    report = load_state_dict(model, dense.state_dict(), source="dense model", upcycle_noise=noise_std)
+    return model, report
