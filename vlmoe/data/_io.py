@@ -1,0 +1,159 @@
+"""File helpers shared by the readers and writers: JSON with positioned errors, images with named
+paths, atomic writes.
+
+Every error raised here names the file and, where there is one, the record and the field at fault,
+so a user pointing a config at a broken download sees what to fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+__all__ = [
+    "DataFormatError",
+    "atomic_write",
+    "atomic_write_json",
+    "decode_image",
+    "load_image",
+    "load_json",
+    "load_jsonl",
+    "require",
+]
+
+
+class DataFormatError(ValueError):
+    """A data file does not follow the expected format; the message names file and position."""
+
+
+def load_json(path: str | os.PathLike) -> Any:
+    """Parse a JSON file, turning a syntax error into one that names the file, line and column.
+
+    Args:
+        path: the JSON file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataFormatError(
+                f"{path}: malformed JSON at line {e.lineno}, column {e.colno} (char {e.pos}): {e.msg}"
+            ) from None
+
+
+def load_jsonl(path: str | os.PathLike) -> list[Any]:
+    """Parse a JSON-lines file (one JSON value per non-empty line).
+
+    A file that holds one JSON array instead (some releases name JSONL files ``.json``) is also
+    accepted.
+
+    Args:
+        path: the JSONL file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        return load_json(path)
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataFormatError(
+                f"{path}: malformed JSON on line {lineno}, column {e.colno}: {e.msg}"
+            ) from None
+    return rows
+
+
+def require(record: Any, fields: Sequence[str], where: str) -> None:
+    """Check that ``record`` is a mapping holding ``fields``.
+
+    Args:
+        record: one parsed record.
+        fields: the keys it must have.
+        where: a description of the record for the message, e.g. ``"file.json: annotations[3]"``.
+    """
+    if not isinstance(record, Mapping):
+        raise DataFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    missing = [f for f in fields if f not in record]
+    if missing:
+        raise DataFormatError(f"{where}: missing field(s) {missing}; it has {sorted(record)}")
+
+
+def decode_image(data: bytes, mode: str = "RGB", draft: tuple[int, int] | None = None) -> Image.Image:
+    """Decode encoded image bytes fully (so truncation is detected here, not later).
+
+    Args:
+        data: the encoded image (JPEG, PNG, WebP, ...).
+        mode: PIL mode to convert to.
+        draft: for JPEG, let the decoder scale down by a power of two while keeping at least this
+            (width, height): several times faster on large web images, same result after a resize.
+    """
+    img = Image.open(io.BytesIO(data))
+    if draft is not None and img.format == "JPEG":
+        img.draft(mode, draft)
+    img.load()  # raises OSError on a truncated or corrupt file
+    return img.convert(mode) if img.mode != mode else img
+
+
+def load_image(path: str | os.PathLike, record: str = "", mode: str = "RGB") -> Image.Image:
+    """Open an image file, naming the path and the record that refers to it on failure.
+
+    Args:
+        path: the image file.
+        record: a description of the record that points at the image (for the message).
+        mode: PIL mode to convert to.
+    """
+    path = Path(path)
+    ref = f" (referenced by {record})" if record else ""
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}{ref}")
+    try:
+        with open(path, "rb") as f:
+            return decode_image(f.read(), mode)
+    except OSError as e:
+        raise OSError(f"cannot decode image {path}{ref}: {e}") from None
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
+    """Open a temporary file next to ``path``; on success rename it onto ``path``.
+
+    Readers never see a half-written file, and an interrupted write leaves the old file intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; data files are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = None) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically (keys in insertion order, UTF-8, compact unless
+    ``indent`` is given)."""
+    # json.dumps encodes in C in one go; json.dump streams through the slower Python encoder.
+    text = json.dumps(obj, indent=indent, ensure_ascii=False, separators=None if indent else (",", ":"))
+    with atomic_write(path, "w") as f:
+        f.write(text)

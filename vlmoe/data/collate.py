@@ -1,0 +1,119 @@
+"""Collation: lists of samples -> the batch dict every model and task reads.
+
+Batch dict (B = batch size, L = ``max_len``, N = patches of the MIM grid):
+
+=====================  ==================  ====================================================
+key                    shape / type        meaning
+=====================  ==================  ====================================================
+``image``              (B, 3, H, W) float  normalised images
+``image2``             (B, 3, H, W) float  the second image (NLVR2)
+``image_mask``         (B, N) bool         True = masked patch (MIM), when a mask generator is set
+``text_ids``           (B, L) long         ``[bos] ids [eos] pad...``; with MLM, the masked ids
+``text_padding_mask``  (B, L) bool         True = padding (BEiT-3 convention)
+``mlm_labels``         (B, L) long         original id where masked, -100 elsewhere (with MLM)
+``label``              (B,) long           class / NLVR2 label, when samples carry one
+``vqa_targets``        (B, A) float        VQA soft scores over the answer vocabulary
+other numbers          (B,) tensor         e.g. ``question_id``, ``image_id``
+anything else          list                e.g. ``key`` (sample keys), ``answers``
+=====================  ==================  ====================================================
+
+Pretraining batches are one such dict per stream present:
+``{"pair": {...}, "image": {...}, "text": {...}}`` (see :mod:`vlmoe.data.pretrain`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vlmoe.data.masking import BlockMaskingGenerator, mlm_mask
+from vlmoe.data.tokenizers import Tokenizer
+
+__all__ = ["Collator", "collate_detection"]
+
+# Per-sample bookkeeping that batches do not need.
+_DROP = frozenset({"url", "__url__", "__key__"})
+
+
+class Collator:
+    """Stack images, tokenize texts, draw MIM/MLM masks: samples -> batch dict.
+
+    Args:
+        tokenizer: turns each sample's ``text`` into ``text_ids`` / ``text_padding_mask``
+            (required when samples have text).
+        max_len: the text length L.
+        mlm_ratio: if set, mask this fraction of text tokens (80/10/10) and add ``mlm_labels``.
+        mim: if set, draw one block-wise mask per image into ``image_mask``.
+        generator: torch generator for MLM (default: global RNG, distinct per DataLoader worker).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer | None = None,
+        max_len: int = 64,
+        mlm_ratio: float | None = None,
+        mim: BlockMaskingGenerator | None = None,
+        generator: torch.Generator | None = None,
+    ):
+        if mlm_ratio is not None and not 0.0 < mlm_ratio <= 1.0:
+            raise ValueError(f"mlm_ratio must be in (0, 1], got {mlm_ratio}")
+        self.tokenizer, self.max_len = tokenizer, max_len
+        self.mlm_ratio, self.mim, self.generator = mlm_ratio, mim, generator
+
+    def __repr__(self) -> str:
+        return (
+            f"Collator(tokenizer={type(self.tokenizer).__name__ if self.tokenizer else None}, "
+            f"max_len={self.max_len}, mlm_ratio={self.mlm_ratio}, mim={self.mim})"
+        )
+
+    def text(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        """Tokenize (and MLM-mask) a list of texts into the text part of a batch dict."""
+        if self.tokenizer is None:
+            raise ValueError("samples carry 'text' but the Collator has no tokenizer")
+        ids, pad = self.tokenizer(list(texts), self.max_len)
+        out = {"text_ids": ids, "text_padding_mask": pad}
+        if self.mlm_ratio is not None:
+            tok = self.tokenizer
+            out["text_ids"], out["mlm_labels"] = mlm_mask(
+                ids,
+                mask_id=tok.mask_id,
+                vocab_size=tok.vocab_size,
+                special_ids=tok.special_ids,
+                ratio=self.mlm_ratio,
+                generator=self.generator,
+            )
+        return out
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        if not samples:
+            raise ValueError("cannot collate an empty list of samples")
+        batch: dict[str, Any] = {}
+        keys = [k for k in samples[0] if k not in _DROP]
+        for k in keys:
+            values = [s[k] for s in samples]
+            if k == "text":
+                batch.update(self.text(values))
+            elif isinstance(values[0], Tensor):
+                batch[k] = torch.stack(values)
+            elif isinstance(values[0], bool | int | float) and not isinstance(values[0], str):
+                batch[k] = torch.tensor(values)
+            else:
+                batch[k] = values
+        if self.mim is not None and "image" in batch:
+            batch["image_mask"] = self.mim.batch(len(samples))
+        return batch
+
+
+def collate_detection(samples: Sequence[tuple[Tensor, dict[str, Any]]]) -> dict[str, Any]:
+    """Detection batches keep images of different sizes apart, as torchvision's detectors take them.
+
+    Args:
+        samples: ``(image (3, H, W), target)`` pairs from :class:`~vlmoe.data.coco.COCOInstances`.
+
+    Returns:
+        ``{"image": [Tensor, ...], "targets": [dict, ...]}``.
+    """
+    return {"image": [s[0] for s in samples], "targets": [s[1] for s in samples]}

@@ -1,0 +1,1 @@
+"""Evaluators that reproduce the official protocols (pure Python / pycocotools / pycocoevalcap)."""
