@@ -9,6 +9,7 @@ from .backbone import BackboneOutput, VLMoE, create_model, list_models
 from .block import MultiwayBlock
 from .checkpoint import (
     LoadReport,
+    beit3_config,
     load_beit3,
     load_checkpoint,
     load_state_dict,
@@ -19,6 +20,7 @@ from .checkpoint import (
 )
 from .config import PRESETS, VLMoEConfig
 from .convert import beit3_to_vlmoe, detect_format, timm_vit_to_vlmoe, vlmoe_to_beit3
+from .export import export_beit3, load_pretrained, save_pretrained
 from .heads import Head, MIMHead, MLMHead, Pooler, build_head
 
 __all__ = [
@@ -32,16 +34,20 @@ __all__ = [
     "Pooler",
     "VLMoE",
     "VLMoEConfig",
+    "beit3_config",
     "beit3_to_vlmoe",
     "build_head",
     "create_model",
     "detect_format",
+    "export_beit3",
     "list_models",
     "load_beit3",
     "load_checkpoint",
+    "load_pretrained",
     "load_state_dict",
     "load_timm_vit",
     "read_state_dict",
+    "save_pretrained",
     "timm_vit_config",
     "timm_vit_to_vlmoe",
     "upcycle",

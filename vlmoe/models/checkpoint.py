@@ -394,7 +394,11 @@ def load_checkpoint(
     )
 
 
-def _config(config: str | VLMoEConfig | None, overrides: dict[str, Any], default: str) -> VLMoEConfig:
+def resolve_config(
+    config: str | VLMoEConfig | None, overrides: dict[str, Any] | None = None, default: str = "base"
+) -> VLMoEConfig:
+    """A config from a preset name, a YAML/JSON path or a config, with overrides applied."""
+    overrides = overrides or {}
     if config is None:
         config = default
     if isinstance(config, VLMoEConfig):
@@ -406,7 +410,7 @@ def _config(config: str | VLMoEConfig | None, overrides: dict[str, Any], default
 
 def load_beit3(
     src: str | Path | dict[str, Any],
-    config: str | VLMoEConfig = "base",
+    config: str | VLMoEConfig | None = None,
     *,
     strict: bool = False,
     upcycle_noise: float = 0.0,
@@ -423,8 +427,9 @@ def load_beit3(
 
     Args:
         src: path or loaded checkpoint.
-        config: preset name, config file or :class:`VLMoEConfig` (``base`` / ``large`` for the
-            released models; BEiT-3's VQA / ImageNet finetunes use ``final_norm=False``).
+        config: preset name, config file or :class:`VLMoEConfig`; None reads the architecture off
+            the checkpoint (:func:`beit3_config`: ``base`` / ``large`` shapes, final norm present or
+            not, heads present). Give a preset to load into another model (e.g. an MoE one).
         strict: raise unless the checkpoint fits the model exactly.
         upcycle_noise: noise std for dense -> MoE copies.
         key: container key to unwrap.
@@ -433,9 +438,68 @@ def load_beit3(
     Returns:
         ``(model, report)``.
     """
-    model = VLMoE(_config(config, overrides, "base"))
-    report = load_checkpoint(model, src, format="beit3", key=key, strict=strict, upcycle_noise=upcycle_noise)
+    sd, where = read_state_dict(src, key)
+    sd = strip_prefix(sd, ("module.",))
+    if config is None:
+        config = beit3_config(sd, **overrides)
+        overrides = {}
+    model = VLMoE(resolve_config(config, overrides))
+    report = load_checkpoint(model, sd, format="beit3", strict=strict, upcycle_noise=upcycle_noise)
+    report.source = where
     return model, report
+
+
+def beit3_config(sd: StateDict, **overrides: Any) -> VLMoEConfig:
+    """A dense :class:`VLMoEConfig` with the shapes of a BEiT-3 state dict.
+
+    Width, depth, FFN width, vocabulary, patch and image size, text positions, the final norm and
+    the pretraining heads are read off the tensors; ``num_heads`` = width / 64 (BEiT-3 base and
+    large). The name is ``base`` / ``large`` when the shapes are those presets'.
+    """
+    sd = strip_prefix(sd, ("module.", "beit3."))
+    try:
+        patch = sd["vision_embed.proj.weight"]
+        vpos = sd["encoder.embed_positions.A.weight"]
+        tpos = sd["encoder.embed_positions.B.weight"]
+        vocab = sd["text_embed.weight"].shape[0]
+        mlp = sd["encoder.layers.0.ffn.A.fc1.weight"].shape[0]
+    except KeyError as e:
+        raise ValueError(f"not a BEiT-3 state dict: no {e.args[0]!r} key") from None
+    dim, p = patch.shape[0], patch.shape[-1]
+    side = math.isqrt(vpos.shape[0] - POSITION_OFFSET - 1)
+    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"^encoder\.layers\.(\d+)\.", k)))
+    heads = [
+        h
+        for h, k in (
+            ("mlm", "mlm_head.weight"),
+            ("mim", "mim_head.weight"),
+            ("pooler", "pooler.dense.weight"),
+        )
+        if k in sd
+    ]
+    fields: dict[str, Any] = dict(
+        img_size=side * p,
+        patch_size=p,
+        in_chans=patch.shape[1],
+        vocab_size=vocab,
+        max_text_positions=tpos.shape[0],
+        dim=dim,
+        depth=depth,
+        num_heads=max(dim // 64, 1),
+        mlp_dim=mlp,
+        final_norm="encoder.layer_norm.A.weight" in sd,
+        heads=heads,
+        subln="encoder.layers.0.self_attn.inner_attn_ln.A.weight" in sd,
+    )
+    if "mim_head.weight" in sd:
+        fields["codebook_size"] = sd["mim_head.weight"].shape[0]
+    name = "custom"
+    for preset in ("base", "large"):
+        ref = VLMoEConfig.from_name(preset)
+        if (ref.dim, ref.depth, ref.mlp_dim, ref.patch_size) == (dim, depth, mlp, p):
+            name = preset
+    fields.update(overrides)
+    return VLMoEConfig(name=fields.pop("name", name), **fields)
 
 
 def load_timm_vit(
@@ -450,8 +514,9 @@ def load_timm_vit(
 
     Without ``config`` the architecture is read off the checkpoint (width, depth, MLP width, patch
     and image size, sub-LN and final-norm presence, q/k/v bias); ``num_heads`` defaults to width / 64
-    (pass it for other ViTs) and ``layernorm_eps`` to 1e-6 (timm's ViT default; timm's BEiT-3 models
-    use 1e-5). The language branch stays at its initialisation: use the model on images only.
+    (pass it for other ViTs) and ``layernorm_eps`` to 1e-6 (timm's ViT default), or 1e-5 for
+    checkpoints with sub-LN (timm's BEiT-3 ports). The language branch stays at its initialisation:
+    use the model on images only.
 
     Returns:
         ``(model, report)``.
@@ -460,7 +525,7 @@ def load_timm_vit(
     if config is None:
         config = timm_vit_config(sd, **overrides)
         overrides = {}
-    model = VLMoE(_config(config, overrides, "base"))
+    model = VLMoE(resolve_config(config, overrides))
     report = load_checkpoint(model, sd, format="timm", strict=False)
     report.source = where
     # the text branch is expected to be absent; only vision-side gaps are worth reporting
@@ -502,7 +567,8 @@ def timm_vit_config(sd: StateDict, **overrides: Any) -> VLMoEConfig:
         qkv_bias="blocks.0.attn.qkv.bias" in sd,
         subln="blocks.0.attn.norm.weight" in sd,
         final_norm="norm.weight" in sd,
-        layernorm_eps=1e-6,
+        # timm's ViTs use eps 1e-6; its BEiT-3 ports (the only ones with sub-LN) keep BEiT-3's 1e-5
+        layernorm_eps=1e-5 if "blocks.0.attn.norm.weight" in sd else 1e-6,
     )
     fields.update(overrides)
     return VLMoEConfig(**fields)
@@ -518,6 +584,6 @@ def upcycle(
         config: the MoE model's preset / config (same shapes as ``dense`` outside the MoE layers).
         noise_std: noise on each expert's copy.
     """
-    model = create_model(_config(config, overrides, "base"))
+    model = create_model(resolve_config(config, overrides))
     report = load_state_dict(model, dense.state_dict(), source="dense model", upcycle_noise=noise_std)
     return model, report
