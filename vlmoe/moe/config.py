@@ -13,7 +13,7 @@ from typing import Any
 
 ROUTERS = ("softmax", "sigmoid", "xmoe", "xmoe_sigmoid")
 EXPERT_TYPES = ("gelu", "swiglu")
-BALANCE_LOSSES = ("switch", "gshard", "none")
+BALANCE_LOSSES = ("switch", "gshard", "p_penalty", "none")
 
 
 @dataclass
@@ -35,8 +35,17 @@ class MoEConfig:
     """Sub-LN over the hidden layer of each expert (Magneto / BEiT-3 ``ffn_layernorm``)."""
     bias: bool = True
     """Biases in the expert linears (BEiT-3: yes; LLaMA-style SwiGLU: usually no)."""
+    expert_sizes: list[int] | None = None
+    """HMoE: hidden width of each expert (heterogeneous experts); its length must equal num_experts and
+    ffn_dim is then ignored. See :func:`vlmoe.moe.hmoe_expert_sizes` for the paper's schedules."""
 
     # --- router ---
+    top_p: float | None = None
+    """Top-p routing (HMoE / "harder tasks need more experts"): activate the smallest set of experts whose
+    sorted probabilities reach p (0.6 in HMoE), gates renormalised over them. top_k is then unused."""
+    max_experts_per_token: int | None = None
+    """Top-p only: an upper bound on the experts a token may activate (None: no bound)."""
+
     router: str = "softmax"
     """``softmax`` (GShard/Switch), ``sigmoid`` (DeepSeek-V3 style scores), ``xmoe`` / ``xmoe_sigmoid``
     (X-MoE: low-dim projection, cosine against L2-normalised expert embeddings, learnable temperature)."""
@@ -62,8 +71,12 @@ class MoEConfig:
     # --- balancing ---
     balance_loss: str = "switch"
     """``switch``: E * sum_e f_e P_e with f_e over all k assignments; ``gshard``: f_e counts first
-    choices only (torchscale / MH-MoE code); ``none``."""
+    choices only (torchscale / MH-MoE code); ``p_penalty``: the HMoE size-weighted loss
+    E * sum_e M_e P_e with M_e the fraction of tokens routed to e times its size / mean size; ``none``."""
     balance_coef: float = 0.01
+    entropy_coef: float = 0.0
+    """Router entropy loss (mean per-token entropy of the routing distribution, minimised); HMoE uses
+    3e-2 with top-p so that tokens do not drift towards activating ever more experts."""
     z_loss_coef: float = 0.0
     """ST-MoE router z-loss coefficient (1e-3 suggested)."""
     bias_balance: bool = False
@@ -81,6 +94,14 @@ class MoEConfig:
     """MH-MoE heads h: each token is split into h sub-tokens of dim/h that are routed independently."""
     head_projections: bool | None = None
     """Multi-head and merge linear layers (d -> d). ``None``: on when heads > 1 (official code)."""
+
+    # --- stratified (Stratified MoE) ---
+    strata: list[int] | None = None
+    """Stratified MoE: experts per stratum (e.g. [4, 4, 8], summing to num_experts). The router of
+    stratum i scores only experts of stratum i or higher; a token's top-1 expert decides its next
+    stratum; tokens leave after 1..L passes, each pass with its own residual."""
+    strata_layernorm: bool = True
+    """Stratified MoE: a LayerNorm on the input of every pass after the first."""
 
     # --- runtime checks ---
     check_finite: bool = True
@@ -120,6 +141,29 @@ class MoEConfig:
             raise bad("router_temperature", self.router_temperature, "must be > 0")
         if self.expert_type == "swiglu" and self.ffn_layernorm:
             raise bad("ffn_layernorm", True, "sub-LN is defined for the GELU expert only")
+        if self.expert_sizes is not None:
+            if len(self.expert_sizes) != self.num_experts:
+                raise bad(
+                    "expert_sizes", self.expert_sizes,
+                    f"has {len(self.expert_sizes)} entries but num_experts={self.num_experts}",
+                )
+            if min(self.expert_sizes) < 1:
+                raise bad("expert_sizes", self.expert_sizes, "every size must be >= 1")
+            if self.ffn_layernorm:
+                raise bad("ffn_layernorm", True, "sub-LN is not supported with heterogeneous expert_sizes")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise bad("top_p", self.top_p, "must be in (0, 1]")
+        if self.max_experts_per_token is not None and not 1 <= self.max_experts_per_token <= self.num_experts:
+            raise bad("max_experts_per_token", self.max_experts_per_token, f"must be in [1, {self.num_experts}]")
+        if self.entropy_coef < 0:
+            raise bad("entropy_coef", self.entropy_coef, "must be >= 0")
+        if self.strata is not None:
+            if not self.strata or min(self.strata) < 1 or sum(self.strata) != self.num_experts:
+                raise bad("strata", self.strata, f"needs positive sizes summing to num_experts={self.num_experts}")
+            if self.top_p is not None:
+                raise bad("top_p", self.top_p, "top-p routing is not defined for Stratified MoE")
+            if self.capacity_factor is not None or self.eval_capacity_factor is not None:
+                raise bad("capacity_factor", self.capacity_factor, "Stratified MoE runs dropless")
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -133,6 +177,15 @@ class MoEConfig:
     @property
     def resolved_router_dim(self) -> int:
         return self.router_dim if self.router_dim is not None else max(16 // self.heads, 2)
+
+    @property
+    def sizes(self) -> list[int]:
+        """Hidden width of every expert."""
+        return list(self.expert_sizes) if self.expert_sizes is not None else [self.ffn_dim] * self.num_experts
+
+    @property
+    def heterogeneous(self) -> bool:
+        return self.expert_sizes is not None and len(set(self.expert_sizes)) > 1
 
     @property
     def sigmoid_scores(self) -> bool:

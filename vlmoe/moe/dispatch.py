@@ -9,7 +9,7 @@ is ever built.
 
 Both data movements are written as autograd functions whose backward is again a gather (never an
 ``index_add_``): dispatch's backward gathers each token's k rows through the inverse permutation and
-sums them; combine's backward gathers through the forward permutation.
+sums them; combine's backward gathers the output gradient of each row's token.
 """
 
 from __future__ import annotations
@@ -49,31 +49,40 @@ def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_fact
     return max(1, math.ceil(capacity_factor * top_k * num_tokens / num_experts))
 
 
-def make_plan(indices: Tensor, num_experts: int, capacity: int | None = None) -> DispatchPlan:
+def make_plan(
+    indices: Tensor, num_experts: int, capacity: int | None = None, valid: Tensor | None = None
+) -> DispatchPlan:
     """Sort the (T, k) expert choices by expert; drop assignments beyond ``capacity`` if given.
 
     Within an expert, priority is choice rank first (all first choices before any second choice),
-    then token order; dropped assignments are the lowest-priority ones.
+    then token order; dropped assignments are the lowest-priority ones. ``valid`` (T, k) marks real
+    selections (top-p routing); invalid slots are neither routed nor counted.
     """
     T, k = indices.shape
     device = indices.device
     flat_cm = indices.t().reshape(-1)  # (k*T,) choice-major: c = j*T + t
-    routed = torch.bincount(flat_cm, minlength=num_experts)  # (E,)
+    if valid is not None:  # invalid slots go to a sentinel expert E, which sorts last
+        flat_cm = torch.where(valid.t().reshape(-1), flat_cm, torch.full_like(flat_cm, num_experts))
+    routed = torch.bincount(flat_cm, minlength=num_experts + 1)[:num_experts]  # (E,)
     order = torch.sort(flat_cm, stable=True).indices  # choice-major ids, expert-sorted
     j, t = order // max(T, 1), order % max(T, 1)
     assign = t * k + j  # token-major ids, expert-sorted
-    if capacity is None:
-        perm, counts, num_dropped = assign, routed, 0
+    if capacity is None and valid is None:
+        perm, counts = assign, routed
     else:
-        starts = torch.cumsum(routed, 0) - routed  # first sorted position of each expert
-        pos = torch.arange(T * k, device=device) - starts[flat_cm[order]]  # rank within its expert
-        keep = pos < capacity
+        sorted_expert = flat_cm[order]
+        keep = sorted_expert < num_experts
+        counts = routed
+        if capacity is not None:
+            starts = torch.cumsum(routed, 0) - routed  # first sorted position of each expert
+            pos = torch.arange(T * k, device=device) - starts[sorted_expert.clamp(max=num_experts - 1)]
+            keep &= pos < capacity  # rank within its expert
+            counts = routed.clamp(max=capacity)
         perm = assign[keep]
-        counts = routed.clamp(max=capacity)
-        num_dropped = T * k - perm.numel()
     M = perm.numel()
     inv = torch.full((T * k,), M, dtype=torch.long, device=device)
     inv[perm] = torch.arange(M, device=device)
+    num_routed = T * k if valid is None else int(routed.sum())
     return DispatchPlan(
         perm=perm,
         src_token=perm // k,
@@ -82,7 +91,7 @@ def make_plan(indices: Tensor, num_experts: int, capacity: int | None = None) ->
         routed=routed,
         num_tokens=T,
         top_k=k,
-        num_dropped=int(num_dropped),
+        num_dropped=num_routed - M,
     )
 
 
@@ -101,26 +110,47 @@ class _Dispatch(torch.autograd.Function):
         g = g.contiguous()
         if inv.numel() and ctx.num_kept < inv.numel():  # dropped assignments read a zero row
             g = torch.cat([g, g.new_zeros(1, g.shape[1])])
-        T = inv.numel() // ctx.top_k
-        gx = g.index_select(0, inv).view(T, ctx.top_k, g.shape[1])  # (T, k, d)
-        gx = gx[:, 0] if ctx.top_k == 1 else gx.sum(1)
+        T, k = inv.numel() // ctx.top_k, ctx.top_k
+        ga = g.index_select(0, inv).view(T, k, g.shape[1])  # (T, k, d) grads of each token's k rows
+        gx = ga[:, 0].clone() if k > 1 else ga[:, 0]
+        for j in range(1, k):
+            gx.add_(ga[:, j])
         return gx, None, None, None, None
 
 
-class _Unpermute(torch.autograd.Function):
-    """out[a] = y[inv[a]] (zero for dropped assignments); backward is a gather through perm."""
+class _Combine(torch.autograd.Function):
+    """out[t] = sum_j w[t, j] * rows[inv[t, j]] (dropped assignments contribute 0).
+
+    Backward gathers the output gradient once per sorted row and derives both the row gradients
+    (times the gate) and the gate gradients (row-wise dot products) from it.
+    """
 
     @staticmethod
-    def forward(ctx, y: Tensor, perm: Tensor, inv: Tensor) -> Tensor:
-        ctx.save_for_backward(perm)
-        if perm.numel() < inv.numel():
-            y = torch.cat([y, y.new_zeros(1, y.shape[1])])
-        return y.index_select(0, inv)  # (T*k, d)
+    def forward(ctx, rows: Tensor, weights: Tensor, perm: Tensor, inv: Tensor, src_token: Tensor) -> Tensor:
+        T, k = weights.shape
+        d = rows.shape[1]
+        padded = torch.cat([rows, rows.new_zeros(1, d)]) if perm.numel() < inv.numel() else rows
+        ya = padded.index_select(0, inv).view(T, k, d)  # (T, k, d) each token's k expert outputs
+        w = weights.to(rows.dtype)
+        out = ya[:, 0] * w[:, :1]
+        for j in range(1, k):
+            out.addcmul_(ya[:, j], w[:, j : j + 1])
+        ctx.save_for_backward(rows, w, perm, src_token)
+        ctx.weights_dtype = weights.dtype
+        return out
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        (perm,) = ctx.saved_tensors
-        return g.contiguous().index_select(0, perm), None, None
+        rows, w, perm, src_token = ctx.saved_tensors
+        need_rows, need_w = ctx.needs_input_grad[:2]
+        g_rows = g.contiguous().index_select(0, src_token)  # (M, d) output grad of each row's token
+        grad_w = None
+        if need_w:
+            dots = (g_rows * rows).sum(-1)  # (M,) d out / d gate, per sorted row
+            grad_w = dots.new_zeros(w.numel()).index_copy_(0, perm, dots).view(w.shape)
+            grad_w = grad_w.to(ctx.weights_dtype)
+        grad_rows = g_rows.mul_(w.reshape(-1).index_select(0, perm).unsqueeze(1)) if need_rows else None
+        return grad_rows, grad_w, None, None, None
 
 
 def dispatch(x: Tensor, plan: DispatchPlan) -> Tensor:
@@ -130,10 +160,4 @@ def dispatch(x: Tensor, plan: DispatchPlan) -> Tensor:
 
 def combine(y: Tensor, weights: Tensor, plan: DispatchPlan) -> Tensor:
     """(M, d) expert outputs -> (T, d): sum over each token's k experts weighted by the gates."""
-    T, k = plan.num_tokens, plan.top_k
-    ya = _Unpermute.apply(y, plan.perm, plan.inv).view(T, k, y.shape[-1])  # (T, k, d)
-    w = weights.to(ya.dtype)
-    if k == 1:
-        return ya[:, 0] * w
-    # (T, 1, k) @ (T, k, d) -> (T, 1, d): the weighted sum as one batched product
-    return torch.bmm(w.unsqueeze(1), ya).squeeze(1)
+    return _Combine.apply(y, weights, plan.perm, plan.inv, plan.src_token)

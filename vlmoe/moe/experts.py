@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .grouped import grouped_linear
+from .grouped import RaggedLayout, grouped_linear, ragged_linear
 
 
 class GroupedExperts(nn.Module):
@@ -53,6 +53,12 @@ class GroupedExperts(nn.Module):
                 nn.init.zeros_(p)
         if self.ln_weight is not None:
             nn.init.ones_(self.ln_weight)
+
+    def expert_params(self) -> list[int]:
+        """Parameters (matrices + biases + sub-LN) of each expert."""
+        n = _ffn_params(self.dim, self.ffn_dim, self.expert_type, self.b1 is not None)
+        n += 0 if self.ln_weight is None else 2 * self.ffn_dim
+        return [n] * self.num_experts
 
     def extra_repr(self) -> str:
         return (
@@ -123,6 +129,95 @@ class GroupedExperts(nn.Module):
             if noise_std > 0:
                 self.w1[e].add_(torch.randn_like(self.w1[e]) * noise_std)
                 self.w2[e].add_(torch.randn_like(self.w2[e]) * noise_std)
+
+
+class HeteroExperts(nn.Module):
+    """Experts of different hidden widths (HMoE) computed in one ragged grouped pass.
+
+    No engine supports this with stacked weights (every grouped GEMM takes one (E, K, N) tensor), so
+    the weights of all experts live in flat parameters - expert e's fc1 block is (dim, F_e) - and the
+    hidden activations of the routed rows live in one flat buffer (see
+    :class:`vlmoe.moe.grouped.RaggedLayout`). Each expert costs exactly its own FLOPs; no padding to
+    the widest expert, no per-expert Python work beyond one GEMM call.
+    """
+
+    def __init__(self, dim: int, sizes: list[int], *, expert_type: str = "swiglu", bias: bool = True) -> None:
+        super().__init__()
+        self.dim, self.sizes, self.num_experts = dim, tuple(int(s) for s in sizes), len(sizes)
+        self.expert_type = expert_type
+        total = sum(self.sizes)
+        self.w1 = nn.Parameter(torch.empty(dim * total))  # gate (swiglu) or fc1, blocks (dim, F_e)
+        self.w3 = nn.Parameter(torch.empty(dim * total)) if expert_type == "swiglu" else None  # up
+        self.w2 = nn.Parameter(torch.empty(total * dim))  # blocks (F_e, dim)
+        self.b1 = nn.Parameter(torch.zeros(total)) if bias else None
+        self.b3 = nn.Parameter(torch.zeros(total)) if bias and expert_type == "swiglu" else None
+        self.b2 = nn.Parameter(torch.zeros(self.num_experts * dim)) if bias else None
+        self.backend = "loop"
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for p in (self.w1, self.w3, self.w2):
+            if p is not None:
+                nn.init.trunc_normal_(p, std=0.02)
+        for p in (self.b1, self.b3, self.b2):
+            if p is not None:
+                nn.init.zeros_(p)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, sizes={list(self.sizes)}, type={self.expert_type}, bias={self.b1 is not None}"
+
+    def expert_params(self) -> list[int]:
+        """Parameters (matrices + biases) of each expert."""
+        return [_ffn_params(self.dim, f, self.expert_type, self.b1 is not None) for f in self.sizes]
+
+    def expert_weights(self, e: int) -> dict[str, Tensor]:
+        """Views of expert e's weights: w1 (dim, F_e), [w3 (dim, F_e)], w2 (F_e, dim), biases."""
+        d, f = self.dim, self.sizes[e]
+        o = sum(self.sizes[:e])
+        out = {"w1": self.w1[d * o : d * (o + f)].view(d, f), "w2": self.w2[d * o : d * (o + f)].view(f, d)}
+        if self.w3 is not None:
+            out["w3"] = self.w3[d * o : d * (o + f)].view(d, f)
+        if self.b1 is not None:
+            out["b1"] = self.b1[o : o + f]
+            out["b2"] = self.b2[e * d : (e + 1) * d]
+            if self.b3 is not None:
+                out["b3"] = self.b3[o : o + f]
+        return out
+
+    def forward(self, x: Tensor, counts: Tensor) -> Tensor:
+        """(M, dim) rows sorted by expert, (E,) rows per expert -> (M, dim)."""
+        M = x.shape[0]
+        dt = _autocast_dtype(x)
+        cast = (lambda t: None if t is None else t.to(dt)) if dt is not None else (lambda t: t)
+        x = cast(x)
+        counts_list = tuple(int(c) for c in counts.tolist())
+        E, d = self.num_experts, self.dim
+        up = RaggedLayout(counts_list, (d,) * E, self.sizes)
+        down = RaggedLayout(counts_list, self.sizes, (d,) * E)
+        with torch.autocast(x.device.type, enabled=False):
+            h = ragged_linear(x, cast(self.w1), cast(self.b1), up)  # flat: blocks (n_e, F_e)
+            if self.w3 is not None:
+                h = F.silu(h) * ragged_linear(x, cast(self.w3), cast(self.b3), up)
+            else:
+                h = F.gelu(_upcast(h)).to(h.dtype)
+            return ragged_linear(h, cast(self.w2), cast(self.b2), down).view(M, d)
+
+    def expert_forward(self, e: int, x: Tensor) -> Tensor:
+        w = self.expert_weights(e)
+        h = x @ w["w1"] + w.get("b1", 0)
+        if self.w3 is not None:
+            h = F.silu(h) * (x @ w["w3"] + w.get("b3", 0))
+        else:
+            h = F.gelu(_upcast(h)).to(h.dtype)
+        return h @ w["w2"] + w.get("b2", 0)
+
+
+def _ffn_params(dim: int, f: int, expert_type: str, bias: bool) -> int:
+    swiglu = expert_type == "swiglu"
+    n = (3 if swiglu else 2) * dim * f
+    if bias:
+        n += (2 if swiglu else 1) * f + dim
+    return n
 
 
 def _upcast(h: Tensor) -> Tensor:

@@ -27,11 +27,11 @@ class _GroupedLinear(torch.autograd.Function):
         s = 0
         for e, n in enumerate(counts):
             if n:
-                xs, os = x[s : s + n], out[s : s + n]
-                if b is None:
-                    torch.mm(xs, w[e], out=os)
-                else:
-                    torch.addmm(b[e], xs, w[e], out=os)
+                os = torch.mm(x[s : s + n], w[e], out=out[s : s + n])
+                if b is not None:
+                    # mm + add_ is ~1.5x faster than addmm(out=) on CPU (the latter copies the
+                    # broadcast bias into the output and runs a beta=1 GEMM)
+                    os.add_(b[e])
                 s += n
         ctx.save_for_backward(x, w)
         ctx.counts, ctx.has_bias = counts, b is not None
@@ -110,3 +110,79 @@ def grouped_linear(
     if counts_list is None:
         counts_list = tuple(int(c) for c in counts.tolist())
     return _GroupedLinear.apply(x.contiguous(), w, b, counts_list)
+
+
+# ---------------------------------------------------------------------------------------------- ragged
+class RaggedLayout:
+    """Per-expert blocks of a ragged grouped product ``y_e (n_e, N_e) = x_e (n_e, K_e) @ W_e (K_e, N_e)``.
+
+    Heterogeneous experts (HMoE) have a different hidden width per expert, so the hidden activations
+    of the routed rows do not form one (M, F) matrix. They live in one flat buffer instead: expert e's
+    block is ``n_e * F_e`` contiguous values viewed as (n_e, F_e). Element-wise ops (GELU, SiLU * up)
+    run once over the whole flat buffer.
+    """
+
+    def __init__(self, counts: tuple[int, ...], in_dims: tuple[int, ...], out_dims: tuple[int, ...]) -> None:
+        self.counts, self.in_dims, self.out_dims = counts, in_dims, out_dims
+        self.x_off, self.y_off, self.w_off, self.b_off = [], [], [], []
+        xo = yo = wo = bo = 0
+        for n, k, m in zip(counts, in_dims, out_dims):
+            self.x_off.append(xo)
+            self.y_off.append(yo)
+            self.w_off.append(wo)
+            self.b_off.append(bo)
+            xo, yo, wo, bo = xo + n * k, yo + n * m, wo + k * m, bo + m
+        self.x_numel, self.y_numel, self.w_numel, self.b_numel = xo, yo, wo, bo
+
+    def blocks(self):
+        for e, (n, k, m) in enumerate(zip(self.counts, self.in_dims, self.out_dims)):
+            yield e, n, k, m, self.x_off[e], self.y_off[e], self.w_off[e], self.b_off[e]
+
+
+class _RaggedLinear(torch.autograd.Function):
+    """Flat-buffer grouped linear for experts of different widths (see :class:`RaggedLayout`)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None, layout: RaggedLayout) -> Tensor:
+        out = x.new_empty(layout.y_numel)
+        for _, n, k, m, xo, yo, wo, bo in layout.blocks():
+            if n:
+                o = torch.mm(x[xo : xo + n * k].view(n, k), w[wo : wo + k * m].view(k, m),
+                             out=out[yo : yo + n * m].view(n, m))
+                if b is not None:
+                    o.add_(b[bo : bo + m])
+        ctx.save_for_backward(x, w)
+        ctx.layout, ctx.has_bias = layout, b is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, w = ctx.saved_tensors
+        lay: RaggedLayout = ctx.layout
+        g = g.contiguous()
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gx = g.new_empty(x.shape) if need_x else None
+        gw = torch.zeros_like(w) if need_w else None
+        gb = g.new_zeros(lay.b_numel) if (need_b and ctx.has_bias) else None
+        for _, n, k, m, xo, yo, wo, bo in lay.blocks():
+            if n == 0:
+                continue
+            gs = g[yo : yo + n * m].view(n, m)
+            we = w[wo : wo + k * m].view(k, m)
+            if gx is not None:
+                torch.mm(gs, we.t(), out=gx[xo : xo + n * k].view(n, k))
+            if gw is not None:
+                torch.mm(x[xo : xo + n * k].view(n, k).t(), gs, out=gw[wo : wo + k * m].view(k, m))
+            if gb is not None:
+                torch.sum(gs, 0, out=gb[bo : bo + m])
+        return gx, gw, gb, None
+
+
+def ragged_linear(x: Tensor, w: Tensor, b: Tensor | None, layout: RaggedLayout) -> Tensor:
+    """Flat ragged grouped product: x, w, b and the result are 1-D buffers laid out by ``layout``."""
+    if x.numel() != layout.x_numel or w.numel() != layout.w_numel:
+        raise ValueError(
+            f"ragged_linear: input has {x.numel()} values (layout wants {layout.x_numel}), weight has "
+            f"{w.numel()} (layout wants {layout.w_numel})"
+        )
+    return _RaggedLinear.apply(x.reshape(-1), w.reshape(-1), None if b is None else b.reshape(-1), layout)

@@ -38,6 +38,9 @@ class RouterOutput:
     """(T, E) routing distribution (sums to 1 per token) for the balance loss."""
     logits: Tensor
     """(T, E) pre-normalisation scores (for the z-loss)."""
+    valid: Tensor | None = None
+    """(T, k) which of the k slots are real selections (top-p routing: tokens activate different
+    numbers of experts; k is then the largest number in the batch). None: all valid."""
 
 
 class Router(nn.Module):
@@ -55,8 +58,11 @@ class Router(nn.Module):
         bias_balance: bool = False,
         bias_update_rate: float = 1e-3,
         fp32: bool = True,
+        top_p: float | None = None,
+        max_experts: int | None = None,
     ) -> None:
         super().__init__()
+        self.top_p, self.max_experts = top_p, max_experts
         self.num_experts = num_experts
         self.top_k = top_k
         self.sigmoid = sigmoid
@@ -89,12 +95,30 @@ class Router(nn.Module):
                 scores = torch.softmax(logits, dim=-1)
                 probs = scores if balance_logits is None else torch.softmax(balance_logits, dim=-1)
             select = scores + self.expert_bias if self.bias_balance else scores
-            # topk is deterministic for ties (lowest index first), which the capacity tests rely on.
-            _, indices = torch.topk(select.detach(), self.top_k, dim=-1, sorted=True)  # (T, k)
-            weights = scores.gather(-1, indices)  # (T, k)
-            if self.normalize_gates:
+            valid = None
+            if self.top_p is None:
+                # topk is deterministic for ties (lowest index first), which the capacity tests rely on.
+                _, indices = torch.topk(select.detach(), self.top_k, dim=-1, sorted=True)  # (T, k)
+                weights = scores.gather(-1, indices)  # (T, k)
+                if self.normalize_gates:
+                    weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
+            else:
+                indices, valid = self._top_p(probs.detach(), select.detach())
+                weights = scores.gather(-1, indices) * valid
+                # top-p gates are always renormalised over the activated set (HMoE appendix eq. 11)
                 weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
-        return RouterOutput(weights=weights, indices=indices, probs=probs, logits=logits)
+        return RouterOutput(weights=weights, indices=indices, probs=probs, logits=logits, valid=valid)
+
+    def _top_p(self, dist: Tensor, select: Tensor) -> tuple[Tensor, Tensor]:
+        """Smallest set of experts (in descending order) whose probabilities reach top_p."""
+        order = select.argsort(dim=-1, descending=True, stable=True)  # (T, E)
+        d_sorted = dist.gather(-1, order)
+        before = d_sorted.cumsum(-1) - d_sorted  # mass of the experts ranked above
+        keep = before < self.top_p  # the first expert is always kept
+        if self.max_experts is not None:
+            keep[:, self.max_experts :] = False
+        k_max = max(int(keep.sum(-1).max()), 1) if keep.numel() else 1
+        return order[:, :k_max], keep[:, :k_max]
 
     @torch.no_grad()
     def update_bias(self, tokens_per_expert: Tensor) -> None:
@@ -178,6 +202,8 @@ def build_router(config: MoEConfig, dim: int) -> Router:
         bias_balance=config.bias_balance,
         bias_update_rate=config.bias_update_rate,
         fp32=config.router_fp32,
+        top_p=config.top_p,
+        max_experts=config.max_experts_per_token,
     )
     if config.router in ("softmax", "sigmoid"):
         return LinearRouter(dim, config.num_experts, config.top_k, **common)

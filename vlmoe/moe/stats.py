@@ -67,10 +67,39 @@ class RoutingStats:
     """Routed (non-padding) tokens, or sub-tokens for MH-MoE."""
     top_k: int
     name: str = ""
+    expert_params: Tensor | None = None
+    """(E,) parameters of each expert (for activated parameters per token; HMoE)."""
+    expert_sizes: tuple[int, ...] | None = None
+    """Hidden width of each expert (for per-size-class load; HMoE)."""
+    passes_per_token: Tensor | None = None
+    """(L,) Stratified MoE: number of tokens that went through 1, 2, ..., L expert passes."""
 
     @property
     def num_experts(self) -> int:
         return self.tokens_per_expert.numel()
+
+    def activated_params_per_token(self) -> float:
+        """Mean expert parameters a routed (sub-)token activates (the HMoE paper's headline)."""
+        if self.expert_params is None or self.routed_tokens == 0:
+            return 0.0
+        c = self.tokens_per_expert.detach().double().cpu()
+        return float((c * self.expert_params.double().cpu()).sum() / self.routed_tokens)
+
+    def load_by_size(self) -> dict[int, int]:
+        """Routed assignments per expert size class."""
+        sizes = self.expert_sizes or (0,) * self.num_experts
+        out: dict[int, int] = {}
+        for s, c in zip(sizes, self.tokens_per_expert.tolist()):
+            out[s] = out.get(s, 0) + int(c)
+        return out
+
+    def mean_passes(self) -> float:
+        """Stratified MoE: mean number of expert passes per token."""
+        if self.passes_per_token is None:
+            return float(self.top_k)
+        h = self.passes_per_token.double().cpu()
+        n = h.sum()
+        return float((h * torch.arange(1, h.numel() + 1, dtype=torch.float64)).sum() / n) if n > 0 else 0.0
 
     def activation_ratio(self, tau: float = 0.1) -> float:
         return activation_ratio(self.tokens_per_expert.detach().cpu(), tau)

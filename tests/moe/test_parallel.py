@@ -1,0 +1,109 @@
+"""Expert parallelism on CPU (gloo, 2 processes): outputs and gradients equal the single-process layer."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from vlmoe.moe import MoE, MoEConfig
+from vlmoe.moe.parallel import expert_ranges, shard_experts
+
+pytestmark = pytest.mark.distributed
+
+VARIANTS = {
+    "topk": MoEConfig(num_experts=4, top_k=2, ffn_dim=12),
+    "mhmoe": MoEConfig(num_experts=4, top_k=2, ffn_dim=12, heads=2, router="xmoe"),
+    "hmoe_top_p": MoEConfig(num_experts=4, expert_sizes=[6, 6, 12, 24], top_p=0.6, expert_type="swiglu",
+                            balance_loss="p_penalty", balance_coef=0.1),
+    "stratified": MoEConfig(num_experts=4, top_k=1, ffn_dim=12, strata=[2, 2]),
+    "sub_ln_uneven": MoEConfig(num_experts=5, top_k=2, ffn_dim=8, ffn_layernorm=True),
+}
+SPLIT = (7, 13)  # uneven token counts per rank
+
+
+def _reference(cfg: MoEConfig, seed: int):
+    torch.manual_seed(seed)
+    layer = MoE(16, cfg).double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+        if cfg.strata is None and cfg.router == "softmax":
+            layer.router.gate.weight[-1] = -10.0  # the last expert receives no tokens (x > 0 below)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(sum(SPLIT), 16, generator=g, dtype=torch.float64).abs()
+    go = torch.randn(sum(SPLIT), 16, generator=g, dtype=torch.float64)
+    return layer, x, go
+
+
+def _worker(rank: int, world: int, init_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        lo = sum(SPLIT[:rank])
+        for i, (name, cfg) in enumerate(VARIANTS.items()):
+            ref, x, go = _reference(cfg, seed=10 + i)
+            y_ref, _ = ref(x)
+            (y_ref * go).sum().backward()
+            layer, _, _ = _reference(cfg, seed=10 + i)
+            shard_experts(layer, grad_scale=1.0)
+            xs = x[lo : lo + SPLIT[rank]].clone().requires_grad_()
+            y, aux = layer(xs)
+            torch.testing.assert_close(y, y_ref[lo : lo + SPLIT[rank]], rtol=1e-5, atol=1e-5, msg=name)
+            (y * go[lo : lo + SPLIT[rank]]).sum().backward()
+            # expert weights: each rank's local experts see every rank's tokens -> full gradient
+            local = expert_ranges(cfg.num_experts, world)[rank]
+            ref_e, got_e = ref.experts, layer.experts
+            if hasattr(ref_e, "expert_weights"):  # heterogeneous: compare each expert's flat blocks
+                for j, e in enumerate(local):
+                    for wname in ("w1", "w2", "w3"):
+                        torch.testing.assert_close(_hetero_grad(got_e, j, wname), _hetero_grad(ref_e, e, wname),
+                                                   rtol=1e-5, atol=1e-5, msg=f"{name}: {wname}[{e}]")
+            else:
+                for wname in ("w1", "w2", "b1", "b2"):
+                    torch.testing.assert_close(getattr(got_e, wname).grad,
+                                               getattr(ref_e, wname).grad[local.start : local.stop],
+                                               rtol=1e-5, atol=1e-5, msg=f"{name}: {wname}")
+            # replicated (router / projection) parameters: the sum over ranks is the full gradient
+            ref_dense = {n: p for n, p in ref.named_parameters() if not n.startswith("experts.")}
+            for n, p in layer.named_parameters():
+                if n.startswith("experts."):
+                    continue
+                gsum = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                dist.all_reduce(gsum)
+                expect = ref_dense[n].grad if ref_dense[n].grad is not None else torch.zeros_like(p)
+                torch.testing.assert_close(gsum, expect, rtol=1e-5, atol=1e-5, msg=f"{name}: {n}")
+            if name == "topk":
+                counts = aux.tokens_per_expert.clone()
+                dist.all_reduce(counts)
+                assert counts[-1] == 0, "the last expert must receive no tokens"
+            if name == "stratified":
+                passes = aux.stats[0].passes_per_token
+                assert int(passes.sum()) == SPLIT[rank]
+    finally:
+        dist.destroy_process_group()
+
+
+def _hetero_grad(experts, e: int, name: str) -> torch.Tensor:
+    d, sizes = experts.dim, experts.sizes
+    o, f = sum(sizes[:e]), sizes[e]
+    return getattr(experts, name).grad[d * o : d * (o + f)]
+
+
+def test_expert_parallel_matches_single_process():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_worker, args=(2, os.path.join(tmp, "init")), nprocs=2, join=True)
+
+
+def test_shard_experts_needs_a_process_group():
+    with pytest.raises(RuntimeError, match="process group"):
+        shard_experts(MoE(8, MoEConfig(num_experts=2, top_k=1, ffn_dim=8)))
+
+
+def test_expert_ranges_are_contiguous_and_balanced():
+    assert expert_ranges(5, 2) == [range(0, 3), range(3, 5)]
+    with pytest.raises(ValueError, match="num_experts"):
+        expert_ranges(1, 2)
