@@ -13,6 +13,7 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("vlmoe.bench.cli", "benchmarks: `vlmoe bench moe` (MoE layer vs ideal and peers)"),
+    "data": ("vlmoe.data.cli", "`vlmoe data demo` (offline demo data), `vlmoe data shards` (write shards)"),
     "export": ("vlmoe.models.export", "checkpoints (BEiT-3, timm, vlmoe) -> safetensors + config.json"),
 }
 

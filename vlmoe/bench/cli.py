@@ -7,6 +7,7 @@ import sys
 
 BENCHMARKS = {
     "moe": "vlmoe.bench.moe",
+    "data": "vlmoe.bench.data",
 }
 
 

@@ -97,7 +97,9 @@ class BlockMaskingGenerator:
             The number of newly masked patches (0 if all 10 tries failed).
         """
         # Draw all 10 tries' areas and aspect ratios at once; only placement depends on the mask.
-        areas = rng.uniform(self.min_num_patches, max_mask_patches, size=10)
+        # a + (b - a) * U like Python's random.uniform: also valid when the budget b < min area a.
+        lo = self.min_num_patches
+        areas = lo + (max_mask_patches - lo) * rng.random(10)
         aspects = np.exp(rng.uniform(*self.log_aspect_ratio, size=10))
         hs = np.rint(np.sqrt(areas * aspects)).astype(np.int64)
         ws = np.rint(np.sqrt(areas / aspects)).astype(np.int64)
