@@ -37,12 +37,15 @@ def reference_forward(layer: MoE, x: Tensor, padding_mask: Tensor | None = None)
         cf = c.capacity_factor if layer.training else c.eval_capacity_factor
         capacity = None if cf is None else max(1, math.ceil(cf * c.top_k * n_sub / c.num_experts))
         # capacity priority: choice rank first, then token order
-        kept = torch.ones(n_sub, c.top_k, dtype=torch.bool)
+        k = route.indices.shape[1]
+        kept = torch.ones(n_sub, k, dtype=torch.bool) if route.valid is None else route.valid.clone()
         if capacity is not None:
             used = [0] * c.num_experts
-            for j in range(c.top_k):
+            for j in range(k):
                 for t in range(n_sub):
                     e = int(route.indices[t, j])
+                    if not kept[t, j]:
+                        continue
                     if used[e] < capacity:
                         used[e] += 1
                     else:
@@ -50,7 +53,7 @@ def reference_forward(layer: MoE, x: Tensor, padding_mask: Tensor | None = None)
         sub_out = []
         for t in range(n_sub):
             acc = torch.zeros(layer.sub_dim, dtype=x.dtype)
-            for j in range(c.top_k):
+            for j in range(k):
                 if kept[t, j]:
                     e = int(route.indices[t, j])
                     acc = acc + route.weights[t, j].to(x.dtype) * layer.experts.expert_forward(e, sub[t : t + 1])[0]
@@ -61,3 +64,28 @@ def reference_forward(layer: MoE, x: Tensor, padding_mask: Tensor | None = None)
         for i, t in enumerate(tokens):
             out_rows[t] = y[i]
     return torch.stack(out_rows).reshape(shape)
+
+
+def reference_stratified(layer: MoE, x: Tensor, residual: Tensor | None = None) -> Tensor:
+    """Stratified MoE one token at a time: pass after pass, each with its own residual."""
+    c = layer.config
+    L = len(c.strata)
+    offsets = [sum(c.strata[:i]) for i in range(L)]
+    stratum_of = [s for s, n in enumerate(c.strata) for _ in range(n)]
+    rows = []
+    for t in range(x.shape[0]):
+        r = (residual if residual is not None else x)[t : t + 1]
+        out = torch.zeros_like(x[t : t + 1])
+        state, first = 0, True
+        while state < L:
+            inp = x[t : t + 1] if first else layer.strata_norms[state](r + out)
+            route = layer.strata_routers[state](inp)
+            y = torch.zeros_like(out)
+            for j in range(route.indices.shape[1]):
+                e = offsets[state] + int(route.indices[0, j])
+                y = y + route.weights[0, j].to(x.dtype) * layer.experts.expert_forward(e, inp)
+            out = out + y
+            state = stratum_of[offsets[state] + int(route.indices[0, 0])] + 1
+            first = False
+        rows.append(out)
+    return torch.cat(rows)

@@ -12,7 +12,15 @@ from .grouped import grouped_linear
 from .layer import MoE
 from .losses import load_balance_loss, router_z_loss
 from .routers import CosineRouter, LinearRouter, Router, RouterOutput, build_router
-from .sizing import mhmoe_flop_parity, mhmoe_param_parity, moe_flops_per_token, moe_params
+from .experts import HeteroExperts
+from .losses import p_penalty_loss, router_entropy_loss
+from .sizing import (
+    hmoe_expert_sizes,
+    mhmoe_flop_parity,
+    mhmoe_param_parity,
+    moe_flops_per_token,
+    moe_params,
+)
 from .stats import (
     MoEAux,
     RoutingStats,
@@ -29,6 +37,7 @@ __all__ = [
     "CosineRouter",
     "DispatchPlan",
     "GroupedExperts",
+    "HeteroExperts",
     "LinearRouter",
     "Router",
     "RouterOutput",
@@ -40,6 +49,7 @@ __all__ = [
     "dispatch",
     "expert_capacity",
     "grouped_linear",
+    "hmoe_expert_sizes",
     "load_balance_loss",
     "load_cv",
     "load_entropy",
@@ -48,5 +58,7 @@ __all__ = [
     "mhmoe_param_parity",
     "moe_flops_per_token",
     "moe_params",
+    "p_penalty_loss",
+    "router_entropy_loss",
     "router_z_loss",
 ]

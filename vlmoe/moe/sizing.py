@@ -23,11 +23,14 @@ def moe_params(dim: int, config: MoEConfig) -> int:
     """Matrix parameters of a layer: experts + MH-MoE projections (router excluded)."""
     sub = dim // config.heads
     proj = 2 * dim * dim if config.use_head_projections else 0
-    return proj + config.num_experts * _ffn_mats(config) * sub * config.ffn_dim
+    return proj + sum(_ffn_mats(config) * sub * f for f in config.sizes)
 
 
 def moe_flops_per_token(dim: int, config: MoEConfig) -> int:
-    """Forward multiply-adds x 2 per token: projections + h sub-tokens x k experts."""
+    """Forward multiply-adds x 2 per token: projections + h sub-tokens x k experts (homogeneous top-k)."""
+    if config.expert_sizes is not None or config.top_p is not None or config.strata is not None:
+        raise ValueError("moe_flops_per_token is defined for homogeneous top-k layers; FLOPs of HMoE / top-p / "
+                         "Stratified layers depend on the routing (see RoutingStats.activated_params_per_token)")
     sub = dim // config.heads
     proj = 2 * 2 * dim * dim if config.use_head_projections else 0
     return proj + config.heads * config.top_k * 2 * _ffn_mats(config) * sub * config.ffn_dim
@@ -54,3 +57,42 @@ def mhmoe_flop_parity(dim: int, config: MoEConfig, heads: int = 4) -> MoEConfig:
     experts = round(heads * (config.ffn_dim * config.num_experts - dim) / d_mh)
     experts = max(experts, k)
     return config.replace(heads=heads, ffn_dim=d_mh, num_experts=experts, head_projections=True)
+
+
+HMOE_SCHEDULES = ("arithmetic", "geometric", "hybrid", "uniform")
+
+
+def hmoe_expert_sizes(schedule: str, num_experts: int = 8, total: int | None = None, multiple: int = 1) -> list[int]:
+    """Expert widths for HMoE (arXiv 2408.10681, section 4 / table of schedules), scaled to ``total``.
+
+    - ``arithmetic``: relative sizes 9, 11, 13, ... (the paper's main setting, 9..23 for 8 experts);
+      with total=12288 this gives 96 * {9, 11, ..., 23}, with total=32768 {2304, 2816, ..., 5888}.
+    - ``geometric``: 1, 2, 4, ... (the paper's worst: small experts starve).
+    - ``hybrid``: half the experts at 1, a quarter at 2, a quarter at 4 ({1,1,1,1,2,2,4,4} for 8).
+    - ``uniform``: all equal (the homogeneous baseline at the same total width).
+
+    Args:
+        total: sum of all widths (e.g. E * the homogeneous expert width, for equal total parameters).
+        multiple: round every width to a multiple of this (kernel-friendly sizes); the sum is then
+            only approximately ``total``.
+    """
+    E = num_experts
+    if schedule == "arithmetic":
+        rel = [9 + 2 * i for i in range(E)]
+    elif schedule == "geometric":
+        rel = [2**i for i in range(E)]
+    elif schedule == "hybrid":
+        if E % 4:
+            raise ValueError(f"the hybrid schedule needs num_experts divisible by 4, got {E}")
+        rel = [1] * (E // 2) + [2] * (E // 4) + [4] * (E // 4)
+    elif schedule == "uniform":
+        rel = [1] * E
+    else:
+        raise ValueError(f"unknown HMoE schedule {schedule!r}; choose from {HMOE_SCHEDULES}")
+    if total is None:
+        return rel
+    scale = total / sum(rel)
+    sizes = [max(multiple, round(r * scale / multiple) * multiple) for r in rel]
+    if multiple == 1:  # make the sum exact: put the rounding remainder on the largest expert
+        sizes[-1] += total - sum(sizes)
+    return sizes
