@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlmoe.moe import MoE, MoEConfig, mhmoe_flop_parity, moe_flops_per_token
+from vlmoe.moe import MoE, MoEConfig, hmoe_expert_sizes, mhmoe_flop_parity, moe_flops_per_token
 
 
 # ---------------------------------------------------------------------------------------------- impls
@@ -197,6 +197,25 @@ class Case:
     tokens: int
     heads: int = 1
     compare_to_plain: bool = False  # MH-MoE: also time the plain layer it is matched to
+    schedule: str | None = None  # HMoE expert-size schedule (sizes sum to E x ffn)
+
+
+class PerExpertDense(nn.Module):
+    """The HMoE ideal: each expert's dense FFN (its own width) on exactly the rows routed to it."""
+
+    def __init__(self, dim: int, sizes: list[int], counts: list[int]) -> None:
+        super().__init__()
+        self.ffns = nn.ModuleList(DenseFFN(dim, f) for f in sizes)
+        self.counts = counts
+
+    def forward(self, x: Tensor) -> Tensor:
+        # rows: for every expert, its routed rows (k x T rows in total, one dense FFN each)
+        outs, s = [], 0
+        for ffn, n in zip(self.ffns, self.counts):
+            if n:
+                outs.append(ffn(x[s : s + n]))
+            s += n
+        return torch.cat(outs)
 
 
 def run_case(case: Case, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
@@ -204,15 +223,28 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, dtype: 
     d, f, k, T = args.dim, args.ffn, args.top_k, case.tokens
     base = MoEConfig(num_experts=case.num_experts, top_k=k, ffn_dim=f, check_finite=False)
     cfg = mhmoe_flop_parity(d, base, case.heads) if case.heads > 1 else base
+    if case.schedule:
+        sizes = hmoe_expert_sizes(case.schedule, case.num_experts, total=case.num_experts * f)
+        cfg = base.replace(expert_sizes=sizes)
     impls: dict[str, tuple[nn.Module, Callable]] = {}
-    ideal = DenseFFN(d, f).to(device, dtype)
-    impls["ideal"] = (ideal, ideal)
+    x = torch.randn(T, d, device=device, dtype=dtype, requires_grad=True)
+    g = torch.randn(T, d, device=device, dtype=dtype)
     ours = MoE(d, cfg).to(device, dtype)
+    if case.schedule:
+        with torch.no_grad():
+            counts = ours(x)[1].tokens_per_expert.tolist()
+        ideal = PerExpertDense(d, cfg.sizes, counts).to(device, dtype)
+        x_ideal = torch.randn(k * T, d, device=device, dtype=dtype, requires_grad=True)
+        g_ideal = torch.randn(k * T, d, device=device, dtype=dtype)
+    else:
+        ideal = DenseFFN(d, f).to(device, dtype)
+        x_ideal, g_ideal = x, g
+    impls["ideal"] = (ideal, ideal)
     impls["vlmoe"] = (ours, ours)
     if case.compare_to_plain:
         plain = MoE(d, base).to(device, dtype)
         impls["vlmoe plain"] = (plain, plain)
-    if case.heads == 1 and not args.no_peers:
+    if case.heads == 1 and not case.schedule and not args.no_peers:
         if args.naive:
             naive = NaiveLoopMoE(d, f, case.num_experts, k).to(device, dtype)
             impls["naive loop"] = (naive, naive)
@@ -221,28 +253,30 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, dtype: 
             layer, run = ts
             impls["torchscale"] = (layer.to(device, dtype), run)
 
-    x = torch.randn(T, d, device=device, dtype=dtype, requires_grad=True)
-    g = torch.randn(T, d, device=device, dtype=dtype)
     xk = torch.randn(k * T, d, device=device, dtype=dtype, requires_grad=True)  # ideal memory
     gk = torch.randn(k * T, d, device=device, dtype=dtype)
 
     results = {name: Result(name, []) for name in impls}
+    inputs = {name: (x_ideal, g_ideal) if name == "ideal" else (x, g) for name in impls}
     for name, (mod, fn) in impls.items():  # warm-up
-        _fwd_bwd(fn, x, g)
+        _fwd_bwd(fn, *inputs[name])
         _zero_grads(mod)
     for _ in range(args.repeats):
         for name, (mod, fn) in impls.items():
-            x.grad = None
+            x.grad = x_ideal.grad = None
             _sync(device)
             t0 = time.perf_counter()
-            _fwd_bwd(fn, x, g)
+            _fwd_bwd(fn, *inputs[name])
             _sync(device)
             results[name].times.append(time.perf_counter() - t0)
             _zero_grads(mod)
-    results["ideal"].times = [k * t for t in results["ideal"].times]
+    if not case.schedule:  # the HMoE ideal already runs every routed row once
+        results["ideal"].times = [k * t for t in results["ideal"].times]
     if args.memory:
         for name, (mod, fn) in impls.items():
-            if name == "ideal":
+            if name == "ideal" and case.schedule:
+                results[name].peak_bytes = peak_memory(fn, x_ideal, g_ideal)
+            elif name == "ideal":
                 results[name].peak_bytes = peak_memory(fn, xk, gk)
             else:
                 results[name].peak_bytes = peak_memory(fn, x, g)
@@ -251,10 +285,15 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, dtype: 
     # Memory any top-k layer must hold beyond a dense FFN over the k*T rows: gradients for the other
     # E-1 experts' weights (a dense FFN has one set). Reported as the "ideal" memory.
     dense_param_bytes = sum(p.numel() * p.element_size() for p in ideal.parameters())
-    results["ideal"].extra_bytes = (case.num_experts - 1) * dense_param_bytes if args.memory else 0
+    results["ideal"].extra_bytes = (
+        (case.num_experts - 1) * dense_param_bytes if args.memory and not case.schedule else 0
+    )
     plain_flops = T * moe_flops_per_token(d, base)
     fwd_flops = {name: plain_flops for name in impls}
-    fwd_flops["vlmoe"] = T * moe_flops_per_token(d, cfg)
+    if case.schedule:  # routed rows x their expert's FFN
+        fwd_flops = {name: 2 * 2 * d * sum(n * fe for n, fe in zip(counts, cfg.sizes)) for name in impls}
+    else:
+        fwd_flops["vlmoe"] = T * moe_flops_per_token(d, cfg)
     return {"case": case, "config": cfg, "results": results, "fwd_flops": fwd_flops}
 
 
@@ -291,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ffn", type=int, default=3072)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--cases", default="8x4096,32x4096,8x16384,mh4:8x4096",
-                   help="comma list of EXPERTSxTOKENS; prefix 'mhH:' for MH-MoE with H heads at FLOP parity")
+                   help="comma list of EXPERTSxTOKENS; prefix 'mhH:' for MH-MoE with H heads at FLOP parity, "
+                        "'hmoe-SCHEDULE:' for HMoE experts (arithmetic|geometric|hybrid) summing to E x ffn")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
@@ -300,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-naive", dest="naive", action="store_false")
     p.add_argument("--no-torchscale", dest="torchscale", action="store_false")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    p.add_argument("--world-size", type=int, default=1,
+                   help="> 1: expert parallelism over that many CPU processes (gloo); prints the time split "
+                        "(routing / exchange / compute) and the all-to-all volume")
     return p
 
 
@@ -307,21 +350,104 @@ def parse_cases(spec: str) -> list[Case]:
     cases = []
     for item in spec.split(","):
         item = item.strip()
-        heads = 1
+        heads, schedule = 1, None
         if item.startswith("mh"):
             h, item = item[2:].split(":", 1)
             heads = int(h)
+        elif item.startswith("hmoe-"):
+            schedule, item = item[5:].split(":", 1)
         try:
             e, t = (int(v) for v in item.lower().split("x"))
         except ValueError:
             raise SystemExit(f"bad case {item!r}: expected EXPERTSxTOKENS, e.g. 8x4096") from None
         name = f"E={e}, T={t}" + (f", MH-MoE h={heads} (FLOP parity)" if heads > 1 else "")
-        cases.append(Case(name, e, t, heads, compare_to_plain=heads > 1))
+        if schedule:
+            name += f", HMoE {schedule} sizes"
+        cases.append(Case(name, e, t, heads, compare_to_plain=heads > 1, schedule=schedule))
     return cases
+
+
+# ---------------------------------------------------------------------------------------------- expert parallel
+def _ep_worker(rank: int, world: int, init_file: str, args: argparse.Namespace, out_file: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    from vlmoe.moe.parallel import shard_experts
+
+    torch.set_num_threads(max(1, (args.threads or torch.get_num_threads()) // world))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    rows = []
+    try:
+        for case in parse_cases(args.cases):
+            torch.manual_seed(0)
+            d, f, k, T = args.dim, args.ffn, args.top_k, case.tokens
+            base = MoEConfig(num_experts=case.num_experts, top_k=k, ffn_dim=f, check_finite=False)
+            cfg = mhmoe_flop_parity(d, base, case.heads) if case.heads > 1 else base
+            if case.schedule:
+                cfg = base.replace(expert_sizes=hmoe_expert_sizes(case.schedule, case.num_experts,
+                                                                  total=case.num_experts * f))
+            layer = MoE(d, cfg)
+            shard_experts(layer)
+            ep = layer.expert_parallel
+            torch.manual_seed(1 + rank)  # every rank routes its own tokens
+            x = torch.randn(T, d, requires_grad=True)
+            g = torch.randn(T, d)
+            _fwd_bwd(layer, x, g)
+            totals, splits = [], []
+            for _ in range(args.repeats):
+                layer.zero_grad(set_to_none=True)
+                ep.reset_timings()
+                dist.barrier()
+                t0 = time.perf_counter()
+                _fwd_bwd(layer, x, g)
+                totals.append(time.perf_counter() - t0)
+                splits.append(dict(ep.timings))
+            i = totals.index(statistics.median(totals)) if len(totals) % 2 else 0
+            rows.append({"case": case.name, "total": statistics.median(totals), **splits[i]})
+        if rank == 0:
+            with open(out_file, "w") as fh:
+                json.dump(rows, fh)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_expert_parallel(args: argparse.Namespace) -> str:
+    import json
+    import os
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rows.json")
+        mp.spawn(_ep_worker, args=(args.world_size, os.path.join(tmp, "init"), args, out),
+                 nprocs=args.world_size, join=True)
+        with open(out) as fh:
+            rows = json.load(fh)
+    lines = [
+        f"expert parallel: world={args.world_size} (gloo, CPU), tokens per rank as in the case, rank 0 shown; "
+        "exchange = all-to-all forward + backward, compute = local experts forward",
+        "| case | step (ms) | routing + counts (ms) | exchange (ms) | expert compute fwd (ms) | other (ms) "
+        "| all-to-all volume sent (MiB/step) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        other = r["total"] - r.get("routing", 0) - r.get("exchange", 0) - r.get("compute", 0)
+        lines.append(
+            f"| {r['case']} | {1e3 * r['total']:.0f} | {1e3 * r.get('routing', 0):.1f} | "
+            f"{1e3 * r.get('exchange', 0):.1f} | {1e3 * r.get('compute', 0):.0f} | {1e3 * other:.0f} | "
+            f"{r.get('exchanged_bytes', 0) / 2**20:.1f} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    return table
 
 
 def main(argv: list[str] | None = None) -> str:
     args = build_parser().parse_args(argv)
+    if args.world_size > 1:
+        return run_expert_parallel(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
