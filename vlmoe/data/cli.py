@@ -264,7 +264,8 @@ def main(argv: list[str] | None = None) -> Any:
         raise SystemExit(f"vlmoe data shards: {e}") from None
     skipped = ", ".join(f"{k}={v}" for k, v in sorted(report["skipped"].items())) or "none"
     n_shards = len(report["shards"])
-    print(f"wrote {report['written']} {report['kind']} samples into {n_shards} shard(s) in {args.out}; skipped: {skipped}")
+    print(f"wrote {report['written']} {report['kind']} samples into {n_shards} shard(s) in {args.out}")
+    print(f"skipped: {skipped}")
     print(json.dumps(report["shards"][:3] + (["..."] if len(report["shards"]) > 3 else [])))
     return report
 

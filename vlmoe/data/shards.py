@@ -29,6 +29,7 @@ Bad samples are skipped and counted by a :class:`~vlmoe.data.errors.SampleErrors
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import json
@@ -253,6 +254,8 @@ class ShardWriter:
 
     def _abort(self) -> None:
         if self._tar is not None:
+            with contextlib.suppress(Exception):  # finish the tar stream so nothing writes later
+                self._tar.close()
             self._file.close()
             self._tmp.unlink(missing_ok=True)
             self._tar = self._file = self._tmp = None
@@ -360,6 +363,76 @@ class ShardList(IterableDataset):
 
 
 # ----------------------------------------------------------------------------------- sample stages
+class _CountingReader:
+    """Wraps a byte stream and counts what is read from it (tar streams of unknown length)."""
+
+    def __init__(self, stream: Any):
+        self.stream, self.count = stream, 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.count += len(data)
+        return data
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+def _tar_members(src: Iterable[dict[str, Any]], errors: SampleErrors) -> Iterator[dict[str, Any]]:
+    """Members of each opened tar, checked for truncation; a damaged shard ends with a marker that
+    invalidates the sample it cut, so that sample is counted once (as ``broken_tar``) and dropped."""
+    for source in src:
+        url = source["url"]
+        stream = _CountingReader(source["stream"])
+        last_key = None
+        try:
+            with tarfile.open(fileobj=stream, mode="r|*") as tf:
+                end = 0  # where the last member's padded data ends
+                for info in tf:
+                    key = base_plus_ext(info.name)[0]
+                    end = info.offset_data + -(-info.size // 512) * 512
+                    if not info.isreg():
+                        continue
+                    data = tf.extractfile(info).read()
+                    last_key = key
+                    if len(data) != info.size:
+                        # Python's streaming tar reader returns short reads silently at EOF.
+                        raise tarfile.ReadError(
+                            f"member {info.name} truncated ({len(data)} of {info.size} bytes)"
+                        )
+                    yield {"fname": info.name, "data": data, "__url__": url}
+                    tf.members = []  # streaming: do not keep every header in memory
+                if tf.fileobj.comptype == "tar":
+                    # A cut through a header also ends iteration silently; a complete archive has two
+                    # zero blocks after the last member. (Compressed shards fail in the decompressor.)
+                    while stream.read(1 << 16):
+                        pass
+                    if stream.count - end < 1024:
+                        raise tarfile.ReadError(
+                            f"archive truncated after {stream.count} bytes (no end-of-archive)"
+                        )
+        except Exception as e:  # noqa: BLE001 - a damaged shard must not stop the epoch
+            errors.handler("broken_tar")(type(e)(f"{url}: {e}") if isinstance(e, tarfile.TarError) else e)
+            if last_key is not None:
+                # group_by_keys drops a sample carrying a truthy "__bad__" entry.
+                yield {"fname": f"{last_key}.__bad__", "data": b"1", "__url__": url}
+        finally:
+            with contextlib.suppress(Exception):
+                stream.close()
+        yield {}  # end-of-shard marker: samples never straddle shards
+
+
+def tar_samples(src: Iterable[dict[str, str]], errors: SampleErrors) -> Iterator[dict[str, Any]]:
+    """Shard URLs -> raw samples (``__key__``, ``__url__`` and bytes per extension).
+
+    Like ``webdataset.tarfile_to_samples`` but truncated members are detected, and every problem
+    (unreadable shard, truncated member, duplicate member names) is counted in ``errors``.
+    """
+    handler = errors.handler("broken_tar")
+    streams = wds.tariterators.url_opener(src, handler=handler)
+    return wds.tariterators.group_by_keys(_tar_members(streams, errors), handler=handler)
+
+
 def _first(raw: Mapping[str, Any], exts: Iterable[str]) -> tuple[str | None, Any]:
     for ext in exts:
         if ext in raw:
@@ -481,7 +554,7 @@ def stream_pipeline(
         ShardList(
             urls, resampled=resampled, shuffle=shuffle > 0, seed=seed, rank=rank, world_size=world_size
         ),
-        wds.tarfile_to_samples(handler=errors.handler("broken_tar")),
+        functools.partial(tar_samples, errors=errors),
     ]
     if shuffle > 0:
         stages.append(
