@@ -228,19 +228,25 @@ class VLMoE(nn.Module):
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Parameter groups for timm's layer-wise lr decay (``create_optimizer_v2(..., layer_decay=)``).
 
-        Group 0 = embeddings, group i + 1 = block i, last group = final norm and heads.
+        Group 0 = embeddings, group i + 1 = block i (the final norm joins the last block, timm's
+        convention); anything else (heads) gets the top group.
         """
         return dict(
-            stem=r"^(vision_embed|text_embed)\.",
+            stem=r"^(?:vision_embed|text_embed)\.",
             blocks=[(r"^blocks\.(\d+)", None), (r"^norm\.", (99999,))],
         )
 
     def layer_id(self, name: str) -> int:
-        """Layer index of a parameter for layer-wise lr decay (0 = embeddings, depth + 1 = top)."""
+        """Layer index of a parameter for layer-wise lr decay, as :meth:`group_matcher` groups it.
+
+        0 = embeddings, i + 1 = block i and the final norm with the last block, depth + 1 = heads.
+        """
         if name.startswith(("vision_embed.", "text_embed.")):
             return 0
         if name.startswith("blocks."):
             return int(name.split(".")[1]) + 1
+        if name.startswith("norm."):
+            return self.num_layers
         return self.num_layers + 1
 
     # ------------------------------------------------------------------ forward

@@ -21,6 +21,7 @@ import yaml
 from vlmoe.moe import MoEConfig
 
 MOE_MULTIWAY = ("per_modality", "shared")
+_FLOAT_FIELDS = ("layernorm_eps", "drop_path_rate", "dropout", "attn_drop", "init_std")
 HEAD_NAMES = ("mlm", "mim", "pooler")
 
 
@@ -99,6 +100,14 @@ class VLMoEConfig:
         if self.moe_layers is not None:
             self.moe_layers = sorted(int(i) for i in self.moe_layers)
         self.heads = list(self.heads)
+        for name in _FLOAT_FIELDS:
+            # YAML 1.1 reads `1e-5` (no dot) as a string; accept it as the number it means
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    setattr(self, name, float(value))
+                except ValueError:
+                    raise ValueError(f"VLMoEConfig.{name}={value!r}: not a number") from None
 
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"VLMoEConfig.{name}={getattr(self, name)!r}: {why}")
@@ -196,8 +205,17 @@ class VLMoEConfig:
                 changes[key] = base.replace(**value) if base is not None else MoEConfig.from_dict(value)
         return dataclasses.replace(self, **changes)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def to_dict(self, full_moe: bool = True) -> dict[str, Any]:
+        """Plain-data form. ``full_moe=False`` keeps only the expert shape and the MoE fields that
+        differ from :class:`MoEConfig`'s defaults (compact preset files)."""
+        d = dataclasses.asdict(self)
+        if not full_moe:
+            default = MoEConfig().to_dict()
+            for key in ("moe", "moe_text"):
+                if d[key] is not None:
+                    keep = ("num_experts", "top_k", "ffn_dim")  # the shape, always spelled out
+                    d[key] = {k: v for k, v in d[key].items() if k in keep or v != default.get(k)}
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VLMoEConfig:
@@ -207,9 +225,9 @@ class VLMoEConfig:
             raise ValueError(f"unknown VLMoEConfig key(s) {unknown}; known keys: {sorted(known)}")
         return cls(**d)
 
-    def to_yaml(self, path: str | Path | None = None) -> str:
-        """The config as YAML; also written to ``path`` when given."""
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+    def to_yaml(self, path: str | Path | None = None, full_moe: bool = True) -> str:
+        """The config as YAML; also written to ``path`` when given (see :meth:`to_dict`)."""
+        text = yaml.safe_dump(self.to_dict(full_moe), sort_keys=False)
         if path is not None:
             Path(path).write_text(text)
         return text
@@ -225,7 +243,10 @@ class VLMoEConfig:
         """Read a YAML or JSON config (a bare mapping, or ``{model: mapping}``)."""
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text())  # JSON is YAML
+            text = path.read_text()
+            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON: {e}") from None
         except yaml.YAMLError as e:
             raise ValueError(f"{path}: not valid YAML/JSON: {e}") from None
         if isinstance(data, dict) and set(data) == {"model"}:
