@@ -256,11 +256,19 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, dtype: 
     xk = torch.randn(k * T, d, device=device, dtype=dtype, requires_grad=True)  # ideal memory
     gk = torch.randn(k * T, d, device=device, dtype=dtype)
 
-    results = {name: Result(name, []) for name in impls}
     inputs = {name: (x_ideal, g_ideal) if name == "ideal" else (x, g) for name in impls}
-    for name, (mod, fn) in impls.items():  # warm-up
-        _fwd_bwd(fn, *inputs[name])
+    for name, (mod, fn) in list(impls.items()):  # warm-up; a peer that runs out of memory is reported
+        try:
+            _fwd_bwd(fn, *inputs[name])
+        except torch.OutOfMemoryError:
+            if name in ("ideal", "vlmoe"):
+                raise
+            print(f"{case.name}: {name} ran out of memory", flush=True)
+            del impls[name]
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         _zero_grads(mod)
+    results = {name: Result(name, []) for name in impls}
     for _ in range(args.repeats):
         for name, (mod, fn) in impls.items():
             x.grad = x_ideal.grad = None
@@ -314,13 +322,18 @@ def format_table(rows: list[dict], device: torch.device) -> str:
             memx = f"{peak / (ideal.peak_bytes + ideal.extra_bytes):.2f}" if have_mem else "-"
             tf = f"{flops / r.median / 1e12:.3f}"
             lines.append(
-                f"| {case.name} | {name} | {1e3 * r.median:.0f} | {r.median / ideal.median:.2f} | "
+                f"| {case.name} | {name} | {_ms(r.median)} | {r.median / ideal.median:.2f} | "
                 f"{case.tokens / r.median:,.0f} | {tf} | {mem} | {memd} | {memx} |"
             )
         if "vlmoe plain" in res:
             ratio = res["vlmoe"].median / res["vlmoe plain"].median
             lines.append(f"| {case.name} | MH-MoE / plain | {ratio:.2f}× | | | | | | |")
     return "\n".join(lines)
+
+
+def _ms(t: float) -> str:
+    ms = 1e3 * t
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.2f}" if ms < 10 else f"{ms:.1f}"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -44,6 +44,12 @@ class DispatchPlan:
         return self.perm.numel()
 
 
+def count_experts(idx: Tensor, n: int) -> Tensor:
+    """(n,) occurrences of each value in idx. Unlike ``torch.bincount`` this never syncs a CUDA device
+    (bincount reads the maximum to size its output)."""
+    return torch.zeros(n, dtype=torch.long, device=idx.device).index_add_(0, idx.reshape(-1), torch.ones_like(idx.reshape(-1)))
+
+
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
     """GShard capacity: ceil(cf * k * tokens / E) slots per expert."""
     return max(1, math.ceil(capacity_factor * top_k * num_tokens / num_experts))
@@ -63,7 +69,7 @@ def make_plan(
     flat_cm = indices.t().reshape(-1)  # (k*T,) choice-major: c = j*T + t
     if valid is not None:  # invalid slots go to a sentinel expert E, which sorts last
         flat_cm = torch.where(valid.t().reshape(-1), flat_cm, torch.full_like(flat_cm, num_experts))
-    routed = torch.bincount(flat_cm, minlength=num_experts + 1)[:num_experts]  # (E,)
+    routed = count_experts(flat_cm, num_experts + 1)[:num_experts]  # (E,)
     order = torch.sort(flat_cm, stable=True).indices  # choice-major ids, expert-sorted
     j, t = order // max(T, 1), order % max(T, 1)
     assign = t * k + j  # token-major ids, expert-sorted

@@ -81,12 +81,13 @@ class GroupedExperts(nn.Module):
                 gate, up = h.chunk(2, dim=-1)
                 h = F.silu(gate) * up
             else:
-                # BEiT-3 computes the GELU in float32
-                h = F.gelu(_upcast(h)).to(h.dtype)
+                # BEiT-3 casts to float32 around the GELU; the bf16/fp16 GELU and LayerNorm kernels already
+                # compute in float32 internally and round once, so no extra casts (and memory passes) here
+                h = F.gelu(h)
             if self.ln_weight is not None:
                 # Sub-LN: the per-expert affine is folded into fc2 (exact), so the normalisation runs
                 # once over all rows and no (M, F) per-row gamma/beta is ever gathered.
-                h = F.layer_norm(_upcast(h), (self.ffn_dim,), eps=self.layernorm_eps).to(h.dtype)
+                h = F.layer_norm(h, (self.ffn_dim,), eps=self.layernorm_eps)
                 lw, lb = self.ln_weight.to(w2.dtype), self.ln_bias.to(w2.dtype)
                 fold_b = torch.bmm(lb.unsqueeze(1), w2).squeeze(1)  # (E, dim) = beta_e @ W2_e
                 b2 = fold_b if b2 is None else b2 + fold_b
@@ -101,7 +102,7 @@ class GroupedExperts(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(_upcast(h)).to(h.dtype)
+            h = F.gelu(h)
         if self.ln_weight is not None:
             h = F.layer_norm(h, (self.ffn_dim,), self.ln_weight[e], self.ln_bias[e], self.layernorm_eps)
         return h @ self.w2[e] + (self.b2[e] if self.b2 is not None else 0)
@@ -199,7 +200,7 @@ class HeteroExperts(nn.Module):
             if self.w3 is not None:
                 h = F.silu(h) * ragged_linear(x, cast(self.w3), cast(self.b3), up)
             else:
-                h = F.gelu(_upcast(h)).to(h.dtype)
+                h = F.gelu(h)
             return ragged_linear(h, cast(self.w2), cast(self.b2), down).view(M, d)
 
     def expert_forward(self, e: int, x: Tensor) -> Tensor:
@@ -208,7 +209,7 @@ class HeteroExperts(nn.Module):
         if self.w3 is not None:
             h = F.silu(h) * (x @ w["w3"] + w.get("b3", 0))
         else:
-            h = F.gelu(_upcast(h)).to(h.dtype)
+            h = F.gelu(h)
         return h @ w["w2"] + w.get("b2", 0)
 
 
@@ -218,11 +219,6 @@ def _ffn_params(dim: int, f: int, expert_type: str, bias: bool) -> int:
     if bias:
         n += (2 if swiglu else 1) * f + dim
     return n
-
-
-def _upcast(h: Tensor) -> Tensor:
-    """float32 for half-precision inputs (BEiT-3 computes GELU / LN in fp32); float64 stays float64."""
-    return h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
 
 
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:

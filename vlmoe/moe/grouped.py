@@ -103,7 +103,7 @@ def grouped_linear(
             row_expert = torch.repeat_interleave(
                 torch.arange(w.shape[0], device=x.device), counts, output_size=x.shape[0]
             )
-            y = y + b.index_select(0, row_expert)
+            y.add_(b.index_select(0, row_expert))
         return y
     if backend != "loop":
         raise ValueError(f"grouped_linear backend={backend!r}: choose from 'auto', 'loop', 'grouped_mm'")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .dispatch import count_experts
+
 
 def load_balance_loss(
     probs: Tensor,
@@ -30,7 +32,7 @@ def load_balance_loss(
     idx = indices[:, :1] if first_choice_only else indices
     if valid is not None:
         idx = idx[valid[:, : idx.shape[1]]]
-    f = torch.bincount(idx.reshape(-1), minlength=num_experts).to(probs.dtype) / max(idx.numel(), 1)
+    f = count_experts(idx, num_experts).to(probs.dtype) / max(idx.numel(), 1)
     return num_experts * torch.dot(f, probs.mean(0))
 
 
@@ -47,7 +49,7 @@ def p_penalty_loss(probs: Tensor, indices: Tensor, sizes: Tensor, valid: Tensor 
     if T == 0:
         return probs.sum() * 0.0
     idx = indices if valid is None else indices[valid]
-    activated = torch.bincount(idx.reshape(-1), minlength=E).to(probs.dtype) / T  # T_i
+    activated = count_experts(idx, E).to(probs.dtype) / T  # T_i
     s = sizes.to(probs.dtype)
     return E * torch.dot(activated * (s / s.mean()), probs.mean(0))
 
