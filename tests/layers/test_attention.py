@@ -82,8 +82,14 @@ def test_padding_changes_nothing_for_real_tokens():
 def test_shared_attention_has_one_set_of_weights():
     attn = MultiwayAttention(32, 4, multiway=False).eval()
     names = {n for n, _ in attn.named_parameters()}
-    assert names == {"qkv.shared.weight", "qkv.shared.bias", "norm.shared.weight", "norm.shared.bias",
-                     "proj.shared.weight", "proj.shared.bias"}
+    assert names == {
+        "qkv.shared.weight",
+        "qkv.shared.bias",
+        "norm.shared.weight",
+        "norm.shared.bias",
+        "proj.shared.weight",
+        "proj.shared.bias",
+    }
     x = torch.randn(2, 6, 32)
     # with shared weights, which tokens count as vision does not matter
     a = torch.cat(attn(x[:, :2], x[:, 2:]), 1)

@@ -27,8 +27,12 @@ def test_shapes_split_and_aux(name, tiny_batch):
     assert len(both.aux.stats) == 2 * n_moe  # one routing per modality per MoE layer
     assert both.aux.loss.ndim == 0 and (both.aux.loss > 0) == (n_moe > 0)
     if n_moe:
-        assert {s.name for s in both.aux.stats} == {"blocks.0.mlp.vision", "blocks.0.mlp.text",
-                                                   "blocks.1.mlp.vision", "blocks.1.mlp.text"}
+        assert {s.name for s in both.aux.stats} == {
+            "blocks.0.mlp.vision",
+            "blocks.0.mlp.text",
+            "blocks.1.mlp.vision",
+            "blocks.1.mlp.text",
+        }
 
 
 def _unused_params(model, **inputs):
@@ -138,8 +142,11 @@ def test_bad_inputs_name_the_shape():
     with pytest.raises(ValueError, match="needs an image, text_ids or both"):
         model()
     with pytest.raises(ValueError, match=r"attn_mask has shape \(5, 5\).*L = 21"):
-        model(image=torch.randn(1, 3, 32, 32), text_ids=torch.zeros(1, 4, dtype=torch.long),
-              attn_mask=torch.zeros(5, 5))
+        model(
+            image=torch.randn(1, 3, 32, 32),
+            text_ids=torch.zeros(1, 4, dtype=torch.long),
+            attn_mask=torch.zeros(5, 5),
+        )
 
 
 def test_set_image_size(tiny_batch):
@@ -158,7 +165,9 @@ def test_grad_checkpointing_same_outputs_and_grads(name, perturb, tiny_batch):
         model.zero_grad(set_to_none=True)
         out = _run(model, image, ids, pad)
         (out.hidden_states.square().mean() + out.aux.loss).backward()
-        return out.hidden_states.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out.hidden_states.detach(), {
+            n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+        }
 
     ref, ref_grads = run()
     model.set_grad_checkpointing(True)
@@ -176,7 +185,9 @@ def test_drop_path_and_dropout_train_mode(tiny_batch):
     b = _run(model, image, ids, pad).hidden_states
     assert not torch.allclose(a, b)
     model.eval()
-    torch.testing.assert_close(_run(model, image, ids, pad).hidden_states, _run(model, image, ids, pad).hidden_states)
+    torch.testing.assert_close(
+        _run(model, image, ids, pad).hidden_states, _run(model, image, ids, pad).hidden_states
+    )
     assert [round(b.drop_path1.drop_prob, 3) for b in model.blocks] == [0.0, 0.5]
 
 
@@ -225,7 +236,9 @@ def test_no_weight_decay_and_layer_decay_groups():
     assert {"vision_embed.cls_token", "vision_embed.pos_embed.weight", "text_embed.pos_embed.weight"} <= skip
     assert "blocks.0.mlp.vision.experts.b1" in skip and "blocks.0.mlp.vision.experts.w1" not in skip
     assert model.layer_id("text_embed.token_embed.weight") == 0
-    assert model.layer_id("blocks.1.attn.qkv.text.weight") == 2 and model.layer_id("heads.mlm.proj.weight") == 3
+    assert (
+        model.layer_id("blocks.1.attn.qkv.text.weight") == 2 and model.layer_id("heads.mlm.proj.weight") == 3
+    )
     opt = create_optimizer_v2(model, "adamw", lr=1.0, weight_decay=0.05, layer_decay=0.5)
     scale = {}
     for g in opt.param_groups:
@@ -249,8 +262,12 @@ def test_magneto_init_scales_branch_outputs():
     torch.manual_seed(0)
     b = create_model("tiny", magneto_init=True).state_dict()
     gain = torch.log(torch.tensor(4.0)).sqrt()
-    torch.testing.assert_close(b["blocks.0.mlp.vision.fc1.weight"], a["blocks.0.mlp.vision.fc1.weight"] * gain)
-    torch.testing.assert_close(b["blocks.1.attn.proj.text.weight"], a["blocks.1.attn.proj.text.weight"] * gain)
+    torch.testing.assert_close(
+        b["blocks.0.mlp.vision.fc1.weight"], a["blocks.0.mlp.vision.fc1.weight"] * gain
+    )
+    torch.testing.assert_close(
+        b["blocks.1.attn.proj.text.weight"], a["blocks.1.attn.proj.text.weight"] * gain
+    )
     qkv_a, qkv_b = a["blocks.0.attn.qkv.vision.weight"], b["blocks.0.attn.qkv.vision.weight"]
     torch.testing.assert_close(qkv_b[:128], qkv_a[:128])  # q, k untouched
     torch.testing.assert_close(qkv_b[128:], qkv_a[128:] * gain)  # v scaled
@@ -273,4 +290,6 @@ def test_compile_moe_runs_forward_backward(tiny_batch):
     compiled = torch.compile(model, backend="eager")  # dynamo only: the MoE engine graph-breaks
     out = compiled(image=image, text_ids=ids, text_padding_mask=pad)
     (out.hidden_states.sum() + out.aux.loss).backward()
-    torch.testing.assert_close(out.hidden_states, _run(model, image, ids, pad).hidden_states, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        out.hidden_states, _run(model, image, ids, pad).hidden_states, atol=1e-5, rtol=1e-5
+    )

@@ -11,7 +11,12 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
 def test_base_and_large_are_beit3():
     base = VLMoEConfig.from_name("base")
     assert (base.depth, base.dim, base.num_heads, base.mlp_dim, base.patch_size, base.vocab_size) == (
-        12, 768, 12, 3072, 16, 64010,
+        12,
+        768,
+        12,
+        3072,
+        16,
+        64010,
     )
     assert base.subln and base.final_norm and base.layernorm_eps == 1e-5 and base.max_text_positions == 1024
     large = VLMoEConfig.from_name("large")
@@ -52,8 +57,14 @@ def test_overrides_and_moe_dict_merge():
         (dict(vl_ffn_layers=3), "vl_ffn_layers=3"),
         (dict(max_text_positions=2), "max_text_positions=2"),
         (dict(colour="red"), r"unknown VLMoEConfig field\(s\) \['colour'\]"),
-        (dict(moe={"num_experts": 4, "top_k": 1, "ffn_dim": 8}, moe_multiway="shared",
-              moe_text={"num_experts": 2, "top_k": 1, "ffn_dim": 8}), "moe_text.*per_modality"),
+        (
+            dict(
+                moe={"num_experts": 4, "top_k": 1, "ffn_dim": 8},
+                moe_multiway="shared",
+                moe_text={"num_experts": 2, "top_k": 1, "ffn_dim": 8},
+            ),
+            "moe_text.*per_modality",
+        ),
     ],
 )
 def test_invalid_fields_are_named(changes, match):

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -442,6 +443,12 @@ def load_beit3(
     sd = strip_prefix(sd, ("module.",))
     if config is None:
         config = beit3_config(sd, **overrides)
+        if config.name == "custom" and "num_heads" not in overrides:
+            warnings.warn(
+                f"{where}: not a BEiT-3 base/large shape; num_heads={config.num_heads} assumes 64-wide heads "
+                "(attention heads cannot be read off the weights): pass num_heads=... if that is wrong",
+                stacklevel=2,
+            )
         overrides = {}
     model = VLMoE(resolve_config(config, overrides))
     report = load_checkpoint(model, sd, format="beit3", strict=strict, upcycle_noise=upcycle_noise)
