@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlmoe.moe import MoE, MoEConfig, hmoe_expert_sizes, mhmoe_flop_parity, moe_flops_per_token
+from vlmoe.runtime import reuse_freed_memory
 
 
 # ---------------------------------------------------------------------------------------------- impls
@@ -353,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-naive", dest="naive", action="store_false")
     p.add_argument("--no-torchscale", dest="torchscale", action="store_false")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    p.add_argument("--no-malloc-tuning", dest="malloc_tuning", action="store_false",
+                   help="keep glibc's default of mmap-serving (and page-faulting) every large buffer; "
+                        "by default freed memory is reused (vlmoe.runtime.reuse_freed_memory), for every impl")
     p.add_argument("--world-size", type=int, default=1,
                    help="> 1: expert parallelism over that many CPU processes (gloo); prints the time split "
                         "(routing / exchange / compute) and the all-to-all volume")
@@ -459,6 +463,7 @@ def run_expert_parallel(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> str:
     args = build_parser().parse_args(argv)
+    malloc_tuned = args.malloc_tuning and reuse_freed_memory()
     if args.world_size > 1:
         return run_expert_parallel(args)
     if args.threads:
@@ -468,7 +473,7 @@ def main(argv: list[str] | None = None) -> str:
     header = (
         f"device={device} ({_device_name(device)}), dtype={args.dtype}, threads={torch.get_num_threads()}, "
         f"torch={torch.__version__}, dim={args.dim}, ffn={args.ffn}, top-{args.top_k}, fwd+bwd, "
-        f"median of {args.repeats}"
+        f"median of {args.repeats}, malloc tuning {'on' if malloc_tuned else 'off'}"
     )
     print(header, flush=True)
     rows = []
