@@ -8,6 +8,7 @@ import sys
 BENCHMARKS = {
     "moe": "vlmoe.bench.moe",
     "data": "vlmoe.bench.data",
+    "model": "vlmoe.bench.model",
 }
 
 

@@ -1,0 +1,235 @@
+"""Backbone benchmark: the multiway model vs torchscale's BEiT3, and MoE variants vs dense.
+
+Run ``vlmoe bench model --help``. Forward + backward of the whole backbone on an image-text batch
+(default: 8 images at 224 px, 64 text tokens with the last 16 padded in every second sample), in
+one process, with interleaved repeats and medians:
+
+1. ``torchscale BEiT3`` (when installed: ``pip install --no-deps torchscale fairscale``) against
+   vlmoe's dense model at the same configuration (``base``: 12 x 768, BEiT-3 as released);
+2. each MoE variant (default ``base_moe8``: top-2 of 8 per modality, ``base_xmoe8``: X-MoE router,
+   ``base_mhmoe8``: MH-MoE h=4 at the same FLOPs per token) against the dense model.
+
+Peak memory is the peak of live tensor bytes allocated during one forward + backward beyond what
+existed before (parameters excluded, their gradients included; CPU: allocator events recorded by
+the torch profiler, see :func:`vlmoe.bench.moe.peak_memory`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from vlmoe.bench.moe import _device_name, peak_memory
+from vlmoe.models import VLMoE, VLMoEConfig
+
+
+@dataclass
+class Impl:
+    name: str
+    module: nn.Module
+    run: Callable[[Tensor], Tensor | tuple]
+    times: list[float] = field(default_factory=list)
+    peak_bytes: int | None = None
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def params(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+
+def _torchscale_beit3(cfg: VLMoEConfig) -> nn.Module | None:
+    try:
+        from torchscale.architecture.config import EncoderConfig
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from torchscale.model.BEiT3 import BEiT3
+    except Exception:  # an optional peer
+        return None
+    args = EncoderConfig(
+        img_size=cfg.img_size, patch_size=cfg.patch_size, vocab_size=cfg.vocab_size, multiway=True,
+        layernorm_embedding=False, normalize_output=True, no_output_layer=True,
+        encoder_embed_dim=cfg.dim, encoder_attention_heads=cfg.num_heads,
+        encoder_ffn_embed_dim=cfg.mlp_dim, encoder_layers=cfg.depth,
+    )  # fmt: skip
+    return BEiT3(args)
+
+
+def _inputs(args: argparse.Namespace, cfg: VLMoEConfig, device: torch.device):
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(args.batch, 3, cfg.img_size, cfg.img_size, generator=g).to(device)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.text_len), generator=g).to(device)
+    pad = torch.zeros(args.batch, args.text_len, dtype=torch.bool)
+    pad[1::2, args.text_len - args.text_len // 4 :] = True  # every second text: last quarter padded
+    return image, ids, pad.to(device)
+
+
+def _vlmoe_impl(name: str, model: VLMoE, ids: Tensor, pad: Tensor, autocast: Callable) -> Impl:
+    def run(image: Tensor):
+        with autocast():
+            out = model(image=image, text_ids=ids, text_padding_mask=pad)
+        # an MoE model's aux loss is part of the backward (its gradient reaches the routers)
+        return (out.hidden_states, out.aux) if out.aux.loss.requires_grad else out.hidden_states
+
+    return Impl(name, model, run)
+
+
+def _torchscale_impl(model: nn.Module, ids: Tensor, pad: Tensor, autocast: Callable) -> Impl:
+    def run(image: Tensor):
+        with autocast():
+            return model(textual_tokens=ids, visual_tokens=image, text_padding_position=pad)["encoder_out"]
+
+    return Impl("torchscale BEiT3", model, run)
+
+
+def _fwd_bwd(impl: Impl, x: Tensor, g: Tensor) -> None:
+    out = impl.run(x)
+    if isinstance(out, tuple):
+        y, aux = out
+        torch.autograd.backward([y, aux.loss], [g.to(y.dtype), torch.ones_like(aux.loss)])
+    else:
+        out.backward(g.to(out.dtype))
+
+
+def _zero(impl: Impl) -> None:
+    for p in impl.module.parameters():
+        p.grad = None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(
+    impls: list[Impl], x: Tensor, g: Tensor, repeats: int, memory: bool, device: torch.device
+) -> None:
+    """Warm up, then time ``repeats`` interleaved rounds; then one peak-memory run each."""
+    for impl in impls:
+        _fwd_bwd(impl, x, g)
+        _zero(impl)
+    for _ in range(repeats):
+        for impl in impls:
+            _sync(device)
+            t0 = time.perf_counter()
+            _fwd_bwd(impl, x, g)
+            _sync(device)
+            impl.times.append(time.perf_counter() - t0)
+            _zero(impl)
+    if memory:
+        for impl in impls:
+            gc.collect()
+            impl.peak_bytes = peak_memory(lambda image, impl=impl: impl.run(image), x, g)
+            _zero(impl)
+
+
+def format_rows(impls: list[Impl], ref: Impl, tokens: int) -> list[str]:
+    rows = []
+    for impl in impls:
+        mem = f"{impl.peak_bytes / 2**20:,.0f}" if impl.peak_bytes is not None else "-"
+        memx = f"{impl.peak_bytes / ref.peak_bytes:.2f}" if impl.peak_bytes and ref.peak_bytes else "-"
+        rows.append(
+            f"| {impl.name} | {impl.params / 1e6:.0f}M | {1e3 * impl.median:,.0f} | "
+            f"{impl.median / ref.median:.2f} | {tokens / impl.median:,.0f} | {mem} | {memx} |"
+        )
+    return rows
+
+
+HEADER = [
+    "| model | params | fwd+bwd (ms) | × ref time | tokens/s | peak mem (MiB) | × ref mem |",
+    "|---|---:|---:|---:|---:|---:|---:|",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vlmoe bench model", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--dense", default="base", help="dense preset (compared with torchscale's BEiT3)")
+    p.add_argument(
+        "--moe", default="base_moe8,base_xmoe8,base_mhmoe8", help="comma list of MoE presets ('' for none)"
+    )
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--text-len", type=int, default=64)
+    p.add_argument("--img-size", type=int, default=None, help="default: the preset's (224)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast")
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs")
+    p.add_argument("--no-torchscale", dest="torchscale", action="store_false")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> str:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+
+    def autocast():
+        if args.dtype == "bf16":
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    over = {} if args.img_size is None else {"img_size": args.img_size}
+    dense_cfg = VLMoEConfig.from_name(args.dense, **over)
+    image, ids, pad = _inputs(args, dense_cfg, device)
+    tokens = args.batch * (1 + dense_cfg.num_patches + args.text_len)
+    x = image.requires_grad_(False)
+    g = torch.randn(args.batch, 1 + dense_cfg.num_patches + args.text_len, dense_cfg.dim, device=device)
+
+    header = (
+        f"device={device} ({_device_name(device)}), dtype={args.dtype}, torch={torch.__version__}, "
+        f"batch={args.batch}, image={dense_cfg.img_size}px ({1 + dense_cfg.num_patches} tokens), "
+        f"text={args.text_len} tokens, fwd+bwd, median of {args.repeats}"
+    )
+    print(header, flush=True)
+    dense = _vlmoe_impl(f"vlmoe {args.dense}", VLMoE(dense_cfg).to(device).train(), ids, pad, autocast)
+    sections = []
+
+    ts = _torchscale_beit3(dense_cfg) if args.torchscale else None
+    if ts is not None:
+        peer = _torchscale_impl(ts.to(device).train(), ids, pad, autocast)
+        measure([peer, dense], x, g, args.repeats, args.memory, device)
+        rows = format_rows([peer, dense], peer, tokens)
+        sections.append(
+            ["", f"dense vs torchscale (ref = torchscale BEiT3, {args.dense} config)", "", *HEADER, *rows]
+        )
+        print("\n".join(sections[-1]), flush=True)
+        del peer, ts
+        gc.collect()
+    elif args.torchscale:
+        print("torchscale not installed: `pip install --no-deps torchscale fairscale` to compare", flush=True)
+
+    for name in [n for n in args.moe.split(",") if n.strip()]:
+        model = VLMoE(VLMoEConfig.from_name(name.strip(), **over)).to(device).train()
+        moe = _vlmoe_impl(f"vlmoe {name}", model, ids, pad, autocast)
+        dense.times, dense.peak_bytes = [], None
+        measure([dense, moe], x, g, args.repeats, args.memory, device)
+        rows = format_rows([dense, moe], dense, tokens)
+        sections.append(["", f"{name} vs dense (ref = vlmoe {args.dense})", "", *HEADER, *rows])
+        print("\n".join(sections[-1]), flush=True)
+        del moe, model
+        gc.collect()
+    table = "\n".join([header] + [line for s in sections for line in s])
+    print("\n" + table)
+    return table
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
