@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
+import torch
 from PIL import Image
 from timm.data import (
     IMAGENET_DEFAULT_MEAN,
@@ -35,7 +37,15 @@ from torch import Tensor
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-__all__ = ["NORMALIZATION", "TRANSFORM_KINDS", "build_transform", "draft_size", "resolve_mean_std"]
+__all__ = [
+    "NORMALIZATION",
+    "TRANSFORM_KINDS",
+    "build_transform",
+    "draft_size",
+    "normalize_batch",
+    "pil_to_uint8",
+    "resolve_mean_std",
+]
 
 MeanStd = tuple[Sequence[float], Sequence[float]]
 
@@ -60,6 +70,29 @@ def resolve_mean_std(mean_std: str | MeanStd) -> MeanStd:
     return tuple(mean), tuple(std)
 
 
+def pil_to_uint8(img: Image.Image) -> Tensor:
+    """PIL image -> ``(3, H, W)`` uint8 tensor (a channels-first view of one copy of the pixels)."""
+    arr = np.array(img.convert("RGB") if img.mode != "RGB" else img)  # (H, W, 3), writable copy
+    return torch.from_numpy(arr).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W), no copy
+
+
+def normalize_batch(images: Tensor, mean_std: str | MeanStd, out: Tensor | None = None) -> Tensor:
+    """``(B, 3, H, W)`` pixel values in [0, 255] -> normalised float32, ``(x / 255 - mean) / std``.
+
+    Args:
+        images: uint8 (or float with 0..255 values; may be ``out`` itself, converted in place).
+        mean_std: normalisation name or ``(mean, std)``.
+        out: optional float32 destination (e.g. in shared memory), same shape.
+    """
+    mean, std = resolve_mean_std(mean_std)
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(1, 3, 1, 1)  # (3,) -> (1, 3, 1, 1)
+    shift = torch.tensor([m / s for m, s in zip(mean, std)]).view(1, 3, 1, 1)
+    out = torch.empty(images.shape, dtype=torch.float32) if out is None else out
+    if out.data_ptr() != images.data_ptr():
+        out.copy_(images)
+    return out.mul_(scale).sub_(shift)
+
+
 def draft_size(size: int, min_scale: float = 0.5) -> int:
     """The smallest side a JPEG may be draft-decoded to without losing detail in a random resized
     crop of ``size`` px covering at least ``min_scale`` of the image area."""
@@ -75,6 +108,7 @@ def build_transform(
     randaug: str | None = None,
     crop_pct: float = 1.0,
     interpolation: str = "bicubic",
+    output: str = "float",
 ) -> Callable[[Image.Image], Tensor]:
     """A PIL image -> normalised ``(3, size, size)`` float tensor transform.
 
@@ -89,10 +123,16 @@ def build_transform(
             recipe's (``"rand-n2-m7"`` / ``"rand-m9-mstd0.5-inc1"``), ``""`` disables it.
         crop_pct: ``"imagenet_eval"`` resizes to ``size / crop_pct`` before the centre crop.
         interpolation: ``"bicubic"`` or ``"bilinear"``.
+        output: ``"float"``: a normalised float tensor; ``"uint8"``: an unnormalised ``(3, H, W)``
+            uint8 tensor, for loaders that normalise whole batches in the collate step
+            (:class:`~vlmoe.data.collate.Collator` with ``mean_std``): 4x less data per sample and
+            one fused conversion per batch (``"pretrain"``, ``"train"``, ``"eval"`` only).
     """
+    if output not in ("float", "uint8"):
+        raise ValueError(f"output must be 'float' or 'uint8', got {output!r}")
     mean, std = resolve_mean_std(mean_std)
     interp = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}[interpolation]
-    to_tensor = [T.ToTensor(), T.Normalize(mean, std)]
+    to_tensor = [T.ToTensor(), T.Normalize(mean, std)] if output == "float" else [pil_to_uint8]
     if kind in ("pretrain", "train"):
         ops: list[Callable] = [T.RandomResizedCrop(size, scale=scale, interpolation=interp)]
         if hflip > 0:
@@ -105,6 +145,8 @@ def build_transform(
         return T.Compose(ops + to_tensor)
     if kind == "eval":
         return T.Compose([T.Resize((size, size), interpolation=interp), *to_tensor])
+    if output == "uint8":
+        raise ValueError(f"output='uint8' is not available for {kind!r} (timm's transform normalises itself)")
     if kind == "imagenet_train":
         randaug = "rand-m9-mstd0.5-inc1" if randaug is None else randaug
         return create_transform(
