@@ -7,13 +7,11 @@
 
 from .config import MoEConfig
 from .dispatch import DispatchPlan, combine, dispatch, expert_capacity, make_plan
-from .experts import GroupedExperts
+from .experts import GroupedExperts, HeteroExperts
 from .grouped import grouped_linear
 from .layer import MoE
-from .losses import load_balance_loss, router_z_loss
+from .losses import load_balance_loss, p_penalty_loss, router_entropy_loss, router_z_loss
 from .routers import CosineRouter, LinearRouter, Router, RouterOutput, build_router
-from .experts import HeteroExperts
-from .losses import p_penalty_loss, router_entropy_loss
 from .sizing import (
     hmoe_expert_sizes,
     mhmoe_flop_parity,

@@ -47,7 +47,8 @@ class DispatchPlan:
 def count_experts(idx: Tensor, n: int) -> Tensor:
     """(n,) occurrences of each value in idx. Unlike ``torch.bincount`` this never syncs a CUDA device
     (bincount reads the maximum to size its output)."""
-    return torch.zeros(n, dtype=torch.long, device=idx.device).index_add_(0, idx.reshape(-1), torch.ones_like(idx.reshape(-1)))
+    flat = idx.reshape(-1)
+    return torch.zeros(n, dtype=torch.long, device=idx.device).index_add_(0, flat, torch.ones_like(flat))
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
