@@ -186,3 +186,31 @@ def test_transforms_shapes_and_determinism() -> None:
         resolve_mean_std("nope")
     with pytest.raises(ValueError, match="unknown transform kind"):
         build_transform("video")
+
+
+def test_uint8_transform_normalised_in_collate_equals_float_path() -> None:
+    img = Image.effect_mandelbrot((70, 50), (-2, -1.2, 1, 1.2), 60).convert("RGB")
+    for mean_std in ("inception", "imagenet"):
+        f = build_transform("eval", 32, mean_std=mean_std)
+        u = build_transform("eval", 32, mean_std=mean_std, output="uint8")
+        assert u(img).dtype == torch.uint8 and u(img).shape == (3, 32, 32)
+        batch = Collator(mean_std=mean_std)([{"image": u(img)}, {"image": u(img)}])["image"]
+        assert batch.dtype == torch.float32
+        torch.testing.assert_close(batch, torch.stack([f(img), f(img)]), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="not available"):
+        build_transform("imagenet_eval", 32, output="uint8")
+
+
+def test_worker_batches_arrive_in_shared_memory(demo, tokenizer) -> None:
+    cfg = PretrainDataConfig(
+        pair_shards=demo.val_pairs,
+        weights={"pair": 1},
+        batch_size=4,
+        image_size=32,
+        patch_size=16,
+        num_workers=1,
+        samples_per_epoch=8,
+        shuffle=0,
+    )
+    batch = next(iter(PretrainData(cfg, tokenizer=tokenizer).loader()))
+    assert batch["pair"]["image"].dtype == torch.float32 and batch["pair"]["image"].is_shared()
