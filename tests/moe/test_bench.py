@@ -1,0 +1,34 @@
+"""The MoE benchmark command runs end to end at toy sizes (it is a script, not a timed test)."""
+
+from __future__ import annotations
+
+import pytest
+
+from vlmoe.bench import moe as bench
+
+
+def test_bench_moe_prints_a_table_with_ideal_and_peers(capsys):
+    table = bench.main(["--dim", "32", "--ffn", "64", "--cases", "4x64,mh2:4x64,hmoe-hybrid:4x64",
+                        "--repeats", "1"])
+    rows = [line for line in table.splitlines() if line.startswith("| E=")]
+    impls = {line.split("|")[2].strip() for line in rows}
+    assert {"ideal", "vlmoe", "naive loop", "vlmoe plain", "MH-MoE / plain"} <= impls
+    try:
+        import torchscale  # noqa: F401
+
+        assert "torchscale" in impls
+    except ImportError:
+        pass
+    ideal_rows = [line for line in rows if line.split("|")[2].strip() == "ideal"]
+    assert all(line.split("|")[4].strip() == "1.00" for line in ideal_rows)  # ratios are relative to ideal
+
+
+@pytest.mark.distributed
+def test_bench_moe_expert_parallel_split():
+    table = bench.main(["--dim", "32", "--ffn", "64", "--cases", "4x64", "--repeats", "1", "--world-size", "2"])
+    assert "exchange (ms)" in table and "| E=4, T=64 |" in table
+
+
+def test_bench_moe_rejects_bad_case():
+    with pytest.raises(SystemExit, match="bad case"):
+        bench.parse_cases("8by4096")
