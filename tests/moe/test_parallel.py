@@ -98,6 +98,58 @@ def test_expert_parallel_matches_single_process():
         mp.spawn(_worker, args=(2, os.path.join(tmp, "init")), nprocs=2, join=True)
 
 
+class _Net(torch.nn.Module):
+    """A dense layer feeding an MoE layer: dense params are DDP-averaged, expert params are not."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = torch.nn.Linear(16, 16)
+        self.moe = MoE(16, MoEConfig(num_experts=4, top_k=2, ffn_dim=12))
+
+    def forward(self, x):
+        y, aux = self.moe(torch.tanh(self.inp(x)))
+        return y, aux
+
+
+def _ddp_worker(rank: int, world: int, init_file: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from vlmoe.moe.parallel import ddp_ignore_expert_params, expert_param_names
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        ref = _Net().double()
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(sum(SPLIT), 16, generator=g, dtype=torch.float64)
+        go = torch.randn(sum(SPLIT), 16, generator=g, dtype=torch.float64)
+        # DDP averages the ranks' gradients: the reference loss is the mean of the per-rank losses
+        y_ref, _ = ref(x)
+        lo = sum(SPLIT[:rank])
+        parts = [(y_ref[a : a + n] * go[a : a + n]).sum() for a, n in zip((0, SPLIT[0]), SPLIT)]
+        (sum(parts) / world).backward()
+
+        torch.manual_seed(0)
+        net = _Net().double()
+        shard_experts(net)  # default grad_scale = 1/world, the DDP average
+        ddp_ignore_expert_params(net)
+        assert expert_param_names(net) and all(n.startswith("moe.experts.") for n in expert_param_names(net))
+        model = DDP(net)
+        y, _ = model(x[lo : lo + SPLIT[rank]])
+        (y * go[lo : lo + SPLIT[rank]]).sum().backward()
+        local = expert_ranges(4, world)[rank]
+        torch.testing.assert_close(net.moe.experts.w1.grad, ref.moe.experts.w1.grad[local.start : local.stop])
+        torch.testing.assert_close(net.inp.weight.grad, ref.inp.weight.grad)  # averaged by DDP
+        torch.testing.assert_close(net.moe.router.gate.weight.grad, ref.moe.router.gate.weight.grad)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_expert_parallel_composes_with_ddp():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_ddp_worker, args=(2, os.path.join(tmp, "init")), nprocs=2, join=True)
+
+
 def test_shard_experts_needs_a_process_group():
     with pytest.raises(RuntimeError, match="process group"):
         shard_experts(MoE(8, MoEConfig(num_experts=2, top_k=1, ffn_dim=8)))
