@@ -185,9 +185,7 @@ def test_drop_path_and_dropout_train_mode(tiny_batch):
     b = _run(model, image, ids, pad).hidden_states
     assert not torch.allclose(a, b)
     model.eval()
-    torch.testing.assert_close(
-        _run(model, image, ids, pad).hidden_states, _run(model, image, ids, pad).hidden_states
-    )
+    torch.testing.assert_close(_run(model, image, ids, pad).hidden_states, _run(model, image, ids, pad).hidden_states)
     assert [round(b.drop_path1.drop_prob, 3) for b in model.blocks] == [0.0, 0.5]
 
 
@@ -236,9 +234,7 @@ def test_no_weight_decay_and_layer_decay_groups():
     assert {"vision_embed.cls_token", "vision_embed.pos_embed.weight", "text_embed.pos_embed.weight"} <= skip
     assert "blocks.0.mlp.vision.experts.b1" in skip and "blocks.0.mlp.vision.experts.w1" not in skip
     assert model.layer_id("text_embed.token_embed.weight") == 0
-    assert (
-        model.layer_id("blocks.1.attn.qkv.text.weight") == 2 and model.layer_id("heads.mlm.proj.weight") == 3
-    )
+    assert model.layer_id("blocks.1.attn.qkv.text.weight") == 2 and model.layer_id("heads.mlm.proj.weight") == 3
     opt = create_optimizer_v2(model, "adamw", lr=1.0, weight_decay=0.05, layer_decay=0.5)
     scale = {}
     for g in opt.param_groups:
@@ -262,12 +258,8 @@ def test_magneto_init_scales_branch_outputs():
     torch.manual_seed(0)
     b = create_model("tiny", magneto_init=True).state_dict()
     gain = torch.log(torch.tensor(4.0)).sqrt()
-    torch.testing.assert_close(
-        b["blocks.0.mlp.vision.fc1.weight"], a["blocks.0.mlp.vision.fc1.weight"] * gain
-    )
-    torch.testing.assert_close(
-        b["blocks.1.attn.proj.text.weight"], a["blocks.1.attn.proj.text.weight"] * gain
-    )
+    torch.testing.assert_close(b["blocks.0.mlp.vision.fc1.weight"], a["blocks.0.mlp.vision.fc1.weight"] * gain)
+    torch.testing.assert_close(b["blocks.1.attn.proj.text.weight"], a["blocks.1.attn.proj.text.weight"] * gain)
     qkv_a, qkv_b = a["blocks.0.attn.qkv.vision.weight"], b["blocks.0.attn.qkv.vision.weight"]
     torch.testing.assert_close(qkv_b[:128], qkv_a[:128])  # q, k untouched
     torch.testing.assert_close(qkv_b[128:], qkv_a[128:] * gain)  # v scaled
@@ -290,6 +282,21 @@ def test_compile_moe_runs_forward_backward(tiny_batch):
     compiled = torch.compile(model, backend="eager")  # dynamo only: the MoE engine graph-breaks
     out = compiled(image=image, text_ids=ids, text_padding_mask=pad)
     (out.hidden_states.sum() + out.aux.loss).backward()
-    torch.testing.assert_close(
-        out.hidden_states, _run(model, image, ids, pad).hidden_states, atol=1e-5, rtol=1e-5
-    )
+    torch.testing.assert_close(out.hidden_states, _run(model, image, ids, pad).hidden_states, atol=1e-5, rtol=1e-5)
+
+
+def test_stratified_moe_reads_the_block_residual(perturb):
+    """Stratified MoE passes after the first read r + earlier outputs: the block hands it r (pre-norm)."""
+    model = perturb(create_model("tiny_moe", moe={"strata": [2, 2], "top_k": 1})).eval()
+    blk = model.blocks[0]
+    xv, xt = torch.randn(2, 17, 64), torch.randn(2, 7, 64)
+    with torch.no_grad():
+        yv, yt, aux = blk(xv, xt)
+        hv, ht = blk.attn(*blk.norm1(xv, xt))
+        rv, rt = xv + hv, xt + ht
+        mv, _ = blk.mlp.vision(blk.norm2.vision(rv), residual=rv)
+        mt, _ = blk.mlp.text(blk.norm2.text(rt), residual=rt)
+        torch.testing.assert_close(yv, rv + mv)
+        torch.testing.assert_close(yt, rt + mt)
+        without, _ = blk.mlp.vision(blk.norm2.vision(rv))  # residual defaults to the normed input
+        assert not torch.allclose(without, mv)

@@ -33,16 +33,15 @@ def test_beit3_key_layout(perturb):
     _, sd = _beit3_sd(perturb)
     assert "beit3.encoder.layers.0.self_attn.q_proj.A.weight" in sd
     assert "beit3.encoder.layers.1.ffn.B.ffn_layernorm.bias" in sd
-    assert "beit3.encoder.embed_positions.A.weight" in sd and sd[
-        "beit3.encoder.embed_positions.A.weight"
-    ].shape == (19, 64)
+    assert "beit3.encoder.embed_positions.A.weight" in sd and sd["beit3.encoder.embed_positions.A.weight"].shape == (
+        19,
+        64,
+    )
     assert "mim_head.weight" in sd and "pooler.dense.weight" in sd and "mlm_head.bias" in sd
     assert detect_format(sd) == "beit3"
     conv, origin, unused = beit3_to_vlmoe(sd)
     assert not unused
-    assert (
-        origin["blocks.0.attn.qkv.vision.weight"] == "beit3.encoder.layers.0.self_attn.{q,k,v}_proj.A.weight"
-    )
+    assert origin["blocks.0.attn.qkv.vision.weight"] == "beit3.encoder.layers.0.self_attn.{q,k,v}_proj.A.weight"
 
 
 @pytest.mark.parametrize("wrap", ["model", "module", "bare", "no_prefix"])
@@ -186,9 +185,7 @@ def test_timm_vit_into_vision_branch(name, perturb):
     assert {"head.weight", "head.bias"} <= set(report.unexpected)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(
-            model.eval()(image=x).hidden_states, vit.forward_features(x), atol=1e-5, rtol=1e-5
-        )
+        torch.testing.assert_close(model.eval()(image=x).hidden_states, vit.forward_features(x), atol=1e-5, rtol=1e-5)
 
 
 def test_timm_vit_unsupported_flavour_is_named(perturb):

@@ -29,13 +29,9 @@ def test_top1_with_unit_gates_equals_dense(dense, tiny_batch):
     # and for the text-only and image-only paths too
     image, ids, pad = tiny_batch
     with torch.no_grad():
-        torch.testing.assert_close(
-            moe(image=image).hidden_states, dense(image=image).hidden_states, atol=1e-5, rtol=0
-        )
+        torch.testing.assert_close(moe(image=image).hidden_states, dense(image=image).hidden_states, atol=1e-5, rtol=0)
     exp = moe.blocks[1].mlp.text.experts
-    assert torch.equal(exp.w1[0], dense.blocks[1].mlp.text.fc1.weight.t()) and torch.equal(
-        exp.w1[0], exp.w1[3]
-    )
+    assert torch.equal(exp.w1[0], dense.blocks[1].mlp.text.fc1.weight.t()) and torch.equal(exp.w1[0], exp.w1[3])
 
 
 def test_top2_normalised_gates_equal_dense_up_to_rounding(dense, tiny_batch):
@@ -67,9 +63,7 @@ def test_shared_pool_takes_both_modality_ffns(dense):
 def test_mhmoe_projections_identity_experts_fresh(dense, tiny_batch):
     moe, report = upcycle(dense, "tiny_mhmoe")
     layer = moe.blocks[0].mlp.vision
-    assert torch.equal(layer.head_proj.weight, torch.eye(64)) and torch.equal(
-        layer.merge_proj.bias, torch.zeros(64)
-    )
+    assert torch.equal(layer.head_proj.weight, torch.eye(64)) and torch.equal(layer.merge_proj.bias, torch.zeros(64))
     assert "MH-MoE (h=2) head/merge projections set to identity" in report.upcycled[0]
     assert "blocks.0.mlp.vision.experts.w1" in report.fresh and report.complete
     # everything outside the FFNs came over unchanged
@@ -86,9 +80,15 @@ def test_upcycling_from_an_official_layout_checkpoint(dense, tiny_batch):
 
 
 def test_upcycle_shape_errors(dense):
-    with pytest.raises(
-        ValueError, match=r"dense fc1\.weight has shape \(128, 64\) but the experts are 64 -> 96"
-    ):
+    with pytest.raises(ValueError, match=r"dense fc1\.weight has shape \(128, 64\) but the experts are 64 -> 96"):
         upcycle(dense, "tiny_moe", moe={"ffn_dim": 96})
     with pytest.raises(ValueError, match="has sub-LN but the experts have no"):
         upcycle(dense, "tiny_moe", moe={"ffn_layernorm": False})
+
+
+def test_stratified_pool_upcycles_and_heterogeneous_is_refused(dense):
+    moe, report = upcycle(dense, "tiny_moe", moe={"strata": [2, 2], "top_k": 1})
+    assert report.complete and any("strata_routers" in f for f in report.fresh)
+    assert torch.equal(moe.blocks[0].mlp.vision.experts.w1[3], dense.blocks[0].mlp.vision.fc1.weight.t())
+    with pytest.raises(ValueError, match=r"heterogeneous experts \(MoEConfig\.expert_sizes\)"):
+        upcycle(dense, "tiny_moe", moe={"expert_sizes": [64, 128, 128, 192], "ffn_layernorm": False})

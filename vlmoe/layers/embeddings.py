@@ -150,9 +150,7 @@ class VisionEmbedding(nn.Module):
         old_grid = self.grid_size
         self.patch_embed.set_input_size(img_size=to_2tuple(img_size))
         new = resample_vision_positions(self.pos_embed.weight.data, self.grid_size, old_grid)
-        self.pos_embed.weight = nn.Parameter(
-            new.contiguous(), requires_grad=self.pos_embed.weight.requires_grad
-        )
+        self.pos_embed.weight = nn.Parameter(new.contiguous(), requires_grad=self.pos_embed.weight.requires_grad)
 
     def forward(self, image: Tensor, mask: Tensor | None = None) -> Tensor:
         """Embed images.
@@ -174,9 +172,7 @@ class VisionEmbedding(nn.Module):
         B, N, D = x.shape
         if mask is not None:
             if mask.shape != (B, N):
-                raise ValueError(
-                    f"image_mask has shape {tuple(mask.shape)}; expected (batch, patches) = ({B}, {N})"
-                )
+                raise ValueError(f"image_mask has shape {tuple(mask.shape)}; expected (batch, patches) = ({B}, {N})")
             # torch.where, not the x*(1-w) + m*w blend: identical for a 0/1 mask and one op cheaper
             x = torch.where(mask.bool().unsqueeze(-1), self.mask_token.to(x.dtype), x)
         x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)  # (B, 1 + N, D)

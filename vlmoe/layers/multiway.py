@@ -110,10 +110,14 @@ class MultiwayDropPath(nn.Module):
         return (None if xv is None else xv * keep), (None if xt is None else xt * keep)
 
 
-def _ffn(module: nn.Module, x: Tensor, padding_mask: Tensor | None) -> tuple[Tensor, MoEAux | None]:
-    if isinstance(module, MoE):
-        return module(x, padding_mask=padding_mask)
-    return module(x), None
+def _ffn(
+    module: nn.Module, x: Tensor, padding_mask: Tensor | None, residual: Tensor | None
+) -> tuple[Tensor, MoEAux | None]:
+    if not isinstance(module, MoE):
+        return module(x), None
+    # only Stratified MoE reads the residual stream (its later passes see r + earlier outputs)
+    needs_residual = module.config.strata is not None
+    return module(x, padding_mask=padding_mask, residual=residual if needs_residual else None)
 
 
 def _add_aux(a: MoEAux | None, b: MoEAux | None) -> MoEAux | None:
@@ -157,48 +161,51 @@ class MultiwayFFN(nn.Module):
         self.vision, self.text, self.shared, self.vl = vision, text, shared, vl
 
     def forward(
-        self, xv: Stream, xt: Stream, text_padding_mask: Tensor | None = None
+        self,
+        xv: Stream,
+        xt: Stream,
+        text_padding_mask: Tensor | None = None,
+        residual: tuple[Stream, Stream] = (None, None),
     ) -> tuple[Stream, Stream, MoEAux | None]:
         """Returns ``(vision out, text out, summed MoE aux or None)``.
 
         Args:
-            xv: vision tokens ``(B, Lv, D)`` or None.
+            xv: vision tokens ``(B, Lv, D)`` (after the block's norm) or None.
             xt: text tokens ``(B, Lt, D)`` or None.
             text_padding_mask: ``(B, Lt)`` True = padding.
+            residual: the block's residual streams (before the norm), read by Stratified MoE only.
         """
+        rv, rt = residual
         joint = self.shared
         if joint is None and self.vl is not None and xv is not None and xt is not None:
             joint = self.vl
-        if joint is not None:
-            return self._joint(joint, xv, xt, text_padding_mask)
+        if joint is not None and isinstance(joint, MoE) and xv is not None and xt is not None:
+            return self._pooled(joint, xv, xt, text_padding_mask, rv, rt)
+        vision = self.vision if joint is None else joint
+        text = self.text if joint is None else joint
         yv = yt = aux = None
         if xv is not None:
-            yv, aux = _ffn(self.vision, xv, None)
+            yv, aux = _ffn(vision, xv, None, rv)
         if xt is not None:
-            yt, aux_t = _ffn(self.text, xt, text_padding_mask)
+            yt, aux_t = _ffn(text, xt, text_padding_mask, rt)
             aux = _add_aux(aux, aux_t)
         return yv, yt, aux
 
     @staticmethod
-    def _joint(
-        module: nn.Module, xv: Stream, xt: Stream, text_padding_mask: Tensor | None
-    ) -> tuple[Stream, Stream, MoEAux | None]:
-        if not isinstance(module, MoE) or xv is None or xt is None:
-            yv = yt = aux = None
-            if xv is not None:
-                yv, aux = _ffn(module, xv, None)
-            if xt is not None:
-                yt, aux_t = _ffn(module, xt, text_padding_mask)
-                aux = _add_aux(aux, aux_t)
-            return yv, yt, aux
+    def _pooled(
+        moe: MoE, xv: Tensor, xt: Tensor, text_padding_mask: Tensor | None, rv: Stream, rt: Stream
+    ) -> tuple[Tensor, Tensor, MoEAux]:
         # One pool for every token: route vision and text rows in a single call so that the
         # balance loss and the capacity see the whole batch, whatever the modality.
         B, Lv, D = xv.shape
         Lt = xt.shape[1]
         rows = torch.cat([xv.reshape(B * Lv, D), xt.reshape(B * Lt, D)])  # (B*Lv + B*Lt, D)
+        res = None
+        if rv is not None and rt is not None:
+            res = torch.cat([rv.reshape(B * Lv, D), rt.reshape(B * Lt, D)])
         pad = None
         if text_padding_mask is not None:
             pad = torch.cat([text_padding_mask.new_zeros(B * Lv), text_padding_mask.reshape(B * Lt)])
-        y, aux = module(rows, padding_mask=pad)
+        y, aux = _ffn(moe, rows, pad, res)
         yv, yt = y.split([B * Lv, B * Lt])
         return yv.view(B, Lv, D), yt.view(B, Lt, D), aux

@@ -76,6 +76,6 @@ class MultiwayBlock(nn.Module):
         """
         hv, ht = self.drop_path1(*self.attn(*self.norm1(xv, xt), attn_mask=attn_mask))
         xv, xt = _add(xv, hv), _add(xt, ht)
-        hv, ht, aux = self.mlp(*self.norm2(xv, xt), text_padding_mask=text_padding_mask)
+        hv, ht, aux = self.mlp(*self.norm2(xv, xt), text_padding_mask=text_padding_mask, residual=(xv, xt))
         hv, ht = self.drop_path2(hv, ht)
         return _add(xv, hv), _add(xt, ht), aux

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from vlmoe.layers import POSITION_OFFSET, resample_vision_positions
-from vlmoe.moe import MoE
+from vlmoe.moe import GroupedExperts, MoE
 
 from .backbone import VLMoE, create_model
 from .config import VLMoEConfig
@@ -86,8 +86,7 @@ def read_state_dict(src: str | Path | dict[str, Any], key: str | None = None) ->
                     obj = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:  # UnpicklingError and friends: say what and where
                 raise ValueError(
-                    f"{path}: cannot be read with torch.load(weights_only=True) "
-                    f"(code is never unpickled): {e}"
+                    f"{path}: cannot be read with torch.load(weights_only=True) (code is never unpickled): {e}"
                 ) from None
     if key is not None:
         if key not in obj:
@@ -100,9 +99,7 @@ def read_state_dict(src: str | Path | dict[str, Any], key: str | None = None) ->
                 break
     bad = [k for k, v in obj.items() if not isinstance(v, Tensor)]
     if bad:
-        raise ValueError(
-            f"{where}: not a state dict (non-tensor entries {bad[:5]}); pass key=... to unwrap it"
-        )
+        raise ValueError(f"{where}: not a state dict (non-tensor entries {bad[:5]}); pass key=... to unwrap it")
     return dict(obj), where
 
 
@@ -300,12 +297,17 @@ def _upcycle(
     needed = {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
     if not needed <= set(parts):
         raise ValueError(
-            f"{source}: the dense FFN blocks.{layer}.mlp.{way} is incomplete (has {sorted(parts)}); "
-            "cannot upcycle"
+            f"{source}: the dense FFN blocks.{layer}.mlp.{way} is incomplete (has {sorted(parts)}); cannot upcycle"
         )
     ex = moe.experts
-    for name, _ in moe.router.named_parameters(prefix="router"):
-        if f"{prefix}.{name}" not in report.fresh:
+    if not isinstance(ex, GroupedExperts):
+        raise ValueError(
+            f"{source}: cannot upcycle blocks.{layer}.mlp.{way} into heterogeneous experts "
+            "(MoEConfig.expert_sizes): their widths differ from the dense FFN's"
+        )
+    # routers (and Stratified MoE pass norms) start fresh; experts and projections are set below
+    for name, _ in moe.named_parameters():
+        if not name.startswith(("experts.", "head_proj.", "merge_proj.")) and f"{prefix}.{name}" not in report.fresh:
             report.fresh.append(f"{prefix}.{name}")
     covered = set()
     if moe.head_proj is not None:
@@ -323,9 +325,7 @@ def _upcycle(
             "their initialisation (d/h-wide experts cannot hold the d-wide dense FFN)"
         )
         report.fresh += [
-            f"{prefix}.experts.{n}"
-            for n, _ in ex.named_parameters()
-            if f"{prefix}.experts.{n}" not in report.fresh
+            f"{prefix}.experts.{n}" for n, _ in ex.named_parameters() if f"{prefix}.experts.{n}" not in report.fresh
         ]
         return covered
     has_ln = "norm.weight" in parts
@@ -558,8 +558,7 @@ def timm_vit_config(sd: StateDict, **overrides: Any) -> VLMoEConfig:
     side = math.isqrt(n)
     if side * side != n:
         raise ValueError(
-            f"timm pos_embed {tuple(pos.shape)}: not CLS + a square grid "
-            "(no_embed_class ViTs are unsupported)"
+            f"timm pos_embed {tuple(pos.shape)}: not CLS + a square grid (no_embed_class ViTs are unsupported)"
         )
     depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"^blocks\.(\d+)\.", k)))
     fields = dict(

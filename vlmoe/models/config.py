@@ -295,9 +295,7 @@ PRESETS: dict[str, VLMoEConfig] = {
     "base_paper": _BASE.replace(name="base_paper", share_attention=True, vl_ffn_layers=3),
     # MoE in every second block (blocks 1, 3, ..., 11), 8 experts per modality, top-2
     "base_moe8": _BASE.replace(name="base_moe8", moe=_moe(num_experts=8, top_k=2, ffn_dim=3072)),
-    "base_xmoe8": _BASE.replace(
-        name="base_xmoe8", moe=_moe(num_experts=8, top_k=2, ffn_dim=3072, router="xmoe")
-    ),
+    "base_xmoe8": _BASE.replace(name="base_xmoe8", moe=_moe(num_experts=8, top_k=2, ffn_dim=3072, router="xmoe")),
     # MH-MoE h=4 on the X-MoE router; expert width 3072 - 768/2 = 2688 gives the same FLOPs per token
     # as base_xmoe8 (head + merge projections included; arXiv 2411.16205 eq. 8)
     "base_mhmoe8": _BASE.replace(
@@ -306,9 +304,7 @@ PRESETS: dict[str, VLMoEConfig] = {
     "base_moe8_shared": _BASE.replace(
         name="base_moe8_shared", moe=_moe(num_experts=16, top_k=2, ffn_dim=3072), moe_multiway="shared"
     ),
-    "large_xmoe8": _LARGE.replace(
-        name="large_xmoe8", moe=_moe(num_experts=8, top_k=2, ffn_dim=4096, router="xmoe")
-    ),
+    "large_xmoe8": _LARGE.replace(name="large_xmoe8", moe=_moe(num_experts=8, top_k=2, ffn_dim=4096, router="xmoe")),
 }
 
 

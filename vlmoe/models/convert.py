@@ -161,9 +161,7 @@ def vlmoe_to_beit3(sd: StateDict, prefix: str = "beit3.") -> StateDict:
         if m:
             layer, way, kind = m.groups()
             for name, part in zip("qkv", v.chunk(3, dim=0)):  # (3D, ...) -> 3 x (D, ...)
-                out[f"{prefix}encoder.layers.{layer}.self_attn.{name}_proj.{WAY_INV[way]}.{kind}"] = (
-                    part.clone()
-                )
+                out[f"{prefix}encoder.layers.{layer}.self_attn.{name}_proj.{WAY_INV[way]}.{kind}"] = part.clone()
             continue
         for pat, template in _VLMOE_TO_BEIT3:
             m = pat.match(k)
@@ -247,16 +245,8 @@ def detect_format(sd: StateDict) -> str:
         k.endswith("encoder.embed_positions.A.weight") for k in keys
     ):
         return "beit3"
-    if "vision_embed.patch_embed.proj.weight" in sd or any(
-        ".qkv.vision." in k or ".qkv.shared." in k for k in keys
-    ):
+    if "vision_embed.patch_embed.proj.weight" in sd or any(".qkv.vision." in k or ".qkv.shared." in k for k in keys):
         return "vlmoe"
-    if (
-        "patch_embed.proj.weight" in sd
-        or "pos_embed" in sd
-        or any(k.endswith(".attn.qkv.weight") for k in keys)
-    ):
+    if "patch_embed.proj.weight" in sd or "pos_embed" in sd or any(k.endswith(".attn.qkv.weight") for k in keys):
         return "timm"
-    raise ValueError(
-        f"cannot tell the checkpoint layout (BEiT-3, timm ViT or vlmoe) from its keys, e.g. {keys[:5]}"
-    )
+    raise ValueError(f"cannot tell the checkpoint layout (BEiT-3, timm ViT or vlmoe) from its keys, e.g. {keys[:5]}")

@@ -173,16 +173,12 @@ def convert(args: argparse.Namespace) -> tuple[VLMoE, LoadReport | None]:
     sd, where = read_state_dict(src, args.key)
     fmt = detect_format(strip_prefix(sd, ("module.",))) if args.format == "auto" else args.format
     if fmt == "beit3":
-        model, report = load_beit3(
-            sd, args.config, strict=args.strict, upcycle_noise=args.upcycle_noise, **overrides
-        )
+        model, report = load_beit3(sd, args.config, strict=args.strict, upcycle_noise=args.upcycle_noise, **overrides)
     elif fmt == "timm":
         model, report = load_timm_vit(sd, args.config, strict=args.strict, **overrides)
     else:
         if args.config is None:
-            raise SystemExit(
-                "vlmoe export: a vlmoe state dict needs --config (or a directory with config.json)"
-            )
+            raise SystemExit("vlmoe export: a vlmoe state dict needs --config (or a directory with config.json)")
         model = VLMoE(resolve_config(args.config, overrides))
         noise = args.upcycle_noise
         report = load_checkpoint(model, sd, format="vlmoe", strict=args.strict, upcycle_noise=noise)
