@@ -239,8 +239,12 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, dtype: 
     else:
         ideal = DenseFFN(d, f).to(device, dtype)
         x_ideal, g_ideal = x, g
-    impls["ideal"] = (ideal, ideal)
-    impls["vlmoe"] = (ours, ours)
+    if args.compile:  # both sides compiled, so the comparison stays like for like
+        impls["ideal"] = (ideal, torch.compile(ideal))
+        impls["vlmoe"] = (ours, torch.compile(ours))
+    else:
+        impls["ideal"] = (ideal, ideal)
+        impls["vlmoe"] = (ours, ours)
     if case.compare_to_plain:
         plain = MoE(d, base).to(device, dtype)
         impls["vlmoe plain"] = (plain, plain)
@@ -353,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-naive", dest="naive", action="store_false")
     p.add_argument("--no-torchscale", dest="torchscale", action="store_false")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the ideal and the vlmoe layer")
     p.add_argument("--no-malloc-tuning", dest="malloc_tuning", action="store_false",
                    help="keep glibc's default of mmap-serving (and page-faulting) every large buffer; "
                         "by default freed memory is reused (vlmoe.runtime.reuse_freed_memory), for every impl")
@@ -473,6 +478,7 @@ def main(argv: list[str] | None = None) -> str:
         f"device={device} ({_device_name(device)}), dtype={args.dtype}, threads={torch.get_num_threads()}, "
         f"torch={torch.__version__}, dim={args.dim}, ffn={args.ffn}, top-{args.top_k}, fwd+bwd, "
         f"median of {args.repeats}, malloc tuning {'on' if malloc_tuned else 'off'}"
+        + (", torch.compile" if args.compile else "")
     )
     print(header, flush=True)
     rows = []
