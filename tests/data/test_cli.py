@@ -125,9 +125,7 @@ def test_shards_from_coco_captions_images_and_texts(tmp_path: Path, image_dir: P
 def test_shards_errors_are_clear(tmp_path: Path, image_dir: Path) -> None:
     with pytest.raises(SystemExit, match="image folder not found"):
         vlmoe(["data", "shards", "--out", str(tmp_path / "x"), "--images", str(tmp_path / "nope")])
-    (tmp_path / "c.jsonl").write_text(
-        '{"image": "0.jpg", "caption": "ok"}\n{"picture": "1.jpg", "caption": "x"}\n'
-    )
+    (tmp_path / "c.jsonl").write_text('{"image": "0.jpg", "caption": "ok"}\n{"picture": "1.jpg", "caption": "x"}\n')
     with pytest.raises(Exception, match=r"c\.jsonl: record 2: no image field"):
         read_captions(tmp_path / "c.jsonl")
     (tmp_path / "c.json").write_text('[{"image": "0.jpg", "caption": "ok"},]')

@@ -49,9 +49,7 @@ def test_block_mask_is_blockwise_not_scattered() -> None:
 
 def test_single_block_shape_follows_area_and_aspect() -> None:
     # With the budget fixed to the block size and a flat aspect range, one block is placed whole.
-    gen = BlockMaskingGenerator(
-        14, num_masking_patches=16, min_num_patches=16, min_aspect=1.0, max_aspect=1.0
-    )
+    gen = BlockMaskingGenerator(14, num_masking_patches=16, min_num_patches=16, min_aspect=1.0, max_aspect=1.0)
     m = gen(np.random.default_rng(3))
     ys, xs = np.nonzero(m)
     assert (ys.max() - ys.min() + 1, xs.max() - xs.min() + 1) == (4, 4)

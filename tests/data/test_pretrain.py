@@ -68,9 +68,7 @@ def test_pretrain_batches_follow_the_contract(demo, tokenizer) -> None:
         assert ids.dtype == labels.dtype == torch.long and pad.dtype == torch.bool
         assert (ids[:, 0] == tokenizer.bos_id).all() and torch.equal(pad, ids == tokenizer.pad_id)
         assert ((labels != IGNORE_INDEX).sum(1) >= 1).all()
-        assert not torch.isin(
-            labels[labels != IGNORE_INDEX], torch.tensor(sorted(tokenizer.special_ids))
-        ).any()
+        assert not torch.isin(labels[labels != IGNORE_INDEX], torch.tensor(sorted(tokenizer.special_ids))).any()
     n_real = (~pair["text_padding_mask"]).sum(1) - 2  # caption tokens without bos/eos
     assert ((pair["mlm_labels"] != IGNORE_INDEX).sum(1) == torch.clamp((n_real * 0.5).round(), min=1)).all()
     assert "mlm_labels" not in image and "text_ids" not in image
@@ -159,16 +157,12 @@ def test_collator_task_batches(tokenizer) -> None:
     assert batch["image"].shape == (3, 3, 8, 8) and batch["label"].tolist() == [0, 1, 0]
     assert batch["vqa_targets"].shape == (3, 2) and batch["question_id"].tolist() == [10, 11, 12]
     assert batch["key"] == ["k0", "k1", "k2"] and "mlm_labels" not in batch
-    mim = Collator(tokenizer, max_len=8, mlm_ratio=0.5, mim=BlockMaskingGenerator(4, 6, min_num_patches=2))(
-        samples
-    )
+    mim = Collator(tokenizer, max_len=8, mlm_ratio=0.5, mim=BlockMaskingGenerator(4, 6, min_num_patches=2))(samples)
     assert mim["image_mask"].shape == (3, 16) and (mim["image_mask"].sum(1) == 6).all()
     assert "mlm_labels" in mim
     with pytest.raises(ValueError, match="no tokenizer"):
         Collator()(samples)
-    det = collate_detection(
-        [(torch.zeros(3, 5, 7), {"boxes": torch.zeros(0, 4)}), (torch.zeros(3, 9, 4), {})]
-    )
+    det = collate_detection([(torch.zeros(3, 5, 7), {"boxes": torch.zeros(0, 4)}), (torch.zeros(3, 9, 4), {})])
     assert [i.shape for i in det["image"]] == [(3, 5, 7), (3, 9, 4)] and len(det["targets"]) == 2
 
 
@@ -214,3 +208,19 @@ def test_worker_batches_arrive_in_shared_memory(demo, tokenizer) -> None:
     )
     batch = next(iter(PretrainData(cfg, tokenizer=tokenizer).loader()))
     assert batch["pair"]["image"].dtype == torch.float32 and batch["pair"]["image"].is_shared()
+
+
+def test_each_epoch_reads_the_shards_in_a_new_order(demo, tokenizer) -> None:
+    cfg = PretrainDataConfig(
+        text_shards=demo.pretrain_texts,
+        weights={"text": 1},
+        batch_size=500,
+        max_len=8,
+        num_workers=1,
+        shuffle=1,
+        mlm_ratio_text=0,
+    )
+    loader = PretrainData(cfg, tokenizer=tokenizer).loader()
+    # shuffle=1: no sample buffer, so a batch is one whole shard; the shard order is what moves.
+    epochs = [[b["text"]["key"][0] for b in loader] for _ in range(2)]
+    assert len(epochs[0]) == 8 and sorted(epochs[0]) == sorted(epochs[1]) and epochs[0] != epochs[1]

@@ -115,10 +115,7 @@ def test_vqa_vocab_min_count_and_soft_targets(vqa_files, tmp_path: Path) -> None
     assert ds[2]["vqa_targets"].tolist() == [0.0, 0.0, 1.0]
     # Training drops questions without an in-vocabulary answer.
     small = AnswerVocab(["yes"])
-    assert (
-        len(VQAv2Dataset(vqa_files["q"], vqa_files["root"], vqa_files["a"], small, drop_unanswerable=True))
-        == 1
-    )
+    assert len(VQAv2Dataset(vqa_files["q"], vqa_files["root"], vqa_files["a"], small, drop_unanswerable=True)) == 1
 
 
 def test_vqa_test_split_without_annotations(vqa_files) -> None:
@@ -175,9 +172,7 @@ def test_nlvr2_jsonl_pairs(tmp_path: Path) -> None:
     assert s0["image"].shape == s0["image2"].shape == (3, 16, 16)
     assert not torch.equal(s0["image"], s0["image2"])
     assert image_prefix("dev-850-0-1") == "dev-850-0" and consistency_group("dev-850-0-1") == "dev-850--1"
-    path.write_text(
-        json.dumps(rows[0]) + "\n" + '{"identifier": "dev-1-0-0", "sentence": "x", "label": "maybe"}\n'
-    )
+    path.write_text(json.dumps(rows[0]) + "\n" + '{"identifier": "dev-1-0-0", "sentence": "x", "label": "maybe"}\n')
     with pytest.raises(DataFormatError, match=r"line 2: label must be"):
         NLVR2Dataset(path, tmp_path / "images")
     path.write_text(json.dumps(rows[0]) + "\n{oops\n")
@@ -226,11 +221,7 @@ def test_karpathy_splits_and_coco_gt(tmp_path: Path) -> None:
     assert len(train) == 4  # train + restval images, one sample per caption
     assert [train[i]["text"] for i in range(2)] == ["A shape 1 0.", "A shape 1 1."]
     test = KarpathyCaptions(path, tmp_path / "coco", "test")
-    assert (
-        len(test) == 1
-        and test[0]["captions"] == ["A shape 4 0.", "A shape 4 1."]
-        and test[0]["image_id"] == 4
-    )
+    assert len(test) == 1 and test[0]["captions"] == ["A shape 4 0.", "A shape 4 1."] and test[0]["image_id"] == 4
     gt = karpathy_to_coco(path, "val", tmp_path / "val_gt.json")
     coco = load_coco(gt)
     assert coco.getImgIds() == [3] and [a["caption"] for a in coco.loadAnns(coco.getAnnIds([3]))] == [
@@ -308,10 +299,7 @@ def test_coco_instances_as_detection_targets(tmp_path: Path) -> None:
     assert ds.class_names == ["__background__", "circle", "triangle"]
     assert t["masks"].shape == (2, 64, 64) and torch.equal(t["masks"][0], torch.from_numpy(m))
     assert t["masks"][1].sum() > 0 and t["image_id"] == 5
-    assert (
-        len(COCOInstances(tmp_path / "instances.json", tmp_path / "imgs", include_crowd=True)[0][1]["boxes"])
-        == 3
-    )
+    assert len(COCOInstances(tmp_path / "instances.json", tmp_path / "imgs", include_crowd=True)[0][1]["boxes"]) == 3
 
 
 def test_imagefolder_with_timm_class_names(tmp_path: Path) -> None:

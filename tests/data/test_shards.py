@@ -121,9 +121,7 @@ def _bad_shard(path: Path) -> dict[str, int]:
 def test_bad_samples_skipped_and_counted_without_sleeping(tmp_path: Path, caplog) -> None:
     expected = _bad_shard(tmp_path / "bad-000000.tar")
     errors = SampleErrors(name="test", log_first=3)
-    pipe = stream_pipeline(
-        str(tmp_path / "bad-000000.tar"), "pair", batch_size=None, shuffle=0, errors=errors
-    )
+    pipe = stream_pipeline(str(tmp_path / "bad-000000.tar"), "pair", batch_size=None, shuffle=0, errors=errors)
     start = time.perf_counter()
     with caplog.at_level(logging.WARNING, logger="vlmoe.data"):
         out = list(pipe)
@@ -208,9 +206,7 @@ def test_resampled_is_infinite_and_needs_no_node_splitter(tmp_path: Path) -> Non
     with ShardWriter(tmp_path / "texts-%06d.tar", maxcount=2) as sink:
         for i in range(4):
             sink.write({"__key__": f"{i:09d}", "txt": f"text {i}"})
-    pipe = stream_pipeline(
-        str(tmp_path), "text", batch_size=3, resampled=True, shuffle=10, rank=1, world_size=4
-    )
+    pipe = stream_pipeline(str(tmp_path), "text", batch_size=3, resampled=True, shuffle=10, rank=1, world_size=4)
     it = iter(pipe)
     batches = [next(it) for _ in range(20)]  # more than one pass over 4 samples
     assert all(len(b) == 3 for b in batches)

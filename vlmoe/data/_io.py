@@ -74,9 +74,7 @@ def load_jsonl(path: str | os.PathLike) -> list[Any]:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as e:
-            raise DataFormatError(
-                f"{path}: malformed JSON on line {lineno}, column {e.colno}: {e.msg}"
-            ) from None
+            raise DataFormatError(f"{path}: malformed JSON on line {lineno}, column {e.colno}: {e.msg}") from None
     return rows
 
 

@@ -82,9 +82,7 @@ def _coco_pairs(path: str | os.PathLike) -> list[tuple[str, str]]:
     pairs = []
     for i, a in enumerate(data["annotations"]):
         if int(a.get("image_id", -1)) not in files:
-            raise DataFormatError(
-                f"{path}: annotations[{i}] refers to image_id {a.get('image_id')} not in 'images'"
-            )
+            raise DataFormatError(f"{path}: annotations[{i}] refers to image_id {a.get('image_id')} not in 'images'")
         pairs.append((files[int(a["image_id"])], a.get("caption", "")))
     return pairs
 
@@ -160,9 +158,7 @@ def write_shards(
         kind = "pairs" if pairs is not None else "images"
         items: list[tuple[str, Any]] = pairs if pairs is not None else _folder_images(root)
         if not items:
-            raise ValueError(
-                f"nothing to write: no images found in {root}" if pairs is None else "no captions"
-            )
+            raise ValueError(f"nothing to write: no images found in {root}" if pairs is None else "no captions")
 
         def samples() -> Iterator[dict[str, Any]]:
             for rel, extra in items:
@@ -212,26 +208,18 @@ def write_shards(
 
 def main(argv: list[str] | None = None) -> Any:
     """Entry point of ``vlmoe data``."""
-    parser = argparse.ArgumentParser(
-        prog="vlmoe data", description="Build demo data and write webdataset shards."
-    )
+    parser = argparse.ArgumentParser(prog="vlmoe data", description="Build demo data and write webdataset shards.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="convert the easy-vqa package into every format vlmoe reads (cached)")
-    demo.add_argument(
-        "--out", default=None, help="target folder (default: $VLMOE_DATA/demo or ~/.cache/vlmoe/demo)"
-    )
+    demo.add_argument("--out", default=None, help="target folder (default: $VLMOE_DATA/demo or ~/.cache/vlmoe/demo)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--force", action="store_true", help="rebuild even if a complete build exists")
 
-    sh = sub.add_parser(
-        "shards", help="write webdataset shards from images + captions, COCO captions or texts"
-    )
+    sh = sub.add_parser("shards", help="write webdataset shards from images + captions, COCO captions or texts")
     sh.add_argument("--out", required=True, help="output folder")
     sh.add_argument("--images", help="image folder (alone: image-only shards, cls from class subfolders)")
-    sh.add_argument(
-        "--captions", help="captions file (.json/.jsonl/.csv/.tsv) with image paths relative to --images"
-    )
+    sh.add_argument("--captions", help="captions file (.json/.jsonl/.csv/.tsv) with image paths relative to --images")
     sh.add_argument("--coco-captions", help="COCO captions JSON; file_name relative to --images")
     sh.add_argument("--texts", nargs="+", default=[], help="text files, one text per line")
     sh.add_argument("--prefix", help="shard name prefix (default: pairs / images / texts)")

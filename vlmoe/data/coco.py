@@ -111,8 +111,14 @@ def karpathy_to_coco(path: str | os.PathLike, split: str, out: str | os.PathLike
         split: ``"val"`` or ``"test"`` (or any Karpathy split name).
         out: the JSON file to write.
     """
+    return _write_karpathy_gt(_karpathy_images(path), split, out, source=str(path))
+
+
+def _write_karpathy_gt(
+    karpathy_images: list[dict[str, Any]], split: str, out: str | os.PathLike, source: str = ""
+) -> Path:
     images, anns = [], []
-    for im in _karpathy_images(path):
+    for im in karpathy_images:
         if im["split"] != split:
             continue
         image_id = _karpathy_id(im)
@@ -120,17 +126,9 @@ def karpathy_to_coco(path: str | os.PathLike, split: str, out: str | os.PathLike
         for s in im["sentences"]:
             anns.append({"image_id": image_id, "id": len(anns) + 1, "caption": s["raw"].strip()})
     if not images:
-        raise ValueError(f"{path}: no image in split {split!r}")
-    atomic_write_json(
-        out,
-        {
-            "info": {"description": f"Karpathy {split} split"},
-            "licenses": [],
-            "type": "captions",
-            "images": images,
-            "annotations": anns,
-        },
-    )
+        raise ValueError(f"{source or 'Karpathy split'}: no image in split {split!r}")
+    info = {"description": f"Karpathy {split} split"}
+    atomic_write_json(out, {"info": info, "licenses": [], "type": "captions", "images": images, "annotations": anns})
     return Path(out)
 
 
@@ -170,9 +168,7 @@ class COCOCaptions(Dataset):
         self.path, self.image_root, self.transform = Path(annotations), Path(image_root), transform
         data = load_json(annotations)
         if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-            raise DataFormatError(
-                f"{annotations}: not a COCO caption file (needs 'images' and 'annotations')"
-            )
+            raise DataFormatError(f"{annotations}: not a COCO caption file (needs 'images' and 'annotations')")
         self.captions: dict[int, list[str]] = defaultdict(list)
         for i, a in enumerate(data["annotations"]):
             require(a, ["image_id", "caption"], f"{annotations}: annotations[{i}]")
@@ -263,9 +259,7 @@ class COCOInstances(Dataset):
         anns = [anns[i] for i in keep]
         target: dict[str, Any] = {
             "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-            "labels": torch.tensor(
-                [self.category_to_label[a["category_id"]] for a in anns], dtype=torch.int64
-            ),
+            "labels": torch.tensor([self.category_to_label[a["category_id"]] for a in anns], dtype=torch.int64),
             "category_ids": torch.tensor([a["category_id"] for a in anns], dtype=torch.int64),
             "area": torch.tensor([float(a.get("area", 0.0)) for a in anns], dtype=torch.float32),
             "iscrowd": torch.tensor([int(a.get("iscrowd", 0)) for a in anns], dtype=torch.int64),
@@ -273,9 +267,7 @@ class COCOInstances(Dataset):
         }
         if self.masks:
             m = [self.coco.annToMask(a) for a in anns]
-            target["masks"] = (
-                torch.from_numpy(np.stack(m)) if m else torch.zeros((0, h, w), dtype=torch.uint8)
-            )
+            target["masks"] = torch.from_numpy(np.stack(m)) if m else torch.zeros((0, h, w), dtype=torch.uint8)
         if self.transforms is not None:
             return self.transforms(img, target)
         from torchvision.transforms.functional import pil_to_tensor

@@ -120,9 +120,7 @@ class Collator:
         to_float = first.dtype == torch.uint8 and self.mean_std is not None and first.dim() == 3
         shape = (len(values), *first.shape)
         dtype = torch.float32 if to_float else first.dtype
-        out = (
-            _shared_empty(shape, dtype) if get_worker_info() is not None else torch.empty(shape, dtype=dtype)
-        )
+        out = _shared_empty(shape, dtype) if get_worker_info() is not None else torch.empty(shape, dtype=dtype)
         if to_float:
             dst = out.numpy()  # shares memory with `out`
             for i, v in enumerate(values):

@@ -38,6 +38,7 @@ import os
 import random
 import shutil
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -480,9 +481,7 @@ def _build(root: Path, seed: int) -> dict[str, int]:
                     "question_type": _question_type(q),
                     "answer_type": "yes/no" if a in ("yes", "no") else "other",
                     "multiple_choice_answer": a,
-                    "answers": [
-                        {"answer": a, "answer_confidence": "yes", "answer_id": j + 1} for j in range(10)
-                    ],
+                    "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": j + 1} for j in range(10)],
                 }
             )
         info = {"description": "easy-VQA in VQAv2 format (vlmoe demo)", "version": "2.0"}
@@ -499,14 +498,10 @@ def _build(root: Path, seed: int) -> dict[str, int]:
                 "questions": questions,
             },
         )
-        atomic_write_json(
-            afile, {"info": info, "license": {}, "data_subtype": sub, "annotations": annotations}
-        )
+        atomic_write_json(afile, {"info": info, "license": {}, "data_subtype": sub, "annotations": annotations})
     from vlmoe.data.vqav2 import AnswerVocab
 
-    AnswerVocab.build([paths.vqa_train_annotations, paths.vqa_val_annotations], min_count=1).save(
-        paths.vqa_answers
-    )
+    AnswerVocab.from_counts(Counter(a for _, a, _ in train_qa + test_qa), min_count=1).save(paths.vqa_answers)
 
     # ---- COCO captions, Karpathy split, instances ----
     karpathy, sentid = [], 0
@@ -584,10 +579,10 @@ def _build(root: Path, seed: int) -> dict[str, int]:
             },
         )
     atomic_write_json(paths.coco_karpathy, {"images": karpathy, "dataset": "coco"})
-    from vlmoe.data.coco import karpathy_to_coco
+    from vlmoe.data.coco import _write_karpathy_gt
 
-    karpathy_to_coco(paths.coco_karpathy, "val", paths.coco_karpathy_val_gt)
-    karpathy_to_coco(paths.coco_karpathy, "test", paths.coco_karpathy_test_gt)
+    _write_karpathy_gt(karpathy, "val", paths.coco_karpathy_val_gt)
+    _write_karpathy_gt(karpathy, "test", paths.coco_karpathy_test_gt)
 
     # ---- NLVR2 ----
     half = len(test) // 2

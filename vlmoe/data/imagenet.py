@@ -48,19 +48,13 @@ class ImageFolderDataset(Dataset):
         self.root, self.transform = Path(root), transform
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root}")
-        self.classes = sorted(
-            d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith(".")
-        )
+        self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
         if not self.classes:
             raise FileNotFoundError(f"{self.root} holds no class folders")
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-        self.samples = make_dataset(
-            str(self.root), self.class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True
-        )
+        self.samples = make_dataset(str(self.root), self.class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
         if not self.samples:
-            raise FileNotFoundError(
-                f"{self.root}: no images ({', '.join(IMG_EXTENSIONS)}) in its class folders"
-            )
+            raise FileNotFoundError(f"{self.root}: no images ({', '.join(IMG_EXTENSIONS)}) in its class folders")
         self.class_names = class_names(self.classes)
 
     def __len__(self) -> int:

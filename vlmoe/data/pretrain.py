@@ -34,7 +34,7 @@ from vlmoe.data.shards import STREAM_KINDS, count_samples, dist_info, expand_sha
 from vlmoe.data.tokenizers import Tokenizer, build_tokenizer
 from vlmoe.data.transforms import build_transform, draft_size
 
-__all__ = ["MultiStream", "PretrainData", "PretrainDataConfig", "split_batch"]
+__all__ = ["EpochLoader", "MultiStream", "PretrainData", "PretrainDataConfig", "split_batch"]
 
 
 def split_batch(batch_size: int, weights: Mapping[str, float]) -> dict[str, int]:
@@ -93,6 +93,13 @@ class MultiStream(IterableDataset):
         if self.batches_per_worker is None:
             raise TypeError("MultiStream without batches_per_worker has no length")
         return self.batches_per_worker * max(1, self.num_workers)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Seed the next pass's shard order (and resampling) with ``epoch`` in every stream."""
+        for stream in self.streams.values():
+            stages = getattr(stream, "pipeline", None) or [stream]
+            if hasattr(stages[0], "set_epoch"):
+                stages[0].set_epoch(epoch)
 
     def _restart(self, name: str) -> Iterator[Any]:
         it = iter(self.streams[name])
@@ -212,9 +219,7 @@ class PretrainData:
         )
         # uint8 per sample, normalised per batch in the collate step (4x less data through the
         # transform and the stack, one fused conversion).
-        transform = build_transform(
-            "pretrain", c.image_size, mean_std=c.mean_std, scale=c.scale, output="uint8"
-        )
+        transform = build_transform("pretrain", c.image_size, mean_std=c.mean_std, scale=c.scale, output="uint8")
         draft = (draft_size(c.image_size, c.scale[0]),) * 2
         mlm = {"pair": c.mlm_ratio_pair or None, "image": None, "text": c.mlm_ratio_text or None}
         self.errors: dict[str, SampleErrors] = {}
@@ -285,4 +290,24 @@ class PretrainData:
         if w > 0:
             opts.update(prefetch_factor=4, persistent_workers=False)
         opts.update(kwargs)
-        return DataLoader(self.dataset, **opts)
+        return EpochLoader(self.dataset, **opts)
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader that tells its dataset the epoch before each pass.
+
+    Worker processes iterate copies of the dataset, so an epoch counter kept by the dataset itself
+    would restart in every copy and every epoch would read the shards in the same order. This
+    loader counts passes in the main process (identically on every rank) and calls
+    ``dataset.set_epoch`` before the workers start.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.epoch = 0
+
+    def __iter__(self) -> Any:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self.epoch)
+        self.epoch += 1
+        return super().__iter__()

@@ -201,16 +201,12 @@ class ShardWriter:
         start_shard: number of the first shard.
     """
 
-    def __init__(
-        self, pattern: str | os.PathLike, maxcount: int = 10000, maxsize: float = 1e9, start_shard: int = 0
-    ):
+    def __init__(self, pattern: str | os.PathLike, maxcount: int = 10000, maxsize: float = 1e9, start_shard: int = 0):
         self.pattern = str(pattern)
         try:
             self.pattern % 0
         except TypeError:
-            raise ValueError(
-                f"shard pattern {self.pattern!r} needs a %d field, e.g. 'out/pairs-%06d.tar'"
-            ) from None
+            raise ValueError(f"shard pattern {self.pattern!r} needs a %d field, e.g. 'out/pairs-%06d.tar'") from None
         if maxcount < 1:
             raise ValueError(f"maxcount must be >= 1, got {maxcount}")
         self.maxcount, self.maxsize = maxcount, maxsize
@@ -397,9 +393,7 @@ def _tar_members(src: Iterable[dict[str, Any]], errors: SampleErrors) -> Iterato
                     last_key = key
                     if len(data) != info.size:
                         # Python's streaming tar reader returns short reads silently at EOF.
-                        raise tarfile.ReadError(
-                            f"member {info.name} truncated ({len(data)} of {info.size} bytes)"
-                        )
+                        raise tarfile.ReadError(f"member {info.name} truncated ({len(data)} of {info.size} bytes)")
                     yield {"fname": info.name, "data": data, "__url__": url}
                     tf.members = []  # streaming: do not keep every header in memory
                 if tf.fileobj.comptype == "tar":
@@ -408,9 +402,7 @@ def _tar_members(src: Iterable[dict[str, Any]], errors: SampleErrors) -> Iterato
                     while stream.read(1 << 16):
                         pass
                     if stream.count - end < 1024:
-                        raise tarfile.ReadError(
-                            f"archive truncated after {stream.count} bytes (no end-of-archive)"
-                        )
+                        raise tarfile.ReadError(f"archive truncated after {stream.count} bytes (no end-of-archive)")
         except Exception as e:  # noqa: BLE001 - a damaged shard must not stop the epoch
             errors.handler("broken_tar")(type(e)(f"{url}: {e}") if isinstance(e, tarfile.TarError) else e)
             if last_key is not None:
@@ -463,9 +455,7 @@ def decode_samples(
                 ext, data = _first(raw, IMAGE_EXTS)
                 if data is None:
                     members = sorted(k for k in raw if not k.startswith("__"))
-                    errors.count(
-                        "missing_field", f"{where}: no image member ({'/'.join(IMAGE_EXTS)}), has {members}"
-                    )
+                    errors.count("missing_field", f"{where}: no image member ({'/'.join(IMAGE_EXTS)}), has {members}")
                     continue
                 try:
                     out["image"] = decode_image(data, draft=draft)
@@ -551,15 +541,11 @@ def stream_pipeline(
     urls = expand_shards(shards)
     errors = errors or SampleErrors(name=kind)
     stages: list[Any] = [
-        ShardList(
-            urls, resampled=resampled, shuffle=shuffle > 0, seed=seed, rank=rank, world_size=world_size
-        ),
+        ShardList(urls, resampled=resampled, shuffle=shuffle > 0, seed=seed, rank=rank, world_size=world_size),
         functools.partial(tar_samples, errors=errors),
     ]
     if shuffle > 0:
-        stages.append(
-            functools.partial(_seeded_shuffle, bufsize=shuffle, seed=seed, rank=rank, world_size=world_size)
-        )
+        stages.append(functools.partial(_seeded_shuffle, bufsize=shuffle, seed=seed, rank=rank, world_size=world_size))
     stages.append(functools.partial(decode_samples, kind=kind, errors=errors, draft=draft))
     if transform is not None:
         stages.append(functools.partial(apply_transform, transform=transform, errors=errors))

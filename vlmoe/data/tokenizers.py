@@ -139,8 +139,7 @@ class ClipBPETokenizer(Tokenizer):
 
 def _missing_dep(package: str, what: str) -> ImportError:
     return ImportError(
-        f"{what} needs the `{package}` package, which vlmoe does not install by default: "
-        f"pip install {package}"
+        f"{what} needs the `{package}` package, which vlmoe does not install by default: pip install {package}"
     )
 
 
@@ -169,9 +168,7 @@ class SentencePieceTokenizer(Tokenizer):
         else:
             self.bos_id, self.eos_id, self.unk_id = sp.bos_id(), sp.eos_id(), sp.unk_id()
             if self.bos_id < 0 or self.eos_id < 0:
-                raise ValueError(
-                    f"{self.model_path}: the model defines no bos/eos pieces; use fairseq_ids=True"
-                )
+                raise ValueError(f"{self.model_path}: the model defines no bos/eos pieces; use fairseq_ids=True")
             extra = n
             self.pad_id = sp.pad_id() if sp.pad_id() >= 0 else extra
             extra += sp.pad_id() < 0

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,13 +70,25 @@ class AnswerVocab:
         Ordered by decreasing count, then alphabetically (deterministic).
         """
         counts: Counter[str] = Counter()
-        for f in annotation_files:
+        files = list(annotation_files)
+        for f in files:
             for i, ann in enumerate(_annotations(f)):
                 require(ann, ["multiple_choice_answer"], f"{f}: annotations[{i}]")
-                counts[normalize_answer(ann["multiple_choice_answer"])] += 1
-        kept = sorted((a for a, c in counts.items() if c >= min_count), key=lambda a: (-counts[a], a))
+                counts[ann["multiple_choice_answer"]] += 1
+        try:
+            return cls.from_counts(counts, min_count)
+        except ValueError:
+            raise ValueError(f"no answer occurs {min_count}+ times in {list(map(str, files))}") from None
+
+    @classmethod
+    def from_counts(cls, counts: Mapping[str, int], min_count: int = 9) -> AnswerVocab:
+        """Vocabulary from raw answer counts (normalised here, counts of equal forms added up)."""
+        normalised: Counter[str] = Counter()
+        for answer, c in counts.items():
+            normalised[normalize_answer(answer)] += c
+        kept = sorted((a for a, c in normalised.items() if c >= min_count), key=lambda a: (-normalised[a], a))
         if not kept:
-            raise ValueError(f"no answer occurs {min_count}+ times in {list(map(str, annotation_files))}")
+            raise ValueError(f"no answer occurs {min_count}+ times")
         return cls(kept)
 
     def save(self, path: str | os.PathLike) -> None:
