@@ -336,11 +336,20 @@ class ShardList(IterableDataset):
         self.shards = list(shards)
         self.resampled, self.shuffle, self.seed = resampled, shuffle, seed
         self.rank, self.world_size = rank, world_size
+        self._explicit_rank = rank is not None and world_size is not None
         self.epoch = -1
 
     def set_epoch(self, epoch: int) -> None:
-        """Fix the epoch used for seeding (otherwise it counts the iterations of this object)."""
+        """Fix the epoch used for seeding (otherwise it counts the iterations of this object).
+
+        Called in the main process before DataLoader workers start (see
+        :class:`~vlmoe.data.pretrain.EpochLoader`), it also pins the rank and world size found
+        there, so workers started with "spawn" (which do not inherit an initialised process
+        group) split shards by the right rank.
+        """
         self.epoch = epoch - 1
+        if not self._explicit_rank:
+            self.rank, self.world_size = dist_info()[:2]
 
     def __iter__(self) -> Iterator[dict[str, str]]:
         self.epoch += 1
