@@ -189,15 +189,21 @@ def test_drop_path_and_dropout_train_mode(tiny_batch):
     assert [round(b.drop_path1.drop_prob, 3) for b in model.blocks] == [0.0, 0.5]
 
 
-def test_bf16_autocast_close_to_fp32(tiny_batch):
+def test_bf16_autocast(tiny_batch):
     image, ids, pad = tiny_batch
+    dense = create_model("tiny")
+    ref = _run(dense, image, ids, pad).hidden_states
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _run(dense, image, ids, pad)
+    assert (out.hidden_states.float() - ref).abs().max() < 0.1
+    # MoE: bf16 activations may flip a routing decision, so only check that training runs
     model = create_model("tiny_moe")
-    ref = _run(model, image, ids, pad).hidden_states
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = _run(model, image, ids, pad)
         (out.hidden_states.float().sum() + out.aux.loss).backward()
     assert torch.isfinite(out.hidden_states).all()
-    assert (out.hidden_states.float() - ref).abs().max() < 0.1
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert model.blocks[0].mlp.vision.experts.w1.grad is not None
 
 
 def test_paper_variant_shared_attention_and_vl_ffn(perturb, tiny_batch):
