@@ -26,13 +26,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import get_worker_info
 
 from vlmoe.data.masking import BlockMaskingGenerator, mlm_mask
 from vlmoe.data.tokenizers import Tokenizer
-from vlmoe.data.transforms import normalize_batch
+from vlmoe.data.transforms import normalization_table
 
 __all__ = ["Collator", "collate_detection"]
 
@@ -122,12 +123,15 @@ class Collator:
         dtype = torch.float32 if to_float else first.dtype
         out = _shared_empty(shape, dtype) if get_worker_info() is not None else torch.empty(shape, dtype=dtype)
         if to_float:
+            lut = normalization_table(self.mean_std)  # (3, 256): normalised value of each byte
             dst = out.numpy()  # shares memory with `out`
             for i, v in enumerate(values):
-                # uint8 -> float32 straight into the batch; numpy converts strided (HWC-backed
-                # channels-first views) about twice as fast as Tensor.copy_ on one thread.
-                dst[i] = v.numpy()
-            return normalize_batch(out, self.mean_std, out=out)
+                src = v.numpy()  # (3, H, W), usually a channels-first view of HWC pixels
+                for c in range(3):
+                    # One table lookup per pixel converts and normalises in a single pass, about
+                    # twice as fast as convert-then-scale on one thread.
+                    np.take(lut[c], src[c], out=dst[i, c])
+            return out
         return torch.stack(values, out=out)
 
 

