@@ -173,3 +173,12 @@ def test_demo_is_deterministic(demo, tmp_path: Path) -> None:
         "pretrain/val/texts/texts-000001.tar",
     ]:
         assert (demo.root / rel).read_bytes() == (other.root / rel).read_bytes(), rel
+
+
+def test_default_demo_dir_follows_vlmoe_data(monkeypatch, tmp_path: Path) -> None:
+    from vlmoe.data import default_demo_dir
+
+    monkeypatch.setenv("VLMOE_DATA", str(tmp_path))
+    assert default_demo_dir() == tmp_path / "demo"
+    monkeypatch.delenv("VLMOE_DATA")
+    assert default_demo_dir() == Path.home() / ".cache" / "vlmoe" / "demo"

@@ -450,7 +450,7 @@ def decode_samples(
     ``label`` (int, image stream with ``cls``).
 
     Args:
-        src: raw samples from ``webdataset.tarfile_to_samples`` (bytes per extension).
+        src: raw samples from :func:`tar_samples` (bytes per extension).
         kind: ``"pair"``, ``"image"`` or ``"text"``.
         errors: where skipped samples are counted.
         draft: JPEG draft size hint for :func:`~vlmoe.data._io.decode_image`.
