@@ -224,3 +224,8 @@ def test_each_epoch_reads_the_shards_in_a_new_order(demo, tokenizer) -> None:
     # shuffle=1: no sample buffer, so a batch is one whole shard; the shard order is what moves.
     epochs = [[b["text"]["key"][0] for b in loader] for _ in range(2)]
     assert len(epochs[0]) == 8 and sorted(epochs[0]) == sorted(epochs[1]) and epochs[0] != epochs[1]
+
+
+def test_collator_keeps_only_keys_every_sample_has() -> None:
+    samples = [{"image": torch.zeros(3, 4, 4), "label": 1}, {"image": torch.zeros(3, 4, 4)}]
+    assert set(Collator()(samples)) == {"image"}

@@ -98,7 +98,9 @@ class Collator:
         if not samples:
             raise ValueError("cannot collate an empty list of samples")
         batch: dict[str, Any] = {}
-        keys = [k for k in samples[0] if k not in _DROP]
+        # Keys every sample has (an optional member such as an image's cls may be missing in some).
+        common = set(samples[0]).intersection(*samples[1:])
+        keys = [k for k in samples[0] if k in common and k not in _DROP]
         for k in keys:
             values = [s[k] for s in samples]
             if k == "text":
