@@ -14,6 +14,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("vlmoe.bench.cli", "benchmarks: `vlmoe bench moe` (MoE layer vs ideal and peers)"),
     "data": ("vlmoe.data.cli", "`vlmoe data demo` (offline demo data), `vlmoe data shards` (write shards)"),
+    "pretrain": ("vlmoe.tasks.cli", "masked multimodal pretraining (LightningCLI); no arguments: the CPU demo"),
     "export": ("vlmoe.models.export", "checkpoints (BEiT-3, timm, vlmoe) -> safetensors + config.json"),
 }
 

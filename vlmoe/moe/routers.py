@@ -177,8 +177,12 @@ class CosineRouter(Router):
         if self.training:
             # Keep the expert embeddings at a fixed norm (X-MoE implementation tip): cosine routing is
             # scale-free, but a growing norm shrinks the effective learning rate of the embeddings.
+            # Through `.data` so the in-place rescale does not bump the autograd version: a second
+            # forward before backward (several streams per training step, activation recomputation)
+            # would otherwise invalidate the first graph. Between optimizer steps the rescale is a
+            # no-op in value, so every graph of a step sees the same embeddings.
             with torch.no_grad():
-                e = self.expert_embeddings
+                e = self.expert_embeddings.data
                 e.mul_(self.embedding_norm / e.norm(dim=-1, keepdim=True).clamp_min(1e-12))
         h = F.normalize(F.linear(x, self.proj.weight.to(x.dtype)), dim=-1)  # (T, d_e)
         e = F.normalize(self.expert_embeddings.to(x.dtype), dim=-1)  # (E, d_e)

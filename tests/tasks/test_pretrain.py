@@ -1,0 +1,94 @@
+"""PretrainTask + PretrainDataModule under a real Lightning Trainer on tiny shards."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vlmoe.tasks import NonFiniteLossError, PretrainCheckpoint
+
+from .conftest import VARIANTS, trainer
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fast_dev_run_every_moe_variant(variant, make_task, make_data, tmp_path) -> None:
+    task = make_task(variant)
+    dm = make_data()
+    t = trainer(tmp_path, fast_dev_run=True)
+    t.fit(task, datamodule=dm)
+    logged = t.callback_metrics
+    for term in ("loss", "loss/mlm_text", "loss/mim_image", "loss/mlm_pair", "loss/mim_pair"):
+        assert term in logged and math.isfinite(float(logged[term])), term
+    assert "val/loss" in logged
+    if variant != "dense":
+        assert "aux/balance" in logged
+        # one step with stats_every=2 has not logged yet; the validation pass has its own summary
+        assert any(k.startswith("val/routing/blocks.") and k.endswith("activation_ratio") for k in logged)
+    assert t.global_step == 1
+
+
+def test_loss_falls_on_a_fixed_batch_all_streams(make_task, make_data) -> None:
+    torch.manual_seed(0)
+    task = make_task("mhmoe", lr=3e-3, warmup_steps=5, max_steps=50)
+    dm = make_data()
+    dm.image_size, dm.patch_size = 32, 8
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"pair", "image", "text"}
+    opt_cfg = task.configure_optimizers()
+    opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
+    first = last = None
+    per_term_first: dict[str, float] = {}
+    for step in range(50):
+        terms, _, aux, _, _ = task.forward_streams(batch)
+        loss = task.total_loss(terms, aux)
+        if step == 0:
+            first = float(loss)
+            per_term_first = {k: float(v) for k, v in terms.items()}
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        last = float(loss)
+    assert set(per_term_first) == {"mlm_pair", "mim_pair", "mim_image", "mlm_text"}
+    assert last < 0.5 * first, (first, last)
+    terms, _, _, _, _ = task.forward_streams(batch)
+    for k, v in terms.items():  # every stream's term learned, not just the largest
+        assert float(v) < per_term_first[k], (k, per_term_first[k], float(v))
+
+
+def test_checkpoints_every_n_steps_and_at_the_end(make_task, make_data, tmp_path, capsys) -> None:
+    ckpt = PretrainCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=3)
+    t = trainer(tmp_path, max_steps=7, callbacks=[ckpt], limit_val_batches=0)
+    t.fit(make_task("topk"), datamodule=make_data())
+    names = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    # top-1 periodic checkpoint is replaced by the final one; last.ckpt is the end of training
+    assert names == ["last.ckpt", "step=000007.ckpt"], names
+    state = torch.load(tmp_path / "ck" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 7
+    assert state["vlmoe_config"]["name"] == "tiny_moe"
+    assert "checkpoint (step 7):" in capsys.readouterr().out
+    assert not [p for p in (tmp_path / "ck").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_nonfinite_loss_names_step_and_term_and_keeps_last_checkpoint(make_task, make_data, tmp_path) -> None:
+    task = make_task("mhmoe")
+    original = task._mim
+
+    def poisoned(out, batch):
+        loss, acc = original(out, batch)
+        if task.trainer.global_step == 4 and batch["image"].shape[0] and "text_ids" not in batch:
+            loss = loss * float("nan")
+        return loss, acc
+
+    task._mim = poisoned
+    ckpt = PretrainCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=2)
+    t = trainer(tmp_path, max_steps=10, callbacks=[ckpt], limit_val_batches=0)
+    with pytest.raises(NonFiniteLossError, match=r"train step 4: loss/mim_image=nan") as err:
+        t.fit(task, datamodule=make_data())
+    assert "loss=nan" in str(err.value) and "last.ckpt" in str(err.value)
+    state = torch.load(tmp_path / "ck" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 4  # the last good step; nothing was saved after the failure
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())

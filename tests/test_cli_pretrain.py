@@ -1,0 +1,82 @@
+"""``vlmoe pretrain``: the command as users type it (argument handling, a short real run, resume)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.tasks.conftest import shards  # noqa: F401  (the session fixture of tiny shards)
+from vlmoe.cli import COMMANDS
+from vlmoe.cli import main as vlmoe_main
+from vlmoe.tasks.cli import main
+
+
+def _run_args(shards: dict[str, str], out: Path, *extra: str) -> list[str]:  # noqa: F811
+    return [
+        f"--data.pair_shards={shards['train_pairs']}",
+        f"--data.image_shards={shards['train_images']}",
+        f"--data.text_shards={shards['train_texts']}",
+        f"--data.val_pair_shards={shards['val_pairs']}",
+        f"--data.val_image_shards={shards['val_images']}",
+        f"--data.val_text_shards={shards['val_texts']}",
+        "--data.batch_size=6",
+        "--data.max_len=16",
+        "--data.num_workers=0",
+        "--data.samples_per_epoch=24",
+        "--data.val_samples=12",
+        "--trainer.limit_val_batches=2",
+        "--trainer.val_check_interval=3",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.callbacks=[]",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--run_dir={out}",
+        "--checkpoint.every_n_train_steps=3",
+        "--model.stats_every=2",
+        *extra,
+    ]
+
+
+def test_registered_in_the_vlmoe_command(capsys) -> None:
+    assert COMMANDS["pretrain"][0] == "vlmoe.tasks.cli"
+    vlmoe_main(["--help"])
+    assert "pretrain" in capsys.readouterr().out
+
+
+def test_print_config_without_subcommand_is_fit(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["--print_config"])
+    assert e.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "model: tiny_mhmoe" in out and "pair_shards: demo" in out and "every_n_train_steps: 200" in out
+
+
+def test_short_run_logs_checkpoints_and_says_where(shards, tmp_path, capsys) -> None:  # noqa: F811
+    main(["fit", *_run_args(shards, tmp_path, "--trainer.max_steps=5")])
+    out = capsys.readouterr().out
+    ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert ckpts == ["last.ckpt", "step=000005.ckpt"]
+    assert f"checkpoint (step 5): {tmp_path}/checkpoints/" in out
+    with open(next((tmp_path / "logs").glob("version_*/metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
+    cols = set(rows[0])
+    for name in ("loss", "loss/mlm_text", "loss/mim_image", "loss/mlm_pair", "loss/mim_pair", "aux/balance",
+                 "perf/samples_per_s", "perf/tokens_per_s", "val/loss"):
+        assert name in cols, name
+    # routing statistics every 2 steps, per MoE layer and modality
+    routing = [c for c in cols if c.startswith("routing/blocks.")]
+    assert {c.rsplit("/", 1)[1] for c in routing} == {"activation_ratio", "load_entropy", "load_cv", "dropped"}
+    assert any(r["routing/mean/activation_ratio"] for r in rows)
+    assert (tmp_path / "tb").is_dir()  # TensorBoard logs next to the CSV ones
+    assert list((tmp_path / "logs").glob("version_*/config.yaml"))  # the resolved config, to rerun
+
+
+def test_resume_from_last_continues_the_step_count(shards, tmp_path, capsys) -> None:  # noqa: F811
+    main(["fit", *_run_args(shards, tmp_path, "--trainer.max_steps=3")])
+    main(["fit", *_run_args(shards, tmp_path, "--trainer.max_steps=6"), "--ckpt_path=last"])
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 6
+    assert state["lr_schedulers"][0]["last_epoch"] == 6  # the schedule resumed, not restarted

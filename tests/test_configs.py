@@ -1,0 +1,83 @@
+"""Every YAML under configs/ goes through the real ``vlmoe pretrain`` command-line parser.
+
+Pretraining recipes and trainer presets are parsed as the CLI parses them (types checked, every
+``class_path`` imported and its ``init_args`` checked against the signature); model configs are
+parsed as the ``model.model`` of a pretraining run and read by ``VLMoEConfig``. The demo config is
+also instantiated (model, data, trainer) and must equal the CLI's defaults, which are the demo.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vlmoe.models import VLMoEConfig
+from vlmoe.tasks.cli import PretrainCLI, build_cli
+
+ROOT = Path(__file__).resolve().parents[1] / "configs"
+RUN_CONFIGS = sorted((ROOT / "pretrain").glob("*.yaml")) + sorted((ROOT / "trainer").glob("*.yaml"))
+MODEL_CONFIGS = sorted((ROOT / "model").glob("*.yaml"))
+
+
+class ParseOnlyCLI(PretrainCLI):
+    """Parse (and validate) without building anything: trainer presets name GPUs this machine lacks."""
+
+    def instantiate_classes(self) -> None:
+        self.config_init = None
+
+
+def parse(*args: str):
+    return build_cli(list(args), run=False, cli_class=ParseOnlyCLI).config
+
+
+def test_configs_exist() -> None:
+    names = {p.relative_to(ROOT).as_posix() for p in RUN_CONFIGS}
+    assert {"pretrain/demo.yaml", "trainer/cpu.yaml", "trainer/ddp.yaml", "trainer/fsdp.yaml"} <= names
+    assert {f"pretrain/beit3_base_{v}.yaml" for v in ("dense", "xmoe8", "mhmoe8", "xmoe32", "mhmoe32")} <= names
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_run_config_parses(path: Path) -> None:
+    cfg = parse("--config", str(path))
+    assert cfg.trainer is not None and cfg.model is not None
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "trainer").glob("*.yaml")), ids=lambda p: p.name)
+def test_trainer_preset_composes_with_a_recipe(path: Path) -> None:
+    cfg = parse("--config", str(ROOT / "pretrain" / "beit3_base_mhmoe8.yaml"), "--config", str(path))
+    assert cfg.model.model == "base_mhmoe8"
+    if path.stem in ("ddp", "multi-node"):
+        assert cfg.trainer.strategy == "ddp_find_unused_parameters_true"
+
+
+@pytest.mark.parametrize("path", MODEL_CONFIGS, ids=lambda p: p.name)
+def test_model_config_parses_as_the_pretraining_model(path: Path) -> None:
+    cfg = parse("--model.model", str(path))
+    assert cfg.model.model == str(path)
+    VLMoEConfig.from_file(path)  # what PretrainTask does with it
+
+
+def _plain(ns) -> dict:
+    return ns.as_dict() if hasattr(ns, "as_dict") else ns
+
+
+def test_demo_yaml_is_the_default_run() -> None:
+    default = _plain(parse())
+    demo = _plain(parse("--config", str(ROOT / "pretrain" / "demo.yaml")))
+    for section in ("trainer", "data", "checkpoint", "seed_everything"):
+        assert demo[section] == default[section], section
+    model_default, model_demo = dict(default["model"]), dict(demo["model"])
+    assert model_demo.pop("mim_target")["class_path"] == "vlmoe.tasks.targets.PixelTarget"
+    assert model_default.pop("mim_target") is None  # None means PixelTarget
+    assert model_demo == model_default
+
+
+def test_demo_config_instantiates(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the run folder is relative
+    cli = build_cli(["fit", "--config", str(ROOT / "pretrain" / "demo.yaml")], run=False)
+    assert cli.model.model.config.name == "tiny_mhmoe"
+    assert cli.model.model.config.vocab_size == cli.datamodule.vocab_size  # linked from the tokenizer
+    assert cli.trainer.max_steps == 600
+    assert type(cli.trainer.strategy.checkpoint_io).__name__ == "AtomicCheckpointIO"
+    assert cli.trainer.checkpoint_callback.dirpath.endswith("runs/pretrain/demo/checkpoints")

@@ -1,0 +1,315 @@
+"""What every vlmoe LightningModule shares: the optimizer, the schedule, and MoE bookkeeping.
+
+- :func:`param_groups`: AdamW parameter groups with layer-wise lr decay (BEiT / BEiT-3
+  ``optim_factory``: ``scale = decay ** (num_layers + 1 - layer_id)``, the layer id read off the
+  model's :meth:`~vlmoe.models.VLMoE.layer_id`) and no weight decay for 1-D parameters, biases and
+  the names the model lists in ``no_weight_decay()``.
+- :func:`warmup_cosine`: linear warmup from 0, then cosine down to ``min_lr`` (BEiT-3
+  ``cosine_scheduler``), stepped every optimizer step.
+- :class:`VLMoETask`: ``configure_optimizers`` from the above, the MoE auxiliary losses logged term by
+  term, per-layer routing statistics (activation ratio, load entropy, load CV, dropped assignments)
+  accumulated on the device and logged every ``stats_every`` steps, samples/s and tokens/s, and a
+  finiteness check that names the step and the offending loss term.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from vlmoe.moe import MoEAux, RoutingStatsAccumulator
+
+__all__ = ["NonFiniteLossError", "VLMoETask", "param_groups", "warmup_cosine"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or infinite; raised before the optimizer could apply it."""
+
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    layer_decay: float = 1.0,
+    *,
+    layer_id: Callable[[str], int] | None = None,
+    num_layers: int | None = None,
+    no_weight_decay: Iterable[str] = (),
+    prefix: str = "",
+) -> list[dict[str, Any]]:
+    """Optimizer parameter groups with layer-wise lr decay and selective weight decay.
+
+    Args:
+        model: the module whose trainable parameters are grouped.
+        weight_decay: decay of the matrix parameters.
+        layer_decay: lr multiplier per layer below the top (1.0: off).
+        layer_id: parameter name -> layer index (0 = embeddings, ``num_layers + 1`` = heads);
+            required when ``layer_decay != 1``.
+        num_layers: the number of transformer blocks (``layer_id`` runs to ``num_layers + 1``).
+        no_weight_decay: parameter names exempt from weight decay (besides 1-D parameters / biases).
+        prefix: stripped from names before ``layer_id`` / ``no_weight_decay`` see them (e.g. the
+            attribute the backbone lives under in a task).
+
+    Returns:
+        One dict per (layer, decay) combination with ``params``, ``weight_decay``, ``lr_scale``
+        and ``names`` (for inspection; optimizers ignore unknown keys).
+    """
+    if layer_decay != 1.0 and (layer_id is None or num_layers is None):
+        raise ValueError("layer_decay != 1 needs layer_id and num_layers")
+    skip = set(no_weight_decay)
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        short = name[len(prefix) :] if prefix and name.startswith(prefix) else name
+        # Norm weights, biases, positions and tokens are 1-D or listed by the model: decaying them
+        # only pulls the network towards zero-mean activations without regularising capacity.
+        decay = not (p.ndim <= 1 or short.endswith(".bias") or short in skip)
+        lid = layer_id(short) if layer_id is not None and num_layers is not None else 0
+        key = (lid, decay)
+        if key not in groups:
+            scale = layer_decay ** ((num_layers or 0) + 1 - lid) if layer_decay != 1.0 else 1.0
+            groups[key] = {
+                "params": [],
+                "names": [],
+                "weight_decay": weight_decay if decay else 0.0,
+                "lr_scale": scale,
+            }
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> Callable[[int], float]:
+    """LR multiplier of step ``s``: ``s / warmup`` during warmup, then cosine from 1 to ``min_ratio``.
+
+    Args:
+        warmup_steps: linear warmup length (optimizer steps).
+        total_steps: the step at which the cosine reaches ``min_ratio``; later steps stay there.
+        min_ratio: final lr / peak lr.
+    """
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    warmup_steps = max(0, min(warmup_steps, total_steps))
+
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return step / warmup_steps
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+class VLMoETask(pl.LightningModule):
+    """Base LightningModule of vlmoe tasks. Subclasses set ``self.model`` (a :class:`~vlmoe.models.VLMoE`).
+
+    Args:
+        lr: peak learning rate.
+        min_lr: final learning rate of the cosine schedule.
+        weight_decay: AdamW weight decay of matrix parameters.
+        layer_decay: layer-wise lr decay (1.0: off).
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        warmup_steps: linear warmup steps.
+        max_steps: schedule length; None: the trainer's ``max_steps`` (or its estimated total steps).
+        aux_loss_weight: multiplier on the MoE auxiliary losses (whose own coefficients live in the
+            model's MoE config: ``balance_coef``, ``z_loss_coef``, ``entropy_coef``).
+        stats_every: log routing statistics every this many optimizer steps (0: never).
+        activation_tau: threshold of the expert activation ratio (see :mod:`vlmoe.moe.stats`).
+        check_finite: raise :class:`NonFiniteLossError` when a loss term is NaN / inf.
+    """
+
+    model: nn.Module
+
+    def __init__(
+        self,
+        lr: float = 1e-3,
+        min_lr: float = 1e-6,
+        weight_decay: float = 0.05,
+        layer_decay: float = 1.0,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-6,
+        warmup_steps: int = 0,
+        max_steps: int | None = None,
+        aux_loss_weight: float = 1.0,
+        stats_every: int = 50,
+        activation_tau: float = 0.1,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__()
+        if lr <= 0 or min_lr < 0 or min_lr > lr:
+            raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={lr}, min_lr={min_lr}")
+        if not 0 < layer_decay <= 1:
+            raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
+        self.lr, self.min_lr = lr, min_lr
+        self.weight_decay, self.layer_decay = weight_decay, layer_decay
+        self.betas, self.eps = tuple(betas), eps
+        self.warmup_steps, self.max_steps = warmup_steps, max_steps
+        self.aux_loss_weight = aux_loss_weight
+        self.stats_every = stats_every
+        self.activation_tau = activation_tau
+        self.check_finite = check_finite
+        # routing counts summed on the device between logging steps (no host sync per step)
+        self._route_counts: dict[str, dict[str, dict[str, Tensor]]] = {"train": {}, "val": {}}
+        self._last_step_end: float | None = None
+
+    # ------------------------------------------------------------------ optimizer
+    def total_steps(self) -> int:
+        """Schedule length: ``max_steps`` if set, else the trainer's."""
+        if self.max_steps:
+            return int(self.max_steps)
+        trainer = self._trainer
+        if trainer is not None and trainer.max_steps and trainer.max_steps > 0:
+            return int(trainer.max_steps)
+        if trainer is not None:
+            est = trainer.estimated_stepping_batches
+            if est and math.isfinite(est):
+                return int(est)
+        raise ValueError("cannot tell the schedule length: set model max_steps or trainer.max_steps")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        backbone = self.model
+        groups = param_groups(
+            self,
+            self.weight_decay,
+            self.layer_decay,
+            layer_id=getattr(backbone, "layer_id", None),
+            num_layers=getattr(backbone, "num_layers", None),
+            no_weight_decay=backbone.no_weight_decay() if hasattr(backbone, "no_weight_decay") else (),
+            prefix="model.",
+        )
+        for g in groups:
+            g["lr"] = self.lr * g["lr_scale"]
+            del g["names"]
+        # foreach: one fused kernel per group instead of a Python loop over ~hundreds of tensors
+        opt = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, eps=self.eps, foreach=True)
+        lam = warmup_cosine(self.warmup_steps, self.total_steps(), self.min_lr / self.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    # ------------------------------------------------------------------ losses
+    def aux_terms(self, aux: MoEAux, scale: float = 1.0) -> dict[str, Tensor]:
+        """The MoE auxiliary losses as ``{"aux/<name>": weighted term}`` (already coefficient-weighted)."""
+        w = self.aux_loss_weight * scale
+        return {f"aux/{k}": w * v for k, v in aux.losses.items()}
+
+    def check_terms(self, terms: Mapping[str, Tensor], stage: str = "train") -> None:
+        """Raise :class:`NonFiniteLossError` naming the step and each non-finite term.
+
+        One device sync for all terms together; the names are only looked up on failure.
+        """
+        if not self.check_finite or not terms:
+            return
+        values = torch.stack([t.detach().float().reshape(()) for t in terms.values()])
+        if bool(torch.isfinite(values).all()):
+            return
+        bad = {k: float(v) for k, v in zip(terms, values.tolist()) if not math.isfinite(v)}
+        good = {k: round(float(v), 4) for k, v in zip(terms, values.tolist()) if math.isfinite(v)}
+        step = self.trainer.global_step if self._trainer is not None else -1
+        where = f"at {stage} step {step}" if stage == "train" else f"in {stage} (after step {step})"
+        ckpt = ""
+        if self._trainer is not None and stage == "train":
+            ckpt = " Checkpoints saved so far are left as they are; resume from the last good one with lower lr."
+            last = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or ""
+            if last:
+                ckpt += f" Last checkpoint: {last}."
+        raise NonFiniteLossError(
+            f"non-finite loss {where}: " + ", ".join(f"{k}={v}" for k, v in bad.items())
+            + f" (finite terms: {good}).{ckpt}"
+        )
+
+    # ------------------------------------------------------------------ routing statistics
+    def update_routing(self, aux: MoEAux, key: str = "train") -> None:
+        """Add one forward's routing counts to the running per-layer sums (on the device).
+
+        Args:
+            aux: the forward's MoE aux output.
+            key: which running sum (``train`` or ``val``).
+        """
+        if self.stats_every <= 0 and key == "train":
+            return
+        store = self._route_counts.setdefault(key, {})
+        for i, s in enumerate(aux.stats):
+            name = s.name or f"layer{i}"
+            slot = store.get(name)
+            counts = s.tokens_per_expert.detach().to(torch.float64)
+            dropped = s.dropped.detach().to(torch.float64).reshape(())
+            if slot is None or slot["counts"].shape != counts.shape:
+                store[name] = {"counts": counts.clone(), "dropped": dropped.clone()}
+            else:
+                slot["counts"] += counts
+                slot["dropped"] += dropped
+
+    def routing_summary(self, key: str = "train", reset: bool = True, sync: bool = True) -> dict[str, float]:
+        """Per-layer and mean routing metrics of the counts gathered since the last call.
+
+        Args:
+            key: which running sum (``train`` or ``val``).
+            reset: clear the running counts.
+            sync: sum the counts over data-parallel ranks first (every rank must call it).
+
+        Returns:
+            ``{"routing/<layer>/<metric>": value, ..., "routing/mean/<metric>": value}``.
+        """
+        acc = RoutingStatsAccumulator(tau=self.activation_tau)
+        store = self._route_counts.setdefault(key, {})
+        names = sorted(store)
+        if names:
+            flat = torch.cat(
+                [torch.cat([store[n]["counts"], store[n]["dropped"].reshape(1)]) for n in names]
+            )
+            if sync and self._trainer is not None and self.trainer.world_size > 1:
+                flat = self.trainer.strategy.reduce(flat, reduce_op="sum")
+            flat = flat.cpu()
+            offset = 0
+            for n in names:
+                e = store[n]["counts"].numel()
+                acc.counts[n] = flat[offset : offset + e].round().long()
+                acc.dropped[n] = int(flat[offset + e].round())
+                acc.routed[n] = 0
+                offset += e + 1
+        if reset:
+            store.clear()
+        out: dict[str, float] = {}
+        for layer, metrics in acc.per_layer().items():
+            for k in ("activation_ratio", "load_entropy", "load_cv", "dropped"):
+                out[f"routing/{layer}/{k}"] = metrics[k]
+        for k, v in acc.summary().items():
+            out[f"routing/mean/{k}"] = v
+        return out
+
+    def maybe_log_routing(self) -> None:
+        """Log routing statistics every ``stats_every`` optimizer steps (call at train batch end)."""
+        if self.stats_every <= 0 or not self._route_counts.get("train"):
+            return
+        step = self.trainer.global_step
+        if step % self.stats_every != 0:
+            return
+        stats = self.routing_summary()
+        if stats and self.loggers:
+            # straight to the loggers: these are already aggregated over the window (and ranks)
+            for logger in self.loggers:
+                logger.log_metrics(stats, step=step)
+
+    # ------------------------------------------------------------------ throughput
+    def log_throughput(self, samples: int, tokens: int) -> None:
+        """Log samples/s and tokens/s of this rank, timed from the previous batch end to this one
+        (data loading included, as a user measures it)."""
+        now = time.perf_counter()
+        last, self._last_step_end = self._last_step_end, now
+        if last is None:
+            return
+        dt = max(now - last, 1e-9)
+        self.log("perf/samples_per_s", samples / dt, on_step=True, on_epoch=False)
+        self.log("perf/tokens_per_s", tokens / dt, on_step=True, on_epoch=False)
+        self.log("samples/s", samples / dt, on_step=True, on_epoch=False, prog_bar=True, logger=False)
+
+    def on_train_epoch_start(self) -> None:
+        self._last_step_end = None  # the gap across an epoch boundary is not a training step

@@ -1,0 +1,263 @@
+"""The pretraining LightningDataModule: three webdataset streams per step, demo data by default.
+
+Shard specifications of ``"demo"`` (the default) stand for the demo shards of
+:func:`vlmoe.data.build_demo`, built on first use into ``$VLMOE_DATA/demo`` (or
+``~/.cache/vlmoe/demo``; ``demo_dir`` overrides) by one process per node (``prepare_data``); every
+other process waits for it and then finds the cached build.
+
+The image size and patch size default to the model's (read from the LightningModule when the
+trainer sets the data up), so changing the model preset is enough. The epoch length is fixed per
+rank and worker (:class:`vlmoe.data.PretrainData`), so DDP ranks always take the same number of
+steps; shards are split by rank and by DataLoader worker in the pipeline (Lightning's distributed
+sampler does not apply to iterable datasets).
+
+Resuming mid-epoch: ``resume="skip"`` fast-forwards the first epoch past the batches already
+trained on (exact for a deterministic pipeline, e.g. no shuffling; costs the decoding of those
+batches), ``resume="reseed"`` (default) starts the stream afresh with a seed derived from the step
+(cheap; the open_clip practice for large data).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vlmoe.data import PretrainData, PretrainDataConfig, build_demo, build_tokenizer
+
+__all__ = ["PretrainDataModule"]
+
+DEMO = "demo"
+
+
+class _Skip(IterableDataset):
+    """Drop the first ``skip`` batches the DataLoader would deliver (round-robin over workers)."""
+
+    def __init__(self, dataset: IterableDataset, skip: int, num_workers: int) -> None:
+        super().__init__()
+        self.dataset, self.skip, self.num_workers = dataset, skip, max(1, num_workers)
+
+    def __len__(self) -> int:
+        return max(0, len(self.dataset) - self.skip)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Any]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        # the DataLoader takes batches from workers in turn: global batch i comes from worker i % W
+        mine = len(range(worker, self.skip, self.num_workers))
+        return itertools.islice(iter(self.dataset), mine, None)
+
+
+class PretrainDataModule(pl.LightningDataModule):
+    """Image-text pairs, images and texts for :class:`~vlmoe.tasks.PretrainTask`.
+
+    Args:
+        pair_shards, image_shards, text_shards: training shards per stream (brace patterns, lists,
+            directories; ``"demo"``: the demo shards; None: stream off).
+        val_pair_shards, val_image_shards, val_text_shards: validation shards (None: no validation).
+        demo_dir: where the demo data lives / is built (default ``$VLMOE_DATA/demo`` or
+            ``~/.cache/vlmoe/demo``).
+        weights: stream -> share of each step's batch (default equal shares).
+        batch_size: samples per step and rank, all streams together.
+        val_batch_size: validation batch size (default ``batch_size``).
+        image_size: image side (default: the model's ``img_size``).
+        patch_size: the MIM grid's patch size (default: the model's).
+        max_len: text length, special tokens included.
+        tokenizer: ``clip``, a SentencePiece model or a ``tokenizer.json`` (see
+            :func:`vlmoe.data.build_tokenizer`).
+        mim_ratio: fraction of patches masked block-wise in pairs and images (BEiT-3: 0.4).
+        min_mask_patches: smallest masking block (default: BEiT v2's 16 on a 14 x 14 grid, scaled to
+            the grid, at least 2).
+        mlm_ratio_pair: fraction of text tokens masked in pairs (BEiT-3: 0.5).
+        mlm_ratio_text: fraction of text tokens masked in texts (BEiT-3: 0.15).
+        mean_std: image normalisation (``inception``: BEiT-3's).
+        scale: random resized crop area range.
+        shuffle: shuffle buffer in samples (0: deterministic order).
+        resampled: draw shards with replacement forever (multi-node).
+        samples_per_epoch: epoch size (default: the pair shards' sample count).
+        val_samples: validation samples per rank and pass (default: one pass over the val shards).
+        num_workers: DataLoader workers.
+        seed: base seed of shard order, shuffling and masking.
+        resume: ``reseed`` or ``skip`` (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        pair_shards: str | list[str] | None = DEMO,
+        image_shards: str | list[str] | None = DEMO,
+        text_shards: str | list[str] | None = DEMO,
+        val_pair_shards: str | list[str] | None = DEMO,
+        val_image_shards: str | list[str] | None = DEMO,
+        val_text_shards: str | list[str] | None = DEMO,
+        demo_dir: str | None = None,
+        weights: dict[str, float] | None = None,
+        batch_size: int = 48,
+        val_batch_size: int | None = None,
+        image_size: int | None = None,
+        patch_size: int | None = None,
+        max_len: int = 40,
+        tokenizer: str = "clip",
+        mim_ratio: float = 0.4,
+        min_mask_patches: int | None = None,
+        mlm_ratio_pair: float = 0.5,
+        mlm_ratio_text: float = 0.15,
+        mean_std: str = "inception",
+        scale: tuple[float, float] = (0.5, 1.0),
+        shuffle: int = 1000,
+        resampled: bool = False,
+        samples_per_epoch: int | None = None,
+        val_samples: int | None = None,
+        num_workers: int = 1,
+        seed: int = 0,
+        resume: str = "reseed",
+    ) -> None:
+        super().__init__()
+        if resume not in ("reseed", "skip"):
+            raise ValueError(f"resume={resume!r}: choose 'reseed' or 'skip'")
+        self.save_hyperparameters()
+        self.shards = {"pair": pair_shards, "image": image_shards, "text": text_shards}
+        self.val_shards = {"pair": val_pair_shards, "image": val_image_shards, "text": val_text_shards}
+        self.demo_dir = demo_dir
+        self.weights = dict(weights) if weights else {"pair": 1.0, "image": 1.0, "text": 1.0}
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.image_size, self.patch_size = image_size, patch_size
+        self.max_len = max_len
+        self.mim_ratio, self.min_mask_patches = mim_ratio, min_mask_patches
+        self.mlm_ratio_pair, self.mlm_ratio_text = mlm_ratio_pair, mlm_ratio_text
+        self.mean_std, self.scale = mean_std, tuple(scale)
+        self.shuffle, self.resampled = shuffle, resampled
+        self.samples_per_epoch, self.val_samples = samples_per_epoch, val_samples
+        self.num_workers, self.seed, self.resume = num_workers, seed, resume
+        # built now: the model's embedding size is linked to it
+        self.tokenizer = build_tokenizer(tokenizer)
+        self.train_data: PretrainData | None = None
+        self.val_data: PretrainData | None = None
+        self._resume_step: int | None = None
+        self._batches_done = 0
+
+    @property
+    def vocab_size(self) -> int:
+        """Text vocabulary of the tokenizer (every id is below it)."""
+        return self.tokenizer.vocab_size
+
+    # ------------------------------------------------------------------ setup
+    def _uses_demo(self) -> bool:
+        return any(v == DEMO for v in (*self.shards.values(), *self.val_shards.values()))
+
+    def prepare_data(self) -> None:
+        # one process per node builds (build_demo also locks, for launchers that skip this hook)
+        if self._uses_demo():
+            build_demo(self.demo_dir, verbose=True)
+
+    def _resolve(self, shards: dict[str, Any], split: str) -> dict[str, Any]:
+        if not any(v == DEMO for v in shards.values()):
+            return shards
+        paths = build_demo(self.demo_dir)  # cached: returns at once after prepare_data
+        demo = {
+            "train": {"pair": paths.pretrain_pairs, "image": paths.pretrain_images, "text": paths.pretrain_texts},
+            "val": {"pair": paths.val_pairs, "image": paths.val_images, "text": paths.val_texts},
+        }[split]
+        return {k: demo[k] if v == DEMO else v for k, v in shards.items()}
+
+    def _model_geometry(self) -> tuple[int, int]:
+        image_size, patch_size = self.image_size, self.patch_size
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        config = getattr(getattr(module, "model", None), "config", None)
+        if config is not None:
+            if image_size is not None and image_size != config.img_size:
+                raise ValueError(
+                    f"data image_size={image_size} but the model's img_size={config.img_size}; "
+                    "leave data.image_size unset to follow the model"
+                )
+            if patch_size is not None and patch_size != config.patch_size:
+                raise ValueError(f"data patch_size={patch_size} but the model's patch_size={config.patch_size}")
+            image_size, patch_size = config.img_size, config.patch_size
+        if image_size is None or patch_size is None:
+            raise ValueError("image_size / patch_size unknown: set them, or attach the data to a trainer and model")
+        return image_size, patch_size
+
+    def _config(self, shards: dict[str, Any], batch_size: int, samples: int | None, train: bool) -> PretrainDataConfig:
+        image_size, patch_size = self._model_geometry()
+        grid = (image_size // patch_size) ** 2
+        min_block = self.min_mask_patches
+        if min_block is None:
+            # BEiT v2: blocks of >= 16 patches on 196; keep the same share on small grids
+            min_block = max(2, round(16 * grid / 196)) if grid < 196 else 16
+        return PretrainDataConfig(
+            pair_shards=shards["pair"],
+            image_shards=shards["image"],
+            text_shards=shards["text"],
+            weights=self.weights,
+            batch_size=batch_size,
+            image_size=image_size,
+            patch_size=patch_size,
+            max_len=self.max_len,
+            mim_ratio=self.mim_ratio,
+            min_mask_patches=min_block,
+            mlm_ratio_pair=self.mlm_ratio_pair,
+            mlm_ratio_text=self.mlm_ratio_text,
+            mean_std=self.mean_std,
+            # validation: the whole image (no random crop), fixed order
+            scale=self.scale if train else (1.0, 1.0),
+            shuffle=self.shuffle if train else 0,
+            resampled=self.resampled if train else False,
+            samples_per_epoch=samples,
+            num_workers=self.num_workers,
+            seed=self.seed,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in ("fit", None) and self.train_data is None:
+            shards = self._resolve(self.shards, "train")
+            cfg = self._config(shards, self.batch_size, self.samples_per_epoch, train=True)
+            self.train_data = PretrainData(cfg, tokenizer=self.tokenizer)
+        if stage in ("fit", "validate", None) and self.val_data is None and any(self.val_shards.values()):
+            shards = self._resolve(self.val_shards, "val")
+            cfg = self._config(shards, self.val_batch_size, self.val_samples, train=False)
+            self.val_data = PretrainData(cfg, tokenizer=self.tokenizer)
+
+    # ------------------------------------------------------------------ loaders
+    def _trained_batches(self) -> int:
+        """Batches of the current epoch already trained on (non-zero only when resuming mid-epoch)."""
+        if self.trainer is None:
+            return 0
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress
+        return int(progress.current.completed) if self.trainer.fit_loop.restarting else 0
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_data is None:
+            self.setup("fit")
+        data = self.train_data
+        assert data is not None
+        done = self._trained_batches()
+        if done and self.resume == "skip":
+            dataset: IterableDataset = _Skip(data.dataset, done, self.num_workers)
+            return DataLoader(dataset, **self._loader_kwargs())
+        if done and self.resume == "reseed":
+            # a different, step-dependent stream: the resumed run does not replay the epoch's start
+            step = self.trainer.global_step if self.trainer is not None else done
+            cfg = data.config
+            cfg = PretrainDataConfig(**{**cfg.__dict__, "seed": cfg.seed + 1_000_003 * (step + 1)})
+            return PretrainData(cfg, tokenizer=self.tokenizer).loader()
+        return data.loader()
+
+    def _loader_kwargs(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {"batch_size": None, "num_workers": self.num_workers}
+        if self.num_workers > 0:
+            opts.update(prefetch_factor=4, persistent_workers=False)
+        return opts
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_data is None:
+            self.setup("validate")
+        return self.val_data.loader() if self.val_data is not None else []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "skipped_samples": self.error_counts()}
+
+    def error_counts(self) -> dict[str, dict[str, int]]:
+        """Samples skipped so far per stream and reason (unreadable images, empty texts, ...)."""
+        return self.train_data.error_counts() if self.train_data is not None else {}

@@ -1,0 +1,254 @@
+"""Masked multimodal pretraining (BEiT-3's masked data modeling) over three streams in every step.
+
+One objective, three inputs (``arXiv 2208.10442``):
+
+- texts: masked language modeling (MLM) over the masked text tokens;
+- images: masked image modeling (MIM) over the block-wise masked patches;
+- image-text pairs: both at once (masked vision-language modeling): the text tokens of the pair are
+  masked at a higher rate and the model sees the other modality unmasked where it is not masked.
+
+The masks are drawn by the data pipeline (``mlm_labels``, ``image_mask``; see
+:mod:`vlmoe.data.pretrain`); the MIM target is pluggable (:mod:`vlmoe.tasks.targets`).
+
+Loss of a step::
+
+    loss = mlm_weight * (mlm_text + mlm_pair) + mim_weight * (mim_image + mim_pair)
+           + aux_loss_weight * mean over the step's forwards of the MoE aux loss
+
+Each term is logged on its own (``loss/mlm_text``, ..., ``aux/balance``, ...), with MLM / MIM
+accuracy where the target is a class. A forward per stream (pairs, images, texts): their lengths and
+modalities differ, and the multiway blocks route each modality to its own FFN / expert pool anyway.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vlmoe.data.masking import IGNORE_INDEX
+from vlmoe.models import VLMoE, VLMoEConfig, create_model, load_checkpoint
+from vlmoe.moe import MoEAux
+
+from .base import VLMoETask
+from .targets import MIMTarget, PixelTarget
+
+__all__ = ["STREAMS", "PretrainTask"]
+
+STREAMS = ("pair", "image", "text")
+
+
+class PretrainTask(VLMoETask):
+    """Masked data modeling on image-text pairs, images and texts.
+
+    Args:
+        model: model preset name (``tiny_mhmoe``, ``base_xmoe8``, ...) or a YAML/JSON config path.
+        model_overrides: config fields to change (``{"moe": {"top_k": 1}}`` updates field-wise).
+        vocab_size: text vocabulary (the tokenizer's; linked from the data module by the CLI).
+        mean_std: the data's image normalisation (linked from the data module by the CLI); targets
+            that need raw pixels undo it.
+        mim_target: :class:`~vlmoe.tasks.targets.PixelTarget` (default),
+            :class:`~vlmoe.tasks.targets.VQKDTarget` or :class:`~vlmoe.tasks.targets.TeacherTarget`.
+        init_checkpoint: weights to start from (BEiT-3 / timm ViT / vlmoe; dense -> MoE upcycling).
+        mlm_weight: weight of the MLM terms.
+        mim_weight: weight of the MIM terms.
+        **kwargs: optimizer / schedule / logging options of :class:`~vlmoe.tasks.base.VLMoETask`.
+    """
+
+    def __init__(
+        self,
+        model: str = "tiny_mhmoe",
+        model_overrides: dict[str, Any] | None = None,
+        vocab_size: int | None = None,
+        mean_std: str = "inception",
+        mim_target: MIMTarget | None = None,
+        init_checkpoint: str | None = None,
+        mlm_weight: float = 1.0,
+        mim_weight: float = 1.0,
+        lr: float = 1e-3,
+        min_lr: float = 1e-5,
+        weight_decay: float = 0.05,
+        layer_decay: float = 1.0,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-6,
+        warmup_steps: int = 50,
+        max_steps: int | None = None,
+        aux_loss_weight: float = 1.0,
+        stats_every: int = 50,
+        activation_tau: float = 0.1,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__(
+            lr=lr,
+            min_lr=min_lr,
+            weight_decay=weight_decay,
+            layer_decay=layer_decay,
+            betas=betas,
+            eps=eps,
+            warmup_steps=warmup_steps,
+            max_steps=max_steps,
+            aux_loss_weight=aux_loss_weight,
+            stats_every=stats_every,
+            activation_tau=activation_tau,
+            check_finite=check_finite,
+        )
+        self.save_hyperparameters(ignore=["mim_target"])
+        target = mim_target if mim_target is not None else PixelTarget()
+        overrides = dict(model_overrides or {})
+        if vocab_size is not None:
+            overrides["vocab_size"] = vocab_size
+        probe = VLMoEConfig.from_file(model) if model.endswith((".yaml", ".yml", ".json")) else None
+        base = probe or VLMoEConfig.from_name(model)
+        patch = overrides.get("patch_size", base.patch_size)
+        chans = overrides.get("in_chans", base.in_chans)
+        heads = list(overrides.get("heads", base.heads))
+        heads += [h for h in ("mlm", "mim") if h not in heads]
+        overrides["heads"] = heads
+        # the MIM head predicts the target: codebook ids (vqkd), patch pixels, or teacher features
+        overrides["codebook_size"] = target.out_dim(patch, chans)
+        self.model: VLMoE = create_model(base, **overrides)
+        if init_checkpoint:
+            report = load_checkpoint(self.model, init_checkpoint)
+            print(report)
+        # Not a registered submodule: the frozen target is rebuilt from its own checkpoint, so it stays
+        # out of training checkpoints, the optimizer and DDP.
+        object.__setattr__(self, "mim_target", target)
+        self._target_device: torch.device | None = None
+        self.mean_std = mean_std
+        self.mlm_weight, self.mim_weight = mlm_weight, mim_weight
+        self._step_size: tuple[int, int] = (0, 0)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def config(self) -> VLMoEConfig:
+        return self.model.config
+
+    def _ensure_target(self) -> None:
+        if self._target_device != self.device:
+            self.mim_target.prepare(self.device)
+            self._target_device = self.device
+
+    def _mlm(self, out: Any, batch: dict[str, Any]) -> tuple[Tensor, Tensor] | None:
+        labels = batch["mlm_labels"]
+        mask = labels != IGNORE_INDEX  # (B, Lt)
+        if not bool(mask.any()):
+            return None  # nothing masked in this sub-batch (very short texts)
+        logits = self.model.heads["mlm"](out, mask)  # (M, V): only masked positions reach the head
+        target = labels[mask]
+        loss = F.cross_entropy(logits.float(), target)
+        acc = (logits.detach().argmax(-1) == target).float().mean()
+        return loss, acc
+
+    def _mim(self, out: Any, batch: dict[str, Any]) -> tuple[Tensor, Tensor | None] | None:
+        mask = batch["image_mask"].bool()  # (B, N)
+        if not bool(mask.any()):
+            return None
+        self._ensure_target()
+        targets = self.mim_target(batch["image"], self.config.patch_size, self.mean_std)  # (B, N[, C])
+        pred = self.model.heads["mim"](out, mask)  # (M, C)
+        target = targets[mask]
+        loss = self.mim_target.loss(pred, target)
+        acc = None
+        if self.mim_target.classification:
+            acc = (pred.detach().argmax(-1) == target).float().mean()
+        return loss, acc
+
+    def forward_streams(
+        self, batch: dict[str, dict[str, Any]]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], MoEAux, list[MoEAux], tuple[int, int]]:
+        """Run every stream of a pretraining batch.
+
+        Returns:
+            ``(loss terms, accuracies, mean MoE aux, per-forward aux, (samples, tokens))``; terms are
+            ``mlm_<stream>`` / ``mim_<stream>``.
+        """
+        terms: dict[str, Tensor] = {}
+        accs: dict[str, Tensor] = {}
+        auxes: list[MoEAux] = []
+        samples = tokens = 0
+        for stream in STREAMS:
+            b = batch.get(stream)
+            if b is None:
+                continue
+            image, ids, pad = b.get("image"), b.get("text_ids"), b.get("text_padding_mask")
+            image_mask = b.get("image_mask") if image is not None else None
+            out = self.model(image=image, text_ids=ids, text_padding_mask=pad, image_mask=image_mask)
+            auxes.append(out.aux)
+            if "mlm_labels" in b:
+                r = self._mlm(out, b)
+                if r is not None:
+                    terms[f"mlm_{stream}"], accs[f"mlm_{stream}"] = r
+            if image_mask is not None:
+                r = self._mim(out, b)
+                if r is not None:
+                    terms[f"mim_{stream}"] = r[0]
+                    if r[1] is not None:
+                        accs[f"mim_{stream}"] = r[1]
+            n = (image if image is not None else ids).shape[0]
+            samples += n
+            if image is not None:
+                tokens += n * (self.config.num_patches + 1)
+            if ids is not None:
+                tokens += int(ids.numel() if pad is None else (~pad.bool()).sum())
+        if not auxes:
+            raise ValueError(f"pretraining batch has none of the streams {STREAMS}: keys {sorted(batch)}")
+        aux = sum(auxes[1:], auxes[0])
+        # The aux coefficients are calibrated for one forward; average so that three streams per step
+        # do not triple the balance pressure.
+        k = 1.0 / len(auxes)
+        mean_aux = MoEAux(loss=aux.loss * k, losses={n: v * k for n, v in aux.losses.items()}, stats=aux.stats)
+        return terms, accs, mean_aux, auxes, (samples, tokens)
+
+    def total_loss(self, terms: dict[str, Tensor], aux: MoEAux) -> Tensor:
+        """Weighted MDM terms plus the (weighted) MoE aux loss."""
+        loss = aux.loss * self.aux_loss_weight
+        for name, t in terms.items():
+            loss = loss + (self.mlm_weight if name.startswith("mlm") else self.mim_weight) * t
+        return loss
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: dict[str, dict[str, Any]], batch_idx: int) -> Tensor:
+        terms, accs, aux, auxes, (samples, tokens) = self.forward_streams(batch)
+        loss = self.total_loss(terms, aux)
+        named = {f"loss/{k}": v for k, v in terms.items()}
+        named.update(self.aux_terms(aux))
+        # before backward: a NaN must never reach the weights (or a checkpoint)
+        self.check_terms({**named, "loss": loss})
+        for a in auxes:
+            self.update_routing(a)
+        self._step_size = (samples, tokens)
+        log = dict(batch_size=samples, on_step=True, on_epoch=False)
+        self.log("loss", loss.detach(), prog_bar=True, **log)
+        self.log_dict({k: v.detach() for k, v in named.items()}, **log)
+        self.log_dict({f"acc/{k}": v for k, v in accs.items()}, **log)
+        for short in ("mlm_text", "mim_image"):
+            if short in terms:
+                self.log(short, terms[short].detach(), prog_bar=True, logger=False, **log)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.log_throughput(*self._step_size)
+        self.maybe_log_routing()
+
+    def validation_step(self, batch: dict[str, dict[str, Any]], batch_idx: int) -> None:
+        terms, accs, aux, auxes, (samples, _) = self.forward_streams(batch)
+        loss = self.total_loss(terms, aux)
+        self.check_terms({**terms, "loss": loss}, stage="validation")
+        for a in auxes:
+            self.update_routing(a, key="val")
+        log = dict(batch_size=samples, on_step=False, on_epoch=True, sync_dist=True)
+        self.log("val/loss", loss, prog_bar=True, **log)
+        self.log_dict({f"val/{k}": v for k, v in terms.items()}, **log)
+        self.log_dict({f"val/acc_{k}": v for k, v in accs.items()}, **log)
+
+    def on_validation_epoch_end(self) -> None:
+        stats = self.routing_summary(key="val")
+        if stats and not self.trainer.sanity_checking:
+            self.log_dict({f"val/{k}": v for k, v in stats.items()}, sync_dist=False)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # plain data, so `vlmoe export run.ckpt out/` rebuilds the model without this class
+        checkpoint["vlmoe_config"] = self.model.config.to_dict()
