@@ -229,3 +229,23 @@ def test_each_epoch_reads_the_shards_in_a_new_order(demo, tokenizer) -> None:
 def test_collator_keeps_only_keys_every_sample_has() -> None:
     samples = [{"image": torch.zeros(3, 4, 4), "label": 1}, {"image": torch.zeros(3, 4, 4)}]
     assert set(Collator()(samples)) == {"image"}
+
+
+def test_uint8_images_for_normalising_on_the_device(demo, tokenizer) -> None:
+    from vlmoe.data.transforms import normalize_batch
+
+    cfg = PretrainDataConfig(
+        pair_shards=demo.val_pairs,
+        weights={"pair": 1},
+        batch_size=4,
+        image_size=32,
+        patch_size=16,
+        num_workers=0,
+        samples_per_epoch=4,
+        shuffle=0,
+        normalize_images=False,
+    )
+    images = next(iter(PretrainData(cfg, tokenizer=tokenizer).loader()))["pair"]["image"]
+    assert images.dtype == torch.uint8 and images.shape == (4, 3, 32, 32)
+    x = normalize_batch(images, "inception")
+    assert x.dtype == torch.float32 and -1.0 <= x.min() and x.max() <= 1.0

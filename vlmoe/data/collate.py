@@ -26,14 +26,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import get_worker_info
 
 from vlmoe.data.masking import BlockMaskingGenerator, mlm_mask
 from vlmoe.data.tokenizers import Tokenizer
-from vlmoe.data.transforms import normalization_table
+from vlmoe.data.transforms import resolve_mean_std
 
 __all__ = ["Collator", "collate_detection"]
 
@@ -125,14 +124,16 @@ class Collator:
         dtype = torch.float32 if to_float else first.dtype
         out = _shared_empty(shape, dtype) if get_worker_info() is not None else torch.empty(shape, dtype=dtype)
         if to_float:
-            lut = normalization_table(self.mean_std)  # (3, 256): normalised value of each byte
-            dst = out.numpy()  # shares memory with `out`
+            mean, std = resolve_mean_std(self.mean_std)
+            scale = torch.tensor([1.0 / (255.0 * x) for x in std]).view(3, 1, 1)  # (3,) -> (3, 1, 1)
+            shift = torch.tensor([m / x for m, x in zip(mean, std)]).view(3, 1, 1)
             for i, v in enumerate(values):
-                src = v.numpy()  # (3, H, W), usually a channels-first view of HWC pixels
-                for c in range(3):
-                    # One table lookup per pixel converts and normalises in a single pass, about
-                    # twice as fast as convert-then-scale on one thread.
-                    np.take(lut[c], src[c], out=dst[i, c])
+                # Convert and normalise one image at a time while its 600 KB are still in cache:
+                # cheaper than three passes over the whole batch (measured: no table lookup or
+                # numpy path beats it on one thread).
+                dst = out[i]
+                dst.copy_(v)
+                dst.mul_(scale).sub_(shift)
             return out
         return torch.stack(values, out=out)
 

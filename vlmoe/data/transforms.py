@@ -17,7 +17,6 @@ or an explicit ``(mean, std)`` pair.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -45,7 +44,6 @@ __all__ = [
     "TRANSFORM_KINDS",
     "build_transform",
     "draft_size",
-    "normalization_table",
     "normalize_batch",
     "pil_to_uint8",
     "resolve_mean_std",
@@ -111,18 +109,6 @@ def normalize_batch(images: Tensor, mean_std: str | MeanStd, out: Tensor | None 
     if out.data_ptr() != images.data_ptr():
         out.copy_(images)
     return out.mul_(scale).sub_(shift)
-
-
-@functools.lru_cache(maxsize=8)
-def _table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-    values = np.arange(256, dtype=np.float64) / 255.0
-    return ((values[None, :] - np.array(mean)[:, None]) / np.array(std)[:, None]).astype(np.float32)
-
-
-def normalization_table(mean_std: str | MeanStd) -> np.ndarray:
-    """``(3, 256)`` float32 table: entry ``[c, v]`` is byte ``v`` of channel ``c`` normalised."""
-    mean, std = resolve_mean_std(mean_std)
-    return _table(tuple(float(m) for m in mean), tuple(float(s) for s in std))
 
 
 def draft_size(size: int, min_scale: float = 0.5) -> int:
