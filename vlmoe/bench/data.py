@@ -34,7 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -226,6 +226,83 @@ def format_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def stage_costs(args: argparse.Namespace, num_images: int = 512) -> str:
+    """CPU ms per image of each pipeline stage, in this process (no workers, no IPC): where the
+    pipeline's time goes, next to the raw decode + resize of the same images."""
+    from vlmoe.data.errors import SampleErrors
+    from vlmoe.data.shards import ShardList, apply_transform, decode_samples, expand_shards, tar_samples
+
+    jpegs = make_jpegs(num_images, args.src_size, seed=1)
+    resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[args.interpolation]
+    bs = args.batch_size
+    with tempfile.TemporaryDirectory(prefix="vlmoe-bench-data-") as tmp:
+        shards = expand_shards(write_bench_shards(Path(tmp), jpegs))
+        errors = SampleErrors(shared=False)
+        transform = build_transform("eval", args.size, interpolation=args.interpolation, output="uint8")
+        tokenizer = ClipBPETokenizer()
+        full = Collator(
+            tokenizer,
+            max_len=64,
+            mlm_ratio=0.5,
+            mean_std="inception",
+            mim=BlockMaskingGenerator(args.size // 16, mask_ratio=0.4, min_num_patches=16),
+        )
+        raw = _RawDecode(jpegs, args.size, resample)
+
+        def source() -> Iterator[dict[str, Any]]:
+            return tar_samples(iter(ShardList(shards, shuffle=False)), errors)
+
+        def cpu_ms(fn: Callable[[], Any]) -> float:
+            best = float("inf")
+            for _ in range(args.repeats):
+                start = time.process_time()
+                fn()
+                best = min(best, time.process_time() - start)
+            return 1e3 * best / num_images
+
+        samples = list(apply_transform(decode_samples(source(), "pair", errors), transform, errors))
+        batches = range(0, num_images - bs + 1, bs)
+        n_batched = len(batches) * bs
+        rows = [
+            (
+                "raw: decode + resize + stack (uint8)",
+                cpu_ms(lambda: [_stack_uint8([raw[i] for i in range(b, b + bs)]) for b in batches])
+                * num_images
+                / n_batched,
+            ),
+            ("tar reading + grouping", cpu_ms(lambda: list(source()))),
+            ("... + decode with checks", cpu_ms(lambda: list(decode_samples(source(), "pair", errors)))),
+            (
+                "... + resize to uint8 tensor",
+                cpu_ms(lambda: list(apply_transform(decode_samples(source(), "pair", errors), transform, errors))),
+            ),
+            (
+                "collate: images only, uint8 stack",
+                cpu_ms(lambda: [Collator()([{"image": s["image"]} for s in samples[b : b + bs]]) for b in batches])
+                * num_images
+                / n_batched,
+            ),
+            (
+                "collate: images only, to normalised float",
+                cpu_ms(
+                    lambda: [
+                        Collator(mean_std="inception")([{"image": s["image"]} for s in samples[b : b + bs]])
+                        for b in batches
+                    ]
+                )
+                * num_images
+                / n_batched,
+            ),
+            (
+                "collate: full (float images, BPE + MLM 50%, MIM 40%)",
+                cpu_ms(lambda: [full(samples[b : b + bs]) for b in batches]) * num_images / n_batched,
+            ),
+        ]
+    lines = ["| stage (one process) | CPU ms / image |", "| --- | ---: |"]
+    lines += [f"| {name} | {ms:.2f} |" for name, ms in rows]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlmoe bench data", description=__doc__.split("\n\n")[0])
     p.add_argument("--num-images", type=int, default=1536, help="images per run")
@@ -241,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["bicubic", "bilinear"],
         help="resampling filter of both sides (BEiT recipes use bicubic)",
     )
+    p.add_argument("--stages", action="store_true", help="also time each pipeline stage in one process")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     return p
 
@@ -255,7 +333,11 @@ def main(argv: list[str] | None = None) -> str:
     )
     print(header, flush=True)
     table = format_table(run(args))
-    print(table)
+    print(table, flush=True)
+    if args.stages:
+        stages = stage_costs(args)
+        print("\n" + stages)
+        table += "\n\n" + stages
     return header + "\n\n" + table
 
 
