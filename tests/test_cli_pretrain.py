@@ -80,3 +80,51 @@ def test_resume_from_last_continues_the_step_count(shards, tmp_path, capsys) -> 
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert state["global_step"] == 6
     assert state["lr_schedulers"][0]["last_epoch"] == 6  # the schedule resumed, not restarted
+
+
+def _callbacks(*specs: tuple[str, dict]) -> str:
+    import json
+
+    return "--trainer.callbacks=" + json.dumps(
+        [{"class_path": f"tests.tasks.helpers.{name}", "init_args": args} for name, args in specs]
+    )
+
+
+def test_resume_after_kill_gives_the_uninterrupted_next_step_loss(shards, tmp_path) -> None:  # noqa: F811
+    """A run killed (SIGKILL) after its step-4 checkpoint, resumed with ``--ckpt_path last``, takes
+    step 4 with the same loss as a run that was never interrupted."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.tasks.helpers import read_losses
+    from vlmoe.data import masking
+
+    common = [
+        "--trainer.max_steps=8", "--trainer.limit_val_batches=0", "--checkpoint.every_n_train_steps=4",
+        "--data.resume=skip", "--data.scale=[1.0, 1.0]",
+    ]
+    # uninterrupted reference
+    ref = tmp_path / "ref"
+    masking._rng_cache.clear()  # mask RNG as a fresh process has it
+    main(["fit", *_run_args(shards, ref, *common), _callbacks(("LossRecorder", {"path": str(tmp_path / "ref.txt")}))])
+    # killed at step 6, two steps after its last checkpoint
+    run = tmp_path / "run"
+    args = _run_args(shards, run, *common)
+    args.append(_callbacks(("LossRecorder", {"path": str(tmp_path / "run1.txt")}), ("KillAt", {"step": 6})))
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-m", "vlmoe.cli", "pretrain", "fit", *args], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert sorted(read_losses(tmp_path / "run1.txt")) == list(range(6))
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 4  # the checkpoint before the kill is intact
+    # resume in a fresh state
+    masking._rng_cache.clear()
+    main(["fit", *_run_args(shards, run, *common), "--ckpt_path=last",
+          _callbacks(("LossRecorder", {"path": str(tmp_path / "run2.txt")}))])
+    want, got = read_losses(tmp_path / "ref.txt"), read_losses(tmp_path / "run2.txt")
+    assert sorted(got) == [4, 5, 6, 7]  # the step count continues
+    assert got[4] == want[4], (got, want)
+    assert got[7] == pytest.approx(want[7], rel=1e-5)

@@ -107,6 +107,6 @@ class PretrainCheckpoint(ModelCheckpoint):
         if not path:
             return
         print(f"\ncheckpoint (step {trainer.global_step}): {path}")
-        if self.best_model_path and self.best_model_path != path:
-            print(f"best checkpoint: {self.best_model_path}")
+        if self.monitor and self.best_model_path and self.best_model_path != path:
+            print(f"best checkpoint ({self.monitor}): {self.best_model_path}")
         print(f"resume: add --ckpt_path {path} (or --ckpt_path last); model only: vlmoe export {path} OUT_DIR")

@@ -225,7 +225,9 @@ class PretrainDataModule(pl.LightningDataModule):
         if self.trainer is None:
             return 0
         progress = self.trainer.fit_loop.epoch_loop.batch_progress
-        return int(progress.current.completed) if self.trainer.fit_loop.restarting else 0
+        # `processed`, not `completed`: a checkpoint written in on_train_batch_end has trained on the
+        # batch whose completion it does not yet count
+        return int(progress.current.processed) if self.trainer.fit_loop.restarting else 0
 
     def train_dataloader(self) -> DataLoader:
         if self.train_data is None:

@@ -1,0 +1,38 @@
+"""Callbacks the command-line tests load by class path (also inside subprocesses)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import lightning.pytorch as pl
+
+
+class LossRecorder(pl.Callback):
+    """Append ``step loss`` to a file after every training step (flushed: survives a kill)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        with open(self.path, "a") as f:
+            f.write(f"{trainer.global_step - 1} {float(loss)!r}\n")  # the step this loss was computed at
+            f.flush()
+
+
+class KillAt(pl.Callback):
+    """SIGKILL the process once ``global_step`` reaches ``step``: no cleanup, no final checkpoint."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step >= self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def read_losses(path: str) -> dict[int, float]:
+    with open(path) as f:
+        return {int(s): float(v) for s, v in (line.split() for line in f if line.strip())}
