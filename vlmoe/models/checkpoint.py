@@ -19,6 +19,8 @@ fresh initialisation. What then holds:
   the output by the raw router probability (about 1/E at init), which does *not* preserve it.
 - **top-k > 1** with normalised gates (the default for k > 1): the k gates sum to 1 and the experts
   are equal, so the output is again the dense FFN's (up to rounding of the weighted sum).
+- everywhere, *text padding* positions differ: an MoE layer never routes padding (its output there
+  is 0) while a dense FFN computes it; real tokens never attend to padding, so they are unaffected.
 - **per-modality pools** take the vision FFN (``A``) into the vision pool and the language FFN
   (``B``) into the language pool; the equalities above hold per modality.
 - **a shared pool** (``moe_multiway="shared"``) gets the vision FFN in its first ceil(E/2) experts
