@@ -114,9 +114,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def measure(
-    impls: list[Impl], x: Tensor, g: Tensor, repeats: int, memory: bool, device: torch.device
-) -> None:
+def measure(impls: list[Impl], x: Tensor, g: Tensor, repeats: int, memory: bool, device: torch.device) -> None:
     """Warm up, then time ``repeats`` interleaved rounds; then one peak-memory run each."""
     for impl in impls:
         _fwd_bwd(impl, x, g)
@@ -159,9 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vlmoe bench model", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--dense", default="base", help="dense preset (compared with torchscale's BEiT3)")
-    p.add_argument(
-        "--moe", default="base_moe8,base_xmoe8,base_mhmoe8", help="comma list of MoE presets ('' for none)"
-    )
+    p.add_argument("--moe", default="base_moe8,base_xmoe8,base_mhmoe8", help="comma list of MoE presets ('' for none)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--text-len", type=int, default=64)
     p.add_argument("--img-size", type=int, default=None, help="default: the preset's (224)")
@@ -207,9 +203,7 @@ def main(argv: list[str] | None = None) -> str:
         peer = _torchscale_impl(ts.to(device).train(), ids, pad, autocast)
         measure([peer, dense], x, g, args.repeats, args.memory, device)
         rows = format_rows([peer, dense], peer, tokens)
-        sections.append(
-            ["", f"dense vs torchscale (ref = torchscale BEiT3, {args.dense} config)", "", *HEADER, *rows]
-        )
+        sections.append(["", f"dense vs torchscale (ref = torchscale BEiT3, {args.dense} config)", "", *HEADER, *rows])
         print("\n".join(sections[-1]), flush=True)
         del peer, ts
         gc.collect()
