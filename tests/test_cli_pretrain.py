@@ -72,6 +72,15 @@ def test_short_run_logs_checkpoints_and_says_where(shards, tmp_path, capsys) -> 
     assert any(r["routing/mean/activation_ratio"] for r in rows)
     assert (tmp_path / "tb").is_dir()  # TensorBoard logs next to the CSV ones
     assert list((tmp_path / "logs").glob("version_*/config.yaml"))  # the resolved config, to rerun
+    # `vlmoe export` takes the training checkpoint to a model-only safetensors export
+    from vlmoe.models import load_pretrained
+
+    vlmoe_main(["export", str(tmp_path / "checkpoints" / "last.ckpt"), str(tmp_path / "export"), "--strict"])
+    model = load_pretrained(tmp_path / "export")
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert model.config.name == "tiny_mhmoe"
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state["state_dict"][f"model.{k}"]), k
 
 
 def test_resume_from_last_continues_the_step_count(shards, tmp_path, capsys) -> None:  # noqa: F811
@@ -128,3 +137,36 @@ def test_resume_after_kill_gives_the_uninterrupted_next_step_loss(shards, tmp_pa
     assert sorted(got) == [4, 5, 6, 7]  # the step count continues
     assert got[4] == want[4], (got, want)
     assert got[7] == pytest.approx(want[7], rel=1e-5)
+
+
+@pytest.mark.distributed
+def test_two_process_ddp_on_cpu(shards, tmp_path) -> None:  # noqa: F811
+    """2 ranks (gloo): disjoint shards per rank, the same number of steps, replicas equal at the end."""
+    import os
+    import subprocess
+    import sys
+
+    args = _run_args(shards, tmp_path, "--trainer.max_steps=4", "--trainer.limit_val_batches=0",
+                     "--trainer.accelerator=cpu", "--trainer.devices=2",
+                     "--trainer.strategy=ddp_find_unused_parameters_true",
+                     "--data.val_pair_shards=null", "--data.val_image_shards=null", "--data.val_text_shards=null")
+    args.append(_callbacks(("RecordRank", {"path": str(tmp_path / "rank")})))
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.run([sys.executable, "-m", "vlmoe.cli", "pretrain", "fit", *args], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = []
+    for r in (0, 1):
+        lines = (tmp_path / f"rank.rank{r}").read_text().splitlines()
+        keys = [set(line.split()[1:]) for line in lines if line.startswith("keys")]
+        params = [line.split() for line in lines if line.startswith("params")]
+        ranks.append((keys, float(params[0][1]), int(params[0][3])))
+    (keys0, p0, s0), (keys1, p1, s1) = ranks
+    assert s0 == s1 == 4 and len(keys0) == len(keys1) == 4 and all(keys0) and all(keys1)
+    # each rank reads its own shard of every stream: no sample is seen by both
+    assert not set().union(*keys0) & set().union(*keys1)
+    assert p0 == pytest.approx(p1, rel=1e-6)  # gradients were averaged: the replicas did not drift
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 4

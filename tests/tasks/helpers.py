@@ -36,3 +36,23 @@ class KillAt(pl.Callback):
 def read_losses(path: str) -> dict[int, float]:
     with open(path) as f:
         return {int(s): float(v) for s, v in (line.split() for line in f if line.strip())}
+
+
+class RecordRank(pl.Callback):
+    """Per rank: the sample keys of every batch, and a checksum of the weights when training ends."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def _file(self, trainer: pl.Trainer) -> str:
+        return f"{self.path}.rank{trainer.global_rank}"
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
+        keys = [f"{stream}:{k}" for stream, b in batch.items() for k in b.get("key", [])]
+        with open(self._file(trainer), "a") as f:
+            f.write("keys " + " ".join(keys) + "\n")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        total = sum(float(p.detach().double().sum()) for p in pl_module.parameters())
+        with open(self._file(trainer), "a") as f:
+            f.write(f"params {total!r} step {trainer.global_step}\n")

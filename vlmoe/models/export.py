@@ -6,6 +6,7 @@
     vlmoe export beit3_base_patch16_224.pth out/beit3_base                 # official BEiT-3 -> vlmoe
     vlmoe export beit3_base_patch16_224.pth out/xmoe8 --config base_xmoe8  # ... upcycled to MoE
     vlmoe export out/beit3_base beit3_base.safetensors --to beit3           # vlmoe -> BEiT-3 layout
+    vlmoe export runs/pretrain/demo/checkpoints/last.ckpt out/demo          # a `vlmoe pretrain` checkpoint
 
 Files are written atomically (a temporary file renamed into place) and existing files are never
 replaced unless ``overwrite`` is asked for.
@@ -164,12 +165,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _training_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """``(backbone state dict, config dict)`` of a vlmoe training checkpoint (``vlmoe pretrain``'s
+    ``.ckpt``: the task's ``state_dict`` with the backbone under ``model.`` and the model config under
+    ``vlmoe_config``), or None for any other file."""
+    if not path.is_file() or path.suffix != ".ckpt":
+        return None
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError and friends
+        raise ValueError(f"{path}: cannot be read with torch.load(weights_only=True): {e}") from None
+    if not isinstance(obj, dict) or "vlmoe_config" not in obj or "state_dict" not in obj:
+        return None
+    sd = {k[len("model.") :]: v for k, v in obj["state_dict"].items() if k.startswith("model.")}
+    return sd, obj["vlmoe_config"]
+
+
 def convert(args: argparse.Namespace) -> tuple[VLMoE, LoadReport | None]:
     """Build and fill the model the command line describes."""
     overrides = _parse_set(args.set)
     src = Path(args.src)
     if src.is_dir() and (src / CONFIG_NAME).exists() and args.config is None:
         return load_pretrained(src, strict=args.strict, **overrides), None
+    trained = _training_checkpoint(src)
+    if trained is not None:
+        sd, config = trained
+        base = VLMoEConfig.from_dict(config) if args.config is None else args.config
+        model = VLMoE(resolve_config(base, overrides))
+        report = load_checkpoint(model, sd, format="vlmoe", strict=args.strict, upcycle_noise=args.upcycle_noise)
+        report.source = str(src)
+        return model, report
     sd, where = read_state_dict(src, args.key)
     fmt = detect_format(strip_prefix(sd, ("module.",))) if args.format == "auto" else args.format
     if fmt == "beit3":
