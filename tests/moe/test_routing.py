@@ -302,3 +302,10 @@ def test_bad_input_shapes_and_values():
 def test_config_round_trips_through_dict():
     c = MoEConfig(num_experts=16, top_k=2, heads=4, router="xmoe", capacity_factor=1.25)
     assert MoEConfig.from_dict(c.to_dict()) == c
+
+
+def test_config_from_dict_accepts_yaml_float_strings():
+    c = MoEConfig.from_dict({"balance_coef": "1e-3", "capacity_factor": "1.25"})
+    assert c.balance_coef == 1e-3 and c.capacity_factor == 1.25
+    with pytest.raises(ValueError, match="balance_coef='lots': expected a number"):
+        MoEConfig.from_dict({"balance_coef": "lots"})

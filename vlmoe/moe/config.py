@@ -200,8 +200,16 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MoEConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(fields))
         if unknown:
-            raise ValueError(f"unknown MoEConfig key(s) {unknown}; known keys: {sorted(known)}")
+            raise ValueError(f"unknown MoEConfig key(s) {unknown}; known keys: {sorted(fields)}")
+        d = dict(d)
+        for name, value in d.items():
+            # YAML 1.1 reads `1e-3` (no dot) as a string; accept it for float fields
+            if isinstance(value, str) and "float" in str(fields[name].type):
+                try:
+                    d[name] = float(value)
+                except ValueError:
+                    raise ValueError(f"MoEConfig.{name}={value!r}: expected a number") from None
         return cls(**d)

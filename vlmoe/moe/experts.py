@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .grouped import RaggedLayout, grouped_linear, ragged_linear
+from .grouped import RaggedLayout, gelu_grouped_linear, grouped_linear, ragged_linear
 
 
 class GroupedExperts(nn.Module):
@@ -77,6 +77,9 @@ class GroupedExperts(nn.Module):
         counts_list = None if (x.is_cuda and self.backend != "loop") else tuple(counts.tolist())
         with torch.autocast(x.device.type, enabled=False):
             h = grouped_linear(x, w1, b1, counts, counts_list, self.backend)  # (M, F) or (M, 2F)
+            if self.expert_type == "gelu" and self.ln_weight is None and counts_list is not None:
+                # loop backend: GELU fused into fc2, recomputed in backward (one (M, F) tensor less)
+                return gelu_grouped_linear(h, w2, b2, counts_list)
             if self.expert_type == "swiglu":
                 gate, up = h.chunk(2, dim=-1)
                 h = F.silu(gate) * up

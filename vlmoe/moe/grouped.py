@@ -83,6 +83,58 @@ class _RowBias(torch.autograd.Function):
         return g, onehot.t() @ g, None
 
 
+class _GeluGroupedLinear(torch.autograd.Function):
+    """y = GELU(h)_e @ w[e] + b[e], saving only h: GELU(h) is recomputed in backward.
+
+    The expert hidden layer is the largest activation of an MoE layer ((k * tokens) x ffn); keeping
+    only the pre-activation instead of both it and the GELU output saves one such tensor per layer
+    for the price of one element-wise pass in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, w: Tensor, b: Tensor | None, counts: tuple[int, ...]) -> Tensor:
+        a = torch.nn.functional.gelu(h)
+        out = _GroupedLinear.forward(ctx, a, w, b, counts)
+        ctx.save_for_backward(h, w)  # replaces the (a, w) saved by the plain forward
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        h, w = ctx.saved_tensors
+        g = g.contiguous()
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        gw = torch.empty_like(w) if need_w else None
+        gb = g.new_empty(w.shape[0], w.shape[2]) if (need_b and ctx.has_bias) else None
+        # weight/bias gradients first, while the recomputed GELU output exists; free it before the
+        # input gradient is allocated, so at most two (M, F) buffers live at once besides h
+        a = torch.nn.functional.gelu(h) if need_w else None
+        s = 0
+        for e, n in enumerate(ctx.counts):
+            gs = g[s : s + n]
+            if gw is not None:
+                torch.mm(a[s : s + n].t(), gs, out=gw[e]) if n else gw[e].zero_()
+            if gb is not None:
+                torch.sum(gs, 0, out=gb[e]) if n else gb[e].zero_()
+            s += n
+        del a
+        ga = None
+        if need_h:
+            ga = g.new_empty(h.shape)
+            s = 0
+            for e, n in enumerate(ctx.counts):
+                if n:
+                    torch.mm(g[s : s + n], w[e].t(), out=ga[s : s + n])
+                s += n
+            # d GELU, written over ga: no second (M, F) buffer
+            torch.ops.aten.gelu_backward.grad_input(ga, h, grad_input=ga)
+        return ga, gw, gb, None
+
+
+def gelu_grouped_linear(h: Tensor, w: Tensor, b: Tensor | None, counts_list: tuple[int, ...]) -> Tensor:
+    """``grouped_linear(GELU(h), w, b)`` on the loop backend, recomputing GELU in backward."""
+    return _GeluGroupedLinear.apply(h.contiguous(), w, b, counts_list)
+
+
 def _grouped_mm_available() -> bool:
     return hasattr(torch, "_grouped_mm")
 
