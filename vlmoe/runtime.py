@@ -4,9 +4,13 @@
 returns it to the kernel on free, so each training step page-faults its large buffers in again
 (activations, and for MoE layers the (E, d, h) expert-weight gradients: ~600 MiB per step for 32
 experts at d=768). Disabling mmap-served allocations and heap trimming makes freed memory reusable by
-the next step without faults. The process keeps its peak memory instead of returning it between steps,
-which is what a training process wants anyway. Set ``VLMOE_MALLOC_TUNING=0`` to opt out; a no-op off
-glibc (macOS, Windows, musl).
+the next step without faults. The process keeps its peak memory instead of returning it between steps.
+
+Opt-in (call it, or set ``VLMOE_MALLOC_TUNING=1`` for the commands that honour it): it suits a training
+loop whose allocations repeat step after step (RSS stays flat), but a process that mixes very different
+allocation patterns can fragment the never-trimmed heap - one benchmark process running the peers'
+multi-GB one-hot dispatch tensors after our layers grew to the machine's 23 GiB and was killed. A no-op
+off glibc (macOS, Windows, musl), and with ``VLMOE_MALLOC_TUNING=0``.
 """
 
 from __future__ import annotations
@@ -19,6 +23,11 @@ import sys
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _done = False
+
+
+def malloc_tuning_requested() -> bool:
+    """``VLMOE_MALLOC_TUNING=1`` in the environment."""
+    return os.environ.get("VLMOE_MALLOC_TUNING", "0") == "1"
 
 
 def reuse_freed_memory() -> bool:

@@ -358,9 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-torchscale", dest="torchscale", action="store_false")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the ideal and the vlmoe layer")
-    p.add_argument("--no-malloc-tuning", dest="malloc_tuning", action="store_false",
-                   help="keep glibc's default of mmap-serving (and page-faulting) every large buffer; "
-                        "by default freed memory is reused (vlmoe.runtime.reuse_freed_memory), for every impl")
+    p.add_argument("--malloc-tuning", action="store_true",
+                   help="reuse freed memory instead of page-faulting large buffers in every step "
+                        "(vlmoe.runtime.reuse_freed_memory; applies to every impl; use with --no-peers: the "
+                        "peers' multi-GB temporaries fragment the untrimmed heap)")
     p.add_argument("--world-size", type=int, default=1,
                    help="> 1: expert parallelism over that many CPU processes (gloo); prints the time split "
                         "(routing / exchange / compute) and the all-to-all volume")
