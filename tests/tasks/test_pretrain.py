@@ -92,3 +92,28 @@ def test_nonfinite_loss_names_step_and_term_and_keeps_last_checkpoint(make_task,
     state = torch.load(tmp_path / "ck" / "last.ckpt", map_location="cpu", weights_only=False)
     assert state["global_step"] == 4  # the last good step; nothing was saved after the failure
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+
+
+def test_workers_capped_by_shards_per_rank(make_data) -> None:
+    dm = make_data(num_workers=4, image_size=32, patch_size=8)
+    dm.setup("fit")
+    # 2 train shards per stream, 1 val shard: a worker without a shard would have nothing to read
+    assert dm.train_data.config.num_workers == 2
+    assert dm.val_data.config.num_workers == 1
+
+
+def test_fsdp_strategy_wraps_multiway_blocks() -> None:
+    from vlmoe.models import MultiwayBlock
+    from vlmoe.tasks.strategies import MultiwayFSDPStrategy
+
+    s = MultiwayFSDPStrategy(activation_checkpointing=True)
+    assert s.kwargs["auto_wrap_policy"]._module_classes == {MultiwayBlock}
+    assert s._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {MultiwayBlock}
+    assert s._state_dict_type == "sharded"
+    assert not MultiwayFSDPStrategy()._activation_checkpointing_kwargs
+
+
+def test_routers_have_no_scalar_parameters(make_task) -> None:
+    # FSDP cannot shard 0-d parameters (X-MoE's learnable temperature used to be one)
+    for variant in ("xmoe", "mhmoe"):
+        assert all(p.dim() > 0 for p in make_task(variant).parameters()), variant

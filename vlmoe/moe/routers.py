@@ -166,12 +166,20 @@ class CosineRouter(Router):
         self.expert_embeddings = nn.Parameter(F.normalize(emb, dim=-1) * embedding_norm)
         self.embedding_norm = embedding_norm
         # log-parametrised so tau stays positive; clamped at 0.01 like tutel's cosine gate.
-        self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
+        # shape (1,), not a scalar: FSDP cannot shard 0-d parameters
+        self.log_temperature = nn.Parameter(torch.tensor([math.log(temperature)]))
         self.balance_temperature = balance_temperature
 
     @property
     def temperature(self) -> Tensor:
         return self.log_temperature.exp().clamp_min(0.01)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # checkpoints written while the temperature was a 0-d parameter still load
+        key = prefix + "log_temperature"
+        if key in state_dict and state_dict[key].dim() == 0:
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def compute_logits(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         if self.training:

@@ -186,6 +186,23 @@ class VLMoETask(pl.LightningModule):
         if threads < torch.get_num_threads():
             torch.set_num_threads(threads)
 
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        # Lightning's FSDP precision plugin refuses norm clipping; the FSDP module itself can do it
+        # (the norm is computed over all shards).
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if (
+            gradient_clip_val
+            and gradient_clip_algorithm in (None, "norm")
+            and isinstance(self.trainer.strategy, FSDPStrategy)
+        ):
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     # ------------------------------------------------------------------ optimizer
     def total_steps(self) -> int:
         """Schedule length: ``max_steps`` if set, else the trainer's."""
@@ -266,7 +283,8 @@ class VLMoETask(pl.LightningModule):
             name = s.name or f"layer{i}"
             slot = store.get(name)
             counts = s.tokens_per_expert.detach().to(torch.float64)
-            dropped = s.dropped.detach().to(torch.float64).reshape(())
+            # `dropped` may live on the CPU (a layer without capacity limit makes a constant zero)
+            dropped = s.dropped.detach().to(counts.device, torch.float64).reshape(())
             if slot is None or slot["counts"].shape != counts.shape:
                 store[name] = {"counts": counts.clone(), "dropped": dropped.clone()}
             else:

@@ -20,13 +20,16 @@ batches), ``resume="reseed"`` (default) starts the stream afresh with a seed der
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vlmoe.data import PretrainData, PretrainDataConfig, build_demo, build_tokenizer
+from vlmoe.data import PretrainData, PretrainDataConfig, build_demo, build_tokenizer, expand_shards
+
+log = logging.getLogger("vlmoe.tasks")
 
 __all__ = ["PretrainDataModule"]
 
@@ -179,6 +182,19 @@ class PretrainDataModule(pl.LightningDataModule):
             raise ValueError("image_size / patch_size unknown: set them, or attach the data to a trainer and model")
         return image_size, patch_size
 
+    def _workers(self, shards: dict[str, Any]) -> int:
+        """DataLoader workers, at most as many as the smallest stream has shards per rank: a worker
+        without a shard would have nothing to read (resampled streams have no such limit)."""
+        if self.resampled:
+            return self.num_workers
+        world = self.trainer.world_size if self.trainer is not None else 1
+        counts = [len(expand_shards(v)) for v in shards.values() if v is not None]
+        per_rank = min(counts) // max(1, world) if counts else 0
+        workers = min(self.num_workers, max(0, per_rank))
+        if workers < self.num_workers:
+            log.info(f"data: {workers} DataLoader workers instead of {self.num_workers} ({per_rank} shards per rank)")
+        return workers
+
     def _config(self, shards: dict[str, Any], batch_size: int, samples: int | None, train: bool) -> PretrainDataConfig:
         image_size, patch_size = self._model_geometry()
         grid = (image_size // patch_size) ** 2
@@ -205,7 +221,7 @@ class PretrainDataModule(pl.LightningDataModule):
             shuffle=self.shuffle if train else 0,
             resampled=self.resampled if train else False,
             samples_per_epoch=samples,
-            num_workers=self.num_workers,
+            num_workers=self._workers(shards),
             seed=self.seed,
         )
 
@@ -236,7 +252,7 @@ class PretrainDataModule(pl.LightningDataModule):
         assert data is not None
         done = self._trained_batches()
         if done and self.resume == "skip":
-            dataset: IterableDataset = _Skip(data.dataset, done, self.num_workers)
+            dataset: IterableDataset = _Skip(data.dataset, done, data.config.num_workers)
             return DataLoader(dataset, **self._loader_kwargs())
         if done and self.resume == "reseed":
             # a different, step-dependent stream: the resumed run does not replay the epoch's start
@@ -247,8 +263,9 @@ class PretrainDataModule(pl.LightningDataModule):
         return data.loader()
 
     def _loader_kwargs(self) -> dict[str, Any]:
-        opts: dict[str, Any] = {"batch_size": None, "num_workers": self.num_workers}
-        if self.num_workers > 0:
+        workers = self.train_data.config.num_workers if self.train_data is not None else self.num_workers
+        opts: dict[str, Any] = {"batch_size": None, "num_workers": workers}
+        if workers > 0:
             opts.update(prefetch_factor=4, persistent_workers=False)
         return opts
 
