@@ -170,3 +170,28 @@ def test_two_process_ddp_on_cpu(shards, tmp_path) -> None:  # noqa: F811
     assert p0 == pytest.approx(p1, rel=1e-6)  # gradients were averaged: the replicas did not drift
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert state["global_step"] == 4
+
+
+@pytest.mark.distributed
+def test_ddp_nonfinite_loss_on_one_rank_stops_every_rank(shards, tmp_path) -> None:  # noqa: F811
+    """A NaN on rank 1 alone: both ranks stop at that step with the error (no rank left waiting)."""
+    import os
+    import subprocess
+    import sys
+
+    args = _run_args(shards, tmp_path, "--trainer.max_steps=6", "--trainer.limit_val_batches=0",
+                     "--trainer.accelerator=cpu", "--trainer.devices=2",
+                     "--trainer.strategy=ddp_find_unused_parameters_true", "--checkpoint.every_n_train_steps=2",
+                     "--data.val_pair_shards=null", "--data.val_image_shards=null", "--data.val_text_shards=null")
+    args.append(_callbacks(("PoisonRank", {"rank": 1, "step": 3})))
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.run([sys.executable, "-m", "vlmoe.cli", "pretrain", "fit", *args], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    err = proc.stderr
+    assert "non-finite loss at train step 3: loss/mim_pair=nan, loss/mim_image=nan" in err, err[-3000:]
+    assert "non-finite loss at train step 3 on another rank (this is rank 0)" in err
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 2  # the last good checkpoint, untouched

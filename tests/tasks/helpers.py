@@ -56,3 +56,14 @@ class RecordRank(pl.Callback):
         total = sum(float(p.detach().double().sum()) for p in pl_module.parameters())
         with open(self._file(trainer), "a") as f:
             f.write(f"params {total!r} step {trainer.global_step}\n")
+
+
+class PoisonRank(pl.Callback):
+    """Fill the MIM head with NaN on one rank before a step (a rank-local numerical blow-up)."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step = rank, step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, idx: int) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            pl_module.model.heads["mim"].proj.weight.data.fill_(float("nan"))

@@ -246,12 +246,17 @@ class VLMoETask(pl.LightningModule):
     def check_terms(self, terms: Mapping[str, Tensor], stage: str = "train") -> None:
         """Raise :class:`NonFiniteLossError` naming the step and each non-finite term.
 
-        One device sync for all terms together; the names are only looked up on failure.
+        One device sync for all terms together; the names are only looked up on failure. With several
+        data-parallel ranks the verdict is shared (one tiny all-reduce), so every rank stops at the same
+        step instead of the healthy ones waiting forever in the gradient all-reduce.
         """
         if not self.check_finite or not terms:
             return
         values = torch.stack([t.detach().float().reshape(()) for t in terms.values()])
-        if bool(torch.isfinite(values).all()):
+        bad_here = (~torch.isfinite(values)).any().float()
+        world = self.trainer.world_size if self._trainer is not None else 1
+        bad_anywhere = self.trainer.strategy.reduce(bad_here, reduce_op="sum") if world > 1 else bad_here
+        if float(bad_anywhere) == 0:
             return
         bad = {k: float(v) for k, v in zip(terms, values.tolist()) if not math.isfinite(v)}
         good = {k: round(float(v), 4) for k, v in zip(terms, values.tolist()) if math.isfinite(v)}
@@ -263,6 +268,9 @@ class VLMoETask(pl.LightningModule):
             last = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or ""
             if last:
                 ckpt += f" Last checkpoint: {last}."
+        if not bad:
+            rank = self.trainer.global_rank
+            raise NonFiniteLossError(f"non-finite loss {where} on another rank (this is rank {rank}).{ckpt}")
         raise NonFiniteLossError(
             f"non-finite loss {where}: " + ", ".join(f"{k}={v}" for k, v in bad.items())
             + f" (finite terms: {good}).{ckpt}"
