@@ -195,3 +195,49 @@ def test_ddp_nonfinite_loss_on_one_rank_stops_every_rank(shards, tmp_path) -> No
     assert "non-finite loss at train step 3 on another rank (this is rank 0)" in err
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert state["global_step"] == 2  # the last good checkpoint, untouched
+
+
+@pytest.mark.distributed
+def test_expert_parallel_matches_ddp_and_checkpoints_every_expert(shards, tmp_path) -> None:  # noqa: F811
+    """Experts sharded over 2 gloo ranks train like plain DDP; the checkpoint holds all experts and
+    resumes, and it exports as a complete model."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.tasks.helpers import read_losses
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    env.pop("LOCAL_RANK", None)
+
+    def launch(out: Path, steps: int, *extra: str) -> None:
+        args = _run_args(shards, out, f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=0",
+                         "--trainer.accelerator=cpu", "--trainer.devices=2",
+                         "--trainer.strategy=ddp_find_unused_parameters_true", "--checkpoint.every_n_train_steps=2",
+                         "--data.val_pair_shards=null", "--data.val_image_shards=null",
+                         "--data.val_text_shards=null", "--model.model=tiny_moe", "--data.scale=[1.0, 1.0]",
+                         "--data.shuffle=0", *extra)
+        args.append(_callbacks(("LossRecorder", {"path": str(out / "loss")})))
+        proc = subprocess.run([sys.executable, "-m", "vlmoe.cli", "pretrain", "fit", *args], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    launch(tmp_path / "ddp", 4)
+    launch(tmp_path / "ep", 4, "--model.expert_parallel=true")
+    for r in (0, 1):
+        want = read_losses(tmp_path / "ddp" / f"loss.rank{r}")
+        got = read_losses(tmp_path / "ep" / f"loss.rank{r}")
+        assert sorted(got) == [0, 1, 2, 3]
+        for step in got:
+            assert got[step] == pytest.approx(want[step], rel=1e-4), (r, step, got, want)
+    state = torch.load(tmp_path / "ep" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    w1 = state["state_dict"]["model.blocks.0.mlp.vision.experts.w1"]
+    assert w1.shape[0] == 4  # all 4 experts, not rank 0's 2
+    moments = [s["exp_avg"] for s in state["optimizer_states"][0]["state"].values() if s["exp_avg"].shape == w1.shape]
+    assert moments and all(m.abs().sum() > 0 for m in moments)  # both ranks' expert moments, gathered
+    vlmoe_main(["export", str(tmp_path / "ep" / "checkpoints" / "last.ckpt"), str(tmp_path / "export"), "--strict"])
+    launch(tmp_path / "ep", 6, "--model.expert_parallel=true", "--ckpt_path=last")
+    state = torch.load(tmp_path / "ep" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 6
+    assert sorted(read_losses(tmp_path / "ep" / "loss.rank1")) == [0, 1, 2, 3, 4, 5]

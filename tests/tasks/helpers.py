@@ -10,14 +10,18 @@ import lightning.pytorch as pl
 
 
 class LossRecorder(pl.Callback):
-    """Append ``step loss`` to a file after every training step (flushed: survives a kill)."""
+    """Append ``step loss`` to a file after every training step (flushed: survives a kill).
+
+    With several ranks each writes ``<path>.rank<r>``.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        with open(self.path, "a") as f:
+        path = self.path if trainer.world_size == 1 else f"{self.path}.rank{trainer.global_rank}"
+        with open(path, "a") as f:
             f.write(f"{trainer.global_step - 1} {float(loss)!r}\n")  # the step this loss was computed at
             f.flush()
 

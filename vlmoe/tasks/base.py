@@ -125,6 +125,10 @@ class VLMoETask(pl.LightningModule):
         stats_every: log routing statistics every this many optimizer steps (0: never).
         activation_tau: threshold of the expert activation ratio (see :mod:`vlmoe.moe.stats`).
         check_finite: raise :class:`NonFiniteLossError` when a loss term is NaN / inf.
+        expert_parallel: shard the experts of every MoE layer over the data-parallel ranks (DDP;
+            each rank computes its own experts for every rank's tokens; see
+            :mod:`vlmoe.moe.parallel`). Checkpoints still hold every expert
+            (:mod:`vlmoe.tasks.expert_parallel`).
     """
 
     model: nn.Module
@@ -143,6 +147,7 @@ class VLMoETask(pl.LightningModule):
         stats_every: int = 50,
         activation_tau: float = 0.1,
         check_finite: bool = True,
+        expert_parallel: bool = False,
     ) -> None:
         super().__init__()
         if lr <= 0 or min_lr < 0 or min_lr > lr:
@@ -157,6 +162,7 @@ class VLMoETask(pl.LightningModule):
         self.stats_every = stats_every
         self.activation_tau = activation_tau
         self.check_finite = check_finite
+        self.expert_parallel = expert_parallel
         # routing counts summed on the device between logging steps (no host sync per step)
         self._route_counts: dict[str, dict[str, dict[str, Tensor]]] = {"train": {}, "val": {}}
         self._last_step_end: float | None = None
@@ -165,6 +171,29 @@ class VLMoETask(pl.LightningModule):
     def setup(self, stage: str) -> None:
         if self._trainer is not None:
             self._set_cpu_threads()
+            if self.expert_parallel:
+                self._shard_experts()
+
+    def _shard_experts(self) -> None:
+        """Shard experts over the ranks before DDP wraps the module (setup runs before the wrap)."""
+        from lightning.pytorch.strategies import DDPStrategy
+
+        from vlmoe.moe.parallel import ddp_ignore_expert_params, shard_experts
+
+        if self.trainer.world_size == 1 or any(getattr(p, "expert_parallel", False) for p in self.parameters()):
+            return
+        if not isinstance(self.trainer.strategy, DDPStrategy):
+            raise ValueError(
+                f"expert_parallel needs a DDP strategy (ddp_find_unused_parameters_true), "
+                f"not {type(self.trainer.strategy).__name__}"
+            )
+        # building the local expert modules initialises (then overwrites) weights: keep the global RNG
+        # where it was, so sharding does not change the data stream or any later random draw
+        with torch.random.fork_rng(devices=[]):
+            shard_experts(self.model)
+        # expert weights differ per rank: DDP must not average them (their gradients already sum over
+        # every rank's tokens, scaled by 1 / world)
+        ddp_ignore_expert_params(self)
 
     def _set_cpu_threads(self) -> None:
         """On CPU, leave one core per DataLoader worker (and per process on the node).
@@ -217,9 +246,9 @@ class VLMoETask(pl.LightningModule):
                 return int(est)
         raise ValueError("cannot tell the schedule length: set model max_steps or trainer.max_steps")
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def _param_groups(self) -> list[dict[str, Any]]:
         backbone = self.model
-        groups = param_groups(
+        return param_groups(
             self,
             self.weight_decay,
             self.layer_decay,
@@ -228,6 +257,9 @@ class VLMoETask(pl.LightningModule):
             no_weight_decay=backbone.no_weight_decay() if hasattr(backbone, "no_weight_decay") else (),
             prefix="model.",
         )
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        groups = self._param_groups()
         for g in groups:
             g["lr"] = self.lr * g["lr_scale"]
             del g["names"]
@@ -236,6 +268,25 @@ class VLMoETask(pl.LightningModule):
         lam = warmup_cosine(self.warmup_steps, self.total_steps(), self.min_lr / self.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    # ------------------------------------------------------------------ expert-parallel checkpoints
+    def _sharded(self) -> bool:
+        return any(getattr(p, "expert_parallel", False) for p in self.parameters())
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._sharded():
+            from .expert_parallel import gather_expert_state
+
+            params = [[p for g in opt.param_groups for p in g["params"]] for opt in self.trainer.optimizers]
+            gather_expert_state(self, checkpoint, params)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._sharded():
+            from .expert_parallel import slice_expert_state
+
+            # the optimizer does not exist yet; its parameter order is that of configure_optimizers
+            params = [[p for g in self._param_groups() for p in g["params"]]]
+            slice_expert_state(self, checkpoint, params)
 
     # ------------------------------------------------------------------ losses
     def aux_terms(self, aux: MoEAux, scale: float = 1.0) -> dict[str, Tensor]:

@@ -79,6 +79,7 @@ class PretrainTask(VLMoETask):
         stats_every: int = 50,
         activation_tau: float = 0.1,
         check_finite: bool = True,
+        expert_parallel: bool = False,
     ) -> None:
         super().__init__(
             lr=lr,
@@ -93,6 +94,7 @@ class PretrainTask(VLMoETask):
             stats_every=stats_every,
             activation_tau=activation_tau,
             check_finite=check_finite,
+            expert_parallel=expert_parallel,
         )
         self.save_hyperparameters(ignore=["mim_target"])
         target = mim_target if mim_target is not None else PixelTarget()
@@ -250,5 +252,6 @@ class PretrainTask(VLMoETask):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         # plain data, so `vlmoe export run.ckpt out/` rebuilds the model without this class
         checkpoint["vlmoe_config"] = self.model.config.to_dict()
