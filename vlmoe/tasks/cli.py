@@ -142,7 +142,12 @@ def _build(args: list[str], run: bool, cli_class: type[PretrainCLI]) -> Pretrain
         save_config_kwargs={"overwrite": True},
         # optimizer and schedule come from the task (layer decay needs the model's layer ids)
         auto_configure_optimizers=False,
-        parser_kwargs={"prog": "vlmoe pretrain"} if run else {"prog": "vlmoe pretrain", "exit_on_error": False},
+        parser_kwargs={
+            "prog": "vlmoe pretrain",
+            "description": "Masked multimodal pretraining (MLM + MIM on pairs, images, texts). "
+            "No arguments: the CPU demo (tiny MH-MoE, demo data). `fit` is implied.",
+            **({} if run else {"exit_on_error": False}),
+        },
         args=args,
         run=run,
     )

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from vlmoe.data.masking import IGNORE_INDEX
@@ -113,7 +114,7 @@ class PretrainTask(VLMoETask):
         self.model: VLMoE = create_model(base, **overrides)
         if init_checkpoint:
             report = load_checkpoint(self.model, init_checkpoint)
-            print(report)
+            rank_zero_info(str(report))
         # Not a registered submodule: the frozen target is rebuilt from its own checkpoint, so it stays
         # out of training checkpoints, the optimizer and DDP.
         object.__setattr__(self, "mim_target", target)
