@@ -114,9 +114,11 @@ def _ensure_process_group() -> None:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29533")
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        # a file rendezvous: no TCP port that another process might hold
+        import tempfile
+
+        init = os.path.join(tempfile.mkdtemp(prefix="vlmoe-bench-"), "init")
+        dist.init_process_group("gloo", init_method=f"file://{init}", rank=0, world_size=1)
 
 
 def _patch_histc() -> None:
