@@ -108,12 +108,28 @@ def _torchscale_layer(dim: int, ffn: int, num_experts: int, top_k: int, tokens: 
     return layer, run
 
 
+_OWN_PROCESS_GROUP = False
+
+
+def _release_process_group() -> None:
+    """Destroy the 1-process group started for the torchscale peer (callers may run more code after)."""
+    global _OWN_PROCESS_GROUP
+    if _OWN_PROCESS_GROUP:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        _OWN_PROCESS_GROUP = False
+
+
 def _ensure_process_group() -> None:
     import os
 
     import torch.distributed as dist
 
+    global _OWN_PROCESS_GROUP
     if not dist.is_initialized():
+        _OWN_PROCESS_GROUP = True
         # a file rendezvous: no TCP port that another process might hold
         import tempfile
 
@@ -485,10 +501,13 @@ def main(argv: list[str] | None = None) -> str:
     )
     print(header, flush=True)
     rows = []
-    for case in parse_cases(args.cases):
-        row = run_case(case, args, device, dtype)
-        rows.append(row)
-        print(format_table([row], device), flush=True)
+    try:
+        for case in parse_cases(args.cases):
+            row = run_case(case, args, device, dtype)
+            rows.append(row)
+            print(format_table([row], device), flush=True)
+    finally:
+        _release_process_group()
     table = format_table(rows, device)
     print("\n" + header + "\n" + table)
     return table
