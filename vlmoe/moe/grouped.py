@@ -42,26 +42,37 @@ class _GroupedLinear(torch.autograd.Function):
         x, w = ctx.saved_tensors
         g = g.contiguous()
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gx = g.new_empty(x.shape) if need_x else None
-        gw = torch.empty_like(w) if need_w else None
-        gb = g.new_empty(w.shape[0], w.shape[2]) if (need_b and ctx.has_bias) else None
-        s = 0
-        for e, n in enumerate(ctx.counts):
-            if n == 0:  # an expert that got no rows has zero gradient
-                if gw is not None:
-                    gw[e].zero_()
-                if gb is not None:
-                    gb[e].zero_()
-                continue
-            gs = g[s : s + n]
-            if gx is not None:
-                torch.mm(gs, w[e].t(), out=gx[s : s + n])
-            if gw is not None:
-                torch.mm(x[s : s + n].t(), gs, out=gw[e])
-            if gb is not None:
-                torch.sum(gs, 0, out=gb[e])
-            s += n
+        gw, gb = _param_grads(x, g, w, ctx.counts, need_w, need_b and ctx.has_bias)
+        gx = _input_grad(g, w, ctx.counts, x.shape) if need_x else None
         return gx, gw, gb, None
+
+
+def _param_grads(
+    x: Tensor, g: Tensor, w: Tensor, counts: tuple[int, ...], need_w: bool, need_b: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """Per-expert w[e] and b[e] gradients written into one stacked buffer each (zero for idle experts)."""
+    gw = torch.empty_like(w) if need_w else None
+    gb = g.new_empty(w.shape[0], w.shape[2]) if need_b else None
+    s = 0
+    for e, n in enumerate(counts):
+        gs = g[s : s + n]
+        if gw is not None:
+            torch.mm(x[s : s + n].t(), gs, out=gw[e]) if n else gw[e].zero_()
+        if gb is not None:
+            torch.sum(gs, 0, out=gb[e]) if n else gb[e].zero_()
+        s += n
+    return gw, gb
+
+
+def _input_grad(g: Tensor, w: Tensor, counts: tuple[int, ...], shape: torch.Size) -> Tensor:
+    """Rows of the input gradient, expert by expert: g_e @ w[e]^T."""
+    gx = g.new_empty(shape)
+    s = 0
+    for e, n in enumerate(counts):
+        if n:
+            torch.mm(g[s : s + n], w[e].t(), out=gx[s : s + n])
+        s += n
+    return gx
 
 
 class _RowBias(torch.autograd.Function):
@@ -103,28 +114,14 @@ class _GeluGroupedLinear(torch.autograd.Function):
         h, w = ctx.saved_tensors
         g = g.contiguous()
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        gw = torch.empty_like(w) if need_w else None
-        gb = g.new_empty(w.shape[0], w.shape[2]) if (need_b and ctx.has_bias) else None
         # weight/bias gradients first, while the recomputed GELU output exists; free it before the
         # input gradient is allocated, so at most two (M, F) buffers live at once besides h
-        a = torch.nn.functional.gelu(h) if need_w else None
-        s = 0
-        for e, n in enumerate(ctx.counts):
-            gs = g[s : s + n]
-            if gw is not None:
-                torch.mm(a[s : s + n].t(), gs, out=gw[e]) if n else gw[e].zero_()
-            if gb is not None:
-                torch.sum(gs, 0, out=gb[e]) if n else gb[e].zero_()
-            s += n
+        a = torch.nn.functional.gelu(h) if need_w else h
+        gw, gb = _param_grads(a, g, w, ctx.counts, need_w, need_b and ctx.has_bias)
         del a
         ga = None
         if need_h:
-            ga = g.new_empty(h.shape)
-            s = 0
-            for e, n in enumerate(ctx.counts):
-                if n:
-                    torch.mm(g[s : s + n], w[e].t(), out=ga[s : s + n])
-                s += n
+            ga = _input_grad(g, w, ctx.counts, h.shape)
             # d GELU, written over ga: no second (M, F) buffer
             torch.ops.aten.gelu_backward.grad_input(ga, h, grad_input=ga)
         return ga, gw, gb, None
