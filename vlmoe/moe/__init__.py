@@ -5,6 +5,7 @@
     y, aux = layer(x, padding_mask=None)   # aux.loss: scalar; aux.tokens_per_expert: (E,)
 """
 
+from . import workspace
 from .config import MoEConfig
 from .dispatch import DispatchPlan, combine, dispatch, expert_capacity, make_plan
 from .experts import GroupedExperts, HeteroExperts
@@ -59,4 +60,5 @@ __all__ = [
     "p_penalty_loss",
     "router_entropy_loss",
     "router_z_loss",
+    "workspace",
 ]

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import workspace
+
 
 @dataclass
 class DispatchPlan:
@@ -109,7 +111,7 @@ class _Dispatch(torch.autograd.Function):
     def forward(ctx, x: Tensor, src_token: Tensor, inv: Tensor, top_k: int, num_kept: int) -> Tensor:
         ctx.save_for_backward(inv)
         ctx.top_k, ctx.num_kept = top_k, num_kept
-        return x.index_select(0, src_token)  # (M, d)
+        return _gather(x, src_token)  # (M, d)
 
     @staticmethod
     def backward(ctx, g: Tensor):
@@ -118,9 +120,11 @@ class _Dispatch(torch.autograd.Function):
         if inv.numel() and ctx.num_kept < inv.numel():  # dropped assignments read a zero row
             g = torch.cat([g, g.new_zeros(1, g.shape[1])])
         T, k = inv.numel() // ctx.top_k, ctx.top_k
-        ga = g.index_select(0, inv).view(T, k, g.shape[1])  # (T, k, d) grads of each token's k rows
-        gx = ga[:, 0].clone() if k > 1 else ga[:, 0]
-        for j in range(1, k):
+        ga = _gather(g, inv).view(T, k, g.shape[1])  # (T, k, d) grads of each token's k rows
+        if k == 1:
+            return ga[:, 0], None, None, None, None
+        gx = torch.add(ga[:, 0], ga[:, 1], out=workspace.empty((T, g.shape[1]), dtype=g.dtype, device=g.device))
+        for j in range(2, k):
             gx.add_(ga[:, j])
         return gx, None, None, None, None
 
@@ -137,9 +141,9 @@ class _Combine(torch.autograd.Function):
         T, k = weights.shape
         d = rows.shape[1]
         padded = torch.cat([rows, rows.new_zeros(1, d)]) if perm.numel() < inv.numel() else rows
-        ya = padded.index_select(0, inv).view(T, k, d)  # (T, k, d) each token's k expert outputs
+        ya = _gather(padded, inv).view(T, k, d)  # (T, k, d) each token's k expert outputs
         w = weights.to(rows.dtype)
-        out = ya[:, 0] * w[:, :1]
+        out = torch.mul(ya[:, 0], w[:, :1], out=workspace.empty((T, d), dtype=rows.dtype, device=rows.device))
         for j in range(1, k):
             out.addcmul_(ya[:, j], w[:, j : j + 1])
         ctx.save_for_backward(rows, w, perm, src_token)
@@ -150,7 +154,7 @@ class _Combine(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         rows, w, perm, src_token = ctx.saved_tensors
         need_rows, need_w = ctx.needs_input_grad[:2]
-        g_rows = g.contiguous().index_select(0, src_token)  # (M, d) output grad of each row's token
+        g_rows = _gather(g.contiguous(), src_token)  # (M, d) output grad of each row's token
         grad_w = None
         if need_w:
             dots = (g_rows * rows).sum(-1)  # (M,) d out / d gate, per sorted row
@@ -158,6 +162,12 @@ class _Combine(torch.autograd.Function):
             grad_w = grad_w.to(ctx.weights_dtype)
         grad_rows = g_rows.mul_(w.reshape(-1).index_select(0, perm).unsqueeze(1)) if need_rows else None
         return grad_rows, grad_w, None, None, None
+
+
+def _gather(x: Tensor, index: Tensor) -> Tensor:
+    """x[index] (rows), into a workspace buffer."""
+    out = workspace.empty((index.numel(), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    return torch.index_select(x, 0, index, out=out)
 
 
 def dispatch(x: Tensor, plan: DispatchPlan) -> Tensor:

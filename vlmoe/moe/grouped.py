@@ -18,12 +18,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import workspace
+
 
 class _GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None, counts: tuple[int, ...]) -> Tensor:
         M, N = x.shape[0], w.shape[2]
-        out = x.new_empty(M, N)
+        out = workspace.empty((M, N), dtype=x.dtype, device=x.device)
         s = 0
         for e, n in enumerate(counts):
             if n:
@@ -51,7 +53,7 @@ def _param_grads(
     x: Tensor, g: Tensor, w: Tensor, counts: tuple[int, ...], need_w: bool, need_b: bool
 ) -> tuple[Tensor | None, Tensor | None]:
     """Per-expert w[e] and b[e] gradients written into one stacked buffer each (zero for idle experts)."""
-    gw = torch.empty_like(w) if need_w else None
+    gw = workspace.empty_like(w) if need_w else None
     gb = g.new_empty(w.shape[0], w.shape[2]) if need_b else None
     s = 0
     for e, n in enumerate(counts):
@@ -66,7 +68,7 @@ def _param_grads(
 
 def _input_grad(g: Tensor, w: Tensor, counts: tuple[int, ...], shape: torch.Size) -> Tensor:
     """Rows of the input gradient, expert by expert: g_e @ w[e]^T."""
-    gx = g.new_empty(shape)
+    gx = workspace.empty(shape, dtype=g.dtype, device=g.device)
     s = 0
     for e, n in enumerate(counts):
         if n:
@@ -104,7 +106,7 @@ class _GeluGroupedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: Tensor, w: Tensor, b: Tensor | None, counts: tuple[int, ...]) -> Tensor:
-        a = torch.nn.functional.gelu(h)
+        a = _gelu(h)
         out = _GroupedLinear.forward(ctx, a, w, b, counts)
         ctx.save_for_backward(h, w)  # replaces the (a, w) saved by the plain forward
         return out
@@ -116,7 +118,7 @@ class _GeluGroupedLinear(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         # weight/bias gradients first, while the recomputed GELU output exists; free it before the
         # input gradient is allocated, so at most two (M, F) buffers live at once besides h
-        a = torch.nn.functional.gelu(h) if need_w else h
+        a = _gelu(h) if need_w else h
         gw, gb = _param_grads(a, g, w, ctx.counts, need_w, need_b and ctx.has_bias)
         del a
         ga = None
@@ -125,6 +127,10 @@ class _GeluGroupedLinear(torch.autograd.Function):
             # d GELU, written over ga: no second (M, F) buffer
             torch.ops.aten.gelu_backward.grad_input(ga, h, grad_input=ga)
         return ga, gw, gb, None
+
+
+def _gelu(h: Tensor) -> Tensor:
+    return torch.ops.aten.gelu.out(h, out=workspace.empty_like(h))
 
 
 def gelu_grouped_linear(h: Tensor, w: Tensor, b: Tensor | None, counts_list: tuple[int, ...]) -> Tensor:
@@ -212,7 +218,7 @@ class _RaggedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None, layout: RaggedLayout) -> Tensor:
-        out = x.new_empty(layout.y_numel)
+        out = workspace.empty((layout.y_numel,), dtype=x.dtype, device=x.device)
         for _, n, k, m, xo, yo, wo, bo in layout.blocks():
             if n:
                 o = torch.mm(x[xo : xo + n * k].view(n, k), w[wo : wo + k * m].view(k, m),
@@ -229,11 +235,13 @@ class _RaggedLinear(torch.autograd.Function):
         lay: RaggedLayout = ctx.layout
         g = g.contiguous()
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gx = g.new_empty(x.shape) if need_x else None
-        gw = torch.zeros_like(w) if need_w else None
+        gx = workspace.empty_like(x) if need_x else None
+        gw = workspace.empty_like(w) if need_w else None
         gb = g.new_zeros(lay.b_numel) if (need_b and ctx.has_bias) else None
         for _, n, k, m, xo, yo, wo, bo in lay.blocks():
             if n == 0:
+                if gw is not None:  # an idle expert's weight gradient is zero
+                    gw[wo : wo + k * m].zero_()
                 continue
             gs = g[yo : yo + n * m].view(n, m)
             we = w[wo : wo + k * m].view(k, m)
