@@ -11,9 +11,10 @@ medians) of:
 - ``torchscale``: torchscale's X-MoE ``MOELayer`` + ``Top2Gate(use_xmoe=True)`` when installed
   (``pip install --no-deps torchscale fairscale``), capacity factor 1 in training as its default.
 
-Each implementation is timed in its own steady state: vlmoe after one untimed step that refills its
-workspace (:mod:`vlmoe.moe.workspace`, the cache of its large CPU buffers), every other implementation
-after that cache has been released, so none of them runs with memory vlmoe holds between steps.
+Each implementation is timed in its own steady state, right after one untimed step of itself (which
+refills vlmoe's workspace, :mod:`vlmoe.moe.workspace`, the cache of its large CPU buffers); every
+other implementation runs after that cache has been released, so none of them runs with memory vlmoe
+holds between steps.
 
 Peak memory is the peak of live tensor bytes allocated during one forward + backward (allocator
 events recorded by the torch profiler on CPU, ``max_memory_allocated`` on CUDA). Two references:
@@ -298,12 +299,12 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, dtype: 
     results = {name: Result(name, []) for name in impls}
     for _ in range(args.repeats):
         for name, (mod, fn) in impls.items():
-            if name.startswith("vlmoe"):
-                # steady state: one untimed step refills the workspace the previous impl ran without
-                _fwd_bwd(fn, *inputs[name])
-                _zero_grads(mod)
-            else:
+            if not name.startswith("vlmoe"):
                 workspace.release()  # nobody else runs with our cached buffers held
+            # steady state: one untimed step first (refills vlmoe's workspace; and page-fault costs on
+            # a VM depend on what ran just before, e.g. the peers' multi-GB temporaries)
+            _fwd_bwd(fn, *inputs[name])
+            _zero_grads(mod)
             x.grad = x_ideal.grad = None
             _sync(device)
             t0 = time.perf_counter()

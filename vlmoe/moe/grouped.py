@@ -96,41 +96,65 @@ class _RowBias(torch.autograd.Function):
         return g, onehot.t() @ g, None
 
 
-class _GeluGroupedLinear(torch.autograd.Function):
-    """y = GELU(h)_e @ w[e] + b[e], saving only h: GELU(h) is recomputed in backward.
+def _scratch(h: Tensor, counts: tuple[int, ...]) -> Tensor:
+    """Room for one expert's GELU rows: (max rows per expert, ffn)."""
+    return workspace.empty((max(counts, default=0), h.shape[1]), dtype=h.dtype, device=h.device)
 
-    The expert hidden layer is the largest activation of an MoE layer ((k * tokens) x ffn); keeping
-    only the pre-activation instead of both it and the GELU output saves one such tensor per layer
-    for the price of one element-wise pass in backward.
+
+class _GeluGroupedLinear(torch.autograd.Function):
+    """y = GELU(h)_e @ w[e] + b[e], saving only h; GELU(h) is computed one expert's rows at a time.
+
+    The expert hidden layer is the largest activation of an MoE layer ((k * tokens) x ffn). Neither
+    pass materialises GELU(h) for all rows: forward and backward (which recomputes it for the weight
+    gradient) each write one expert's GELU rows into a scratch block of (max rows per expert, ffn),
+    use it at once - while it is still in cache - and reuse the block for the next expert. Only h
+    and, in backward, its gradient are (M, ffn) buffers.
     """
 
     @staticmethod
     def forward(ctx, h: Tensor, w: Tensor, b: Tensor | None, counts: tuple[int, ...]) -> Tensor:
-        a = _gelu(h)
-        out = _GroupedLinear.forward(ctx, a, w, b, counts)
-        ctx.save_for_backward(h, w)  # replaces the (a, w) saved by the plain forward
+        M, N = h.shape[0], w.shape[2]
+        out = workspace.empty((M, N), dtype=h.dtype, device=h.device)
+        scratch = _scratch(h, counts)
+        s = 0
+        for e, n in enumerate(counts):
+            if n:
+                a = torch.ops.aten.gelu.out(h[s : s + n], out=scratch[:n])
+                os = torch.mm(a, w[e], out=out[s : s + n])
+                if b is not None:
+                    os.add_(b[e])
+                s += n
+        ctx.save_for_backward(h, w)
+        ctx.counts, ctx.has_bias = counts, b is not None
         return out
 
     @staticmethod
     def backward(ctx, g: Tensor):
         h, w = ctx.saved_tensors
         g = g.contiguous()
+        counts = ctx.counts
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        # weight/bias gradients first, while the recomputed GELU output exists; free it before the
-        # input gradient is allocated, so at most two (M, F) buffers live at once besides h
-        a = _gelu(h) if need_w else h
-        gw, gb = _param_grads(a, g, w, ctx.counts, need_w, need_b and ctx.has_bias)
-        del a
-        ga = None
-        if need_h:
-            ga = _input_grad(g, w, ctx.counts, h.shape)
-            # d GELU, written over ga: no second (M, F) buffer
-            torch.ops.aten.gelu_backward.grad_input(ga, h, grad_input=ga)
-        return ga, gw, gb, None
-
-
-def _gelu(h: Tensor) -> Tensor:
-    return torch.ops.aten.gelu.out(h, out=workspace.empty_like(h))
+        need_b = need_b and ctx.has_bias
+        gw = workspace.empty_like(w) if need_w else None
+        gb = g.new_empty(w.shape[0], w.shape[2]) if need_b else None
+        gh = workspace.empty_like(h) if need_h else None
+        scratch = _scratch(h, counts) if need_w else None
+        s = 0
+        for e, n in enumerate(counts):
+            hs, gs = h[s : s + n], g[s : s + n]
+            if gw is not None:
+                if n:
+                    a = torch.ops.aten.gelu.out(hs, out=scratch[:n])
+                    torch.mm(a.t(), gs, out=gw[e])
+                else:
+                    gw[e].zero_()
+            if gb is not None:
+                torch.sum(gs, 0, out=gb[e]) if n else gb[e].zero_()
+            if gh is not None and n:
+                ga = torch.mm(gs, w[e].t(), out=gh[s : s + n])
+                torch.ops.aten.gelu_backward.grad_input(ga, hs, grad_input=ga)  # d GELU, in place
+            s += n
+        return gh, gw, gb, None
 
 
 def gelu_grouped_linear(h: Tensor, w: Tensor, b: Tensor | None, counts_list: tuple[int, ...]) -> Tensor:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 _MIN_BYTES = 1 << 20  # smaller buffers come from malloc's heap, which already reuses them
-_SLACK = 1.25  # a cached storage serves requests down to 1/_SLACK of its size
+_SLACK = 2.0  # a cached storage serves requests down to 1/_SLACK of its size
 _ALIGN = 1 << 16
 
 _lock = threading.Lock()
