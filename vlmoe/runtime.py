@@ -5,6 +5,8 @@ returns it to the kernel on free, so each training step page-faults its large bu
 (activations, and for MoE layers the (E, d, h) expert-weight gradients: ~600 MiB per step for 32
 experts at d=768). Disabling mmap-served allocations and heap trimming makes freed memory reusable by
 the next step without faults. The process keeps its peak memory instead of returning it between steps.
+The MoE layers' own buffers do not need this (they are cached by :mod:`vlmoe.moe.workspace`); it
+still helps every other large allocation (attention activations, dense FFNs, optimizer temporaries).
 
 Opt-in (call it, or set ``VLMOE_MALLOC_TUNING=1`` for the commands that honour it): it suits a training
 loop whose allocations repeat step after step (RSS stays flat), but a process that mixes very different

@@ -309,3 +309,47 @@ def test_config_from_dict_accepts_yaml_float_strings():
     assert c.balance_coef == 1e-3 and c.capacity_factor == 1.25
     with pytest.raises(ValueError, match="balance_coef='lots': expected a number"):
         MoEConfig.from_dict({"balance_coef": "lots"})
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_bias_balance_under_activation_checkpointing_matches_plain(reentrant):
+    """The recomputed forward must route like the original one and must not update the bias again."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(3)
+    cfg = MoEConfig(num_experts=4, top_k=2, ffn_dim=12, bias_balance=True, bias_update_rate=0.5)
+    plain = MoE(8, cfg).double()
+    ckpt = MoE(8, cfg).double()
+    ckpt.load_state_dict(plain.state_dict())
+    xs = [torch.randn(32, 8, dtype=torch.float64) for _ in range(4)]
+    for x in xs:  # a large update rate: the selection changes from step to step
+        for layer, wrap in ((plain, False), (ckpt, True)):
+            layer.zero_grad(set_to_none=True)
+            xi = x.clone().requires_grad_(True)
+            if wrap:
+                y = checkpoint(lambda t: layer(t)[0], xi, use_reentrant=reentrant)
+            else:
+                y = layer(xi)[0]
+            y.pow(2).sum().backward()
+            layer._last_grad = (xi.grad.clone(), layer.experts.w1.grad.clone())
+        torch.testing.assert_close(ckpt.router.expert_bias, plain.router.expert_bias, rtol=0, atol=0)
+        torch.testing.assert_close(ckpt.router.pending_load, plain.router.pending_load, rtol=0, atol=0)
+        for a, b in zip(ckpt._last_grad, plain._last_grad):
+            torch.testing.assert_close(a, b)
+    assert plain.router.expert_bias.abs().sum() > 0
+
+
+def test_bias_balance_update_is_deferred_to_next_forward_and_old_checkpoints_load():
+    layer = MoE(8, MoEConfig(num_experts=4, top_k=1, ffn_dim=8, bias_balance=True, bias_update_rate=0.1))
+    x = torch.randn(16, 8)
+    layer(x)
+    assert torch.all(layer.router.expert_bias == 0)  # the first forward routes with the initial bias
+    load = layer.router.pending_load.clone()
+    assert load.sum() == 16
+    layer(x)
+    expected = 0.1 * torch.sign(load.mean() - load)
+    torch.testing.assert_close(layer.router.expert_bias, expected - expected.mean())
+    sd = {k: v for k, v in layer.state_dict().items() if not k.endswith("pending_load")}
+    fresh = MoE(8, layer.config)
+    fresh.load_state_dict(sd)  # strict: a checkpoint without the pending load still loads
+    assert torch.all(fresh.router.pending_load == 0)

@@ -179,7 +179,7 @@ class MoE(nn.Module):
         indices = route.indices + expert_offset if expert_offset else route.indices
         plan = make_plan(indices, self.num_experts, capacity, route.valid)
         if self.training and router.bias_balance:
-            router.update_bias(plan.routed[expert_offset : expert_offset + router.num_experts])
+            router.record_load(plan.routed[expert_offset : expert_offset + router.num_experts])
         if self.expert_parallel is not None:
             out = self.expert_parallel.compute(self, dispatch(sub, plan), plan)
         else:

@@ -74,12 +74,18 @@ class Router(nn.Module):
         self.fp32 = fp32
         # Selection-only bias; a buffer, not a parameter: it is updated by a rule, not by gradients.
         self.register_buffer("expert_bias", torch.zeros(num_experts), persistent=bias_balance)
+        # load seen since the last bias update; applied at the start of the next training forward, so
+        # a recomputation under activation checkpointing routes exactly like the forward it repeats
+        self.register_buffer("pending_load", torch.zeros(num_experts), persistent=bias_balance)
 
     # subclasses compute (T, E) logits, and optionally balance-loss logits
     def compute_logits(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> RouterOutput:
+        if self.training and self.bias_balance and not _in_backward():
+            self.update_bias(self.pending_load)
+            self.pending_load.zero_()
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         with torch.autocast(x.device.type, enabled=False) if self.fp32 else nullcontext():
@@ -120,12 +126,33 @@ class Router(nn.Module):
         k_max = max(int(keep.sum(-1).max()), 1) if keep.numel() else 1
         return order[:, :k_max], keep[:, :k_max]
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # checkpoints from before the deferred update have no pending load: nothing was pending
+        key = prefix + "pending_load"
+        if self.bias_balance and key not in state_dict and prefix + "expert_bias" in state_dict:
+            state_dict[key] = torch.zeros_like(self.pending_load)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def record_load(self, tokens_per_expert: Tensor) -> None:
+        """Count one training forward's routed tokens for the next bias update (DeepSeek-V3 updates
+        the bias once per step from that step's load). A recomputation during backward (activation
+        checkpointing) is not counted again."""
+        if not _in_backward():
+            self.pending_load += tokens_per_expert.to(self.pending_load)
+
     @torch.no_grad()
     def update_bias(self, tokens_per_expert: Tensor) -> None:
-        """One aux-loss-free balancing step: raise the bias of under-loaded experts, lower the others."""
+        """One aux-loss-free balancing step: raise the bias of under-loaded experts, lower the others.
+        A zero load (nothing recorded) leaves the bias unchanged."""
         load = tokens_per_expert.to(self.expert_bias)
         self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
         self.expert_bias -= self.expert_bias.mean()  # recentre (the bias is only defined up to a constant)
+
+
+def _in_backward() -> bool:
+    """True while the autograd engine runs a backward pass (e.g. a checkpointed block recomputing)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 class LinearRouter(Router):
