@@ -249,3 +249,26 @@ def test_uint8_images_for_normalising_on_the_device(demo, tokenizer) -> None:
     assert images.dtype == torch.uint8 and images.shape == (4, 3, 32, 32)
     x = normalize_batch(images, "inception")
     assert x.dtype == torch.float32 and x.min() >= -1.0 and x.max() <= 1.0
+
+
+def test_validation_images_are_deterministic_whole_image_resizes(demo, tokenizer) -> None:
+    """augment=False (the validation loader): the same pixels every pass; augment=True differs."""
+    cfg = PretrainDataConfig(
+        image_shards=demo.pretrain_images,
+        weights={"image": 1.0},
+        batch_size=4,
+        image_size=32,
+        patch_size=8,
+        min_mask_patches=4,
+        num_workers=0,
+        shuffle=0,
+        samples_per_epoch=8,
+        augment=False,
+        normalize_images=False,
+    )
+    passes = [[b["image"]["image"] for b in PretrainData(cfg, tokenizer=tokenizer).loader()] for _ in range(2)]
+    for a, b in zip(*passes):
+        assert torch.equal(a, b)
+    train = [b["image"]["image"] for b in PretrainData(PretrainDataConfig(**{**cfg.__dict__, "augment": True}),
+                                                       tokenizer=tokenizer).loader()]
+    assert any(not torch.equal(a, b) for a, b in zip(passes[0], train))

@@ -327,7 +327,7 @@ def test_bias_balance_under_activation_checkpointing_matches_plain(reentrant):
             layer.zero_grad(set_to_none=True)
             xi = x.clone().requires_grad_(True)
             if wrap:
-                y = checkpoint(lambda t: layer(t)[0], xi, use_reentrant=reentrant)
+                y = checkpoint(lambda t, m=layer: m(t)[0], xi, use_reentrant=reentrant)
             else:
                 y = layer(xi)[0]
             y.pow(2).sum().backward()

@@ -156,6 +156,8 @@ class PretrainDataConfig:
             deliver the uint8 pixels (4x less to move to the GPU) and normalise on the device with
             :func:`vlmoe.data.transforms.normalize_batch`.
         scale: random resized crop area range.
+        augment: random resized crop + horizontal flip (training). False: a plain resize of the whole
+            image, deterministic (validation).
         shuffle: shuffle buffer (samples); 0 disables.
         resampled: infinite shard resampling (multi-node).
         samples_per_epoch: epoch size; default: the samples of the reference stream.
@@ -179,6 +181,7 @@ class PretrainDataConfig:
     mean_std: str = "inception"
     normalize_images: bool = True
     scale: tuple[float, float] = (0.5, 1.0)
+    augment: bool = True
     shuffle: int = 1000
     resampled: bool = False
     samples_per_epoch: int | None = None
@@ -223,8 +226,9 @@ class PretrainData:
         )
         # uint8 per sample, normalised per batch in the collate step (4x less data through the
         # transform and the stack, one fused conversion).
-        transform = build_transform("pretrain", c.image_size, mean_std=c.mean_std, scale=c.scale, output="uint8")
-        draft = (draft_size(c.image_size, c.scale[0]),) * 2
+        tkind = "pretrain" if c.augment else "eval"
+        transform = build_transform(tkind, c.image_size, mean_std=c.mean_std, scale=c.scale, output="uint8")
+        draft = (draft_size(c.image_size, c.scale[0] if c.augment else 1.0),) * 2
         mlm = {"pair": c.mlm_ratio_pair or None, "image": None, "text": c.mlm_ratio_text or None}
         self.errors: dict[str, SampleErrors] = {}
         streams = {}

@@ -216,8 +216,9 @@ class PretrainDataModule(pl.LightningDataModule):
             mlm_ratio_pair=self.mlm_ratio_pair,
             mlm_ratio_text=self.mlm_ratio_text,
             mean_std=self.mean_std,
-            # validation: the whole image (no random crop), fixed order
-            scale=self.scale if train else (1.0, 1.0),
+            # validation: the whole image, resized (no random crop or flip), fixed order
+            scale=self.scale,
+            augment=train,
             shuffle=self.shuffle if train else 0,
             resampled=self.resampled if train else False,
             samples_per_epoch=samples,
