@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 
@@ -55,7 +56,8 @@ def _worker(rank: int, world: int, init_file: str) -> None:
             torch.testing.assert_close(y, y_ref[lo : lo + SPLIT[rank]], rtol=1e-5, atol=1e-5, msg=name)
             (y * go[lo : lo + SPLIT[rank]]).sum().backward()
             # expert weights: each rank's local experts see every rank's tokens -> full gradient
-            local = expert_ranges(cfg.num_experts, world)[rank]
+            local = layer.expert_parallel.local
+            assert local == expert_ranges(cfg.num_experts, world, cfg.expert_sizes)[rank]
             ref_e, got_e = ref.experts, layer.experts
             if hasattr(ref_e, "expert_weights"):  # heterogeneous: compare each expert's flat blocks
                 for j, e in enumerate(local):
@@ -141,6 +143,8 @@ def _ddp_worker(rank: int, world: int, init_file: str) -> None:
         torch.testing.assert_close(net.moe.experts.w1.grad, ref.moe.experts.w1.grad[local.start : local.stop])
         torch.testing.assert_close(net.inp.weight.grad, ref.inp.weight.grad)  # averaged by DDP
         torch.testing.assert_close(net.moe.router.gate.weight.grad, ref.moe.router.gate.weight.grad)
+        del model
+        dist.barrier()  # no rank tears its connections down while another still uses them
     finally:
         dist.destroy_process_group()
 
@@ -157,5 +161,24 @@ def test_shard_experts_needs_a_process_group():
 
 def test_expert_ranges_are_contiguous_and_balanced():
     assert expert_ranges(5, 2) == [range(0, 3), range(3, 5)]
+    assert expert_ranges(4, 2, [8, 8, 8, 8]) == [range(0, 2), range(2, 4)]
+    # heterogeneous widths: balance the total width per rank, not the count
+    assert expert_ranges(8, 2, [1, 1, 1, 1, 2, 2, 4, 4]) == [range(0, 6), range(6, 8)]
+    assert expert_ranges(4, 2, [6, 6, 12, 24]) == [range(0, 3), range(3, 4)]
+    hmoe = [96 * i for i in range(9, 24, 2)]  # the paper's arithmetic schedule, 8 experts
+    for world in (2, 4):
+        ranges = expert_ranges(8, world, hmoe)
+        assert [e for r in ranges for e in r] == list(range(8)) and all(len(r) >= 1 for r in ranges)
+        worst = max(sum(hmoe[e] for e in r) for r in ranges)
+        by_count = max(sum(hmoe[e] for e in r) for r in expert_ranges(8, world))
+        assert worst < by_count
+        # brute force over all contiguous splits: nothing has a smaller largest share
+        best = min(
+            max(sum(hmoe[a:b]) for a, b in zip((0, *cuts), (*cuts, 8)))
+            for cuts in itertools.combinations(range(1, 8), world - 1)
+        )
+        assert worst == best
+    with pytest.raises(ValueError, match="3 sizes"):
+        expert_ranges(4, 2, [1, 2, 3])
     with pytest.raises(ValueError, match="num_experts"):
         expert_ranges(1, 2)

@@ -141,17 +141,47 @@ def _src_major_to_expert_major(recv_counts: Tensor) -> tuple[Tensor, Tensor]:
     return perm, inv
 
 
-def expert_ranges(num_experts: int, world: int) -> list[range]:
-    """Contiguous expert ranges per rank (sizes differ by at most one)."""
+def expert_ranges(num_experts: int, world: int, sizes: list[int] | tuple[int, ...] | None = None) -> list[range]:
+    """Contiguous expert ranges per rank.
+
+    Without ``sizes`` the counts differ by at most one. With ``sizes`` (HMoE expert widths) the split
+    minimises the largest per-rank total width - the expert compute and memory each rank carries -
+    with at least one expert per rank: for widths ``[1, 1, 1, 1, 2, 2, 4, 4]`` on 2 ranks that is
+    experts 0-5 and 6-7 (8 + 8) instead of 0-3 and 4-7 (4 + 12).
+    """
     if num_experts < world:
         raise ValueError(f"expert parallelism needs num_experts ({num_experts}) >= group size ({world})")
-    base, extra = divmod(num_experts, world)
-    out, s = [], 0
-    for r in range(world):
-        n = base + (1 if r < extra else 0)
-        out.append(range(s, s + n))
-        s += n
-    return out
+    if sizes is not None and len(sizes) != num_experts:
+        raise ValueError(f"expert_ranges: {len(sizes)} sizes for num_experts={num_experts}")
+    if sizes is None or len(set(sizes)) == 1:
+        base, extra = divmod(num_experts, world)
+        out, s = [], 0
+        for r in range(world):
+            n = base + (1 if r < extra else 0)
+            out.append(range(s, s + n))
+            s += n
+        return out
+    E = num_experts
+    prefix = [0]
+    for w in sizes:
+        prefix.append(prefix[-1] + int(w))
+    inf = float("inf")
+    # best[r][i]: the smallest possible largest total when the first i experts go to r ranks
+    best = [[inf] * (E + 1) for _ in range(world + 1)]
+    cut = [[0] * (E + 1) for _ in range(world + 1)]
+    best[0][0] = 0
+    for r in range(1, world + 1):
+        for i in range(r, E - (world - r) + 1):
+            for j in range(r - 1, i):
+                v = max(best[r - 1][j], prefix[i] - prefix[j])
+                if v < best[r][i]:
+                    best[r][i], cut[r][i] = v, j
+    bounds, i = [E], E
+    for r in range(world, 0, -1):
+        i = cut[r][i]
+        bounds.append(i)
+    bounds.reverse()
+    return [range(bounds[r], bounds[r + 1]) for r in range(world)]
 
 
 @torch.no_grad()
@@ -207,7 +237,7 @@ def shard_experts(model: nn.Module, group=None, grad_scale: float | None = None)
     for layer in model.modules():
         if not isinstance(layer, MoE) or layer.expert_parallel is not None:
             continue
-        ranges = expert_ranges(layer.num_experts, world)
+        ranges = expert_ranges(layer.num_experts, world, layer.config.expert_sizes)
         ep = ExpertParallel(group, layer.num_experts, ranges)
         layer.experts = _local_experts(layer.experts, ep.local)
         for p in layer.experts.parameters():
