@@ -78,7 +78,7 @@ class GroupedExperts(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             h = grouped_linear(x, w1, b1, counts, counts_list, self.backend)  # (M, F) or (M, 2F)
             if self.expert_type == "gelu" and self.ln_weight is None and counts_list is not None:
-                # loop backend: GELU fused into fc2, recomputed in backward (one (M, F) tensor less)
+                # loop backend: GELU fused into fc2 block by block, recomputed in backward (no (M, F) GELU)
                 return gelu_grouped_linear(h, w2, b2, counts_list)
             if self.expert_type == "swiglu":
                 gate, up = h.chunk(2, dim=-1)

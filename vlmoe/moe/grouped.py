@@ -8,7 +8,8 @@ expert's weight gradient through ``SelectBackward``, which allocates a zero tens
 whole (E, K, N) weight for *every* expert and adds them up - E full-size gradients per step (8x the
 ideal time at 32 experts on CPU). Here the backward writes each expert's gradient straight into its
 slice of one (E, K, N) buffer with ``torch.mm(..., out=...)``, and the forward writes each expert's
-rows straight into the output buffer, so nothing is materialised twice.
+rows straight into the output buffer, so nothing is materialised twice. On CPU these buffers come
+from :mod:`vlmoe.moe.workspace` (reused between steps instead of page-faulted in again).
 
 On CUDA with bf16 inputs ``torch._grouped_mm`` (one kernel for all experts) is used when available.
 """
@@ -158,7 +159,8 @@ class _GeluGroupedLinear(torch.autograd.Function):
 
 
 def gelu_grouped_linear(h: Tensor, w: Tensor, b: Tensor | None, counts_list: tuple[int, ...]) -> Tensor:
-    """``grouped_linear(GELU(h), w, b)`` on the loop backend, recomputing GELU in backward."""
+    """``grouped_linear(GELU(h), w, b)`` on the loop backend: GELU one expert block at a time, recomputed
+    in backward; no (M, ffn) GELU buffer."""
     return _GeluGroupedLinear.apply(h.contiguous(), w, b, counts_list)
 
 
