@@ -1,4 +1,5 @@
-"""Checkpoint writing that never leaves a torn file, and the checkpoint callback of vlmoe runs.
+"""Checkpoint writing that never leaves a torn file, the checkpoint callback and the progress bar of
+vlmoe runs.
 
 Lightning's ``TorchCheckpointIO`` writes through an fsspec transaction whose temporary file lives in
 the system temp directory; committing it is ``shutil.move``, a copy when that directory is on another
@@ -17,11 +18,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
-__all__ = ["AtomicCheckpointIO", "PretrainCheckpoint", "atomic_torch_save"]
+__all__ = ["AtomicCheckpointIO", "PretrainCheckpoint", "StepProgressBar", "atomic_torch_save"]
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -110,3 +111,31 @@ class PretrainCheckpoint(ModelCheckpoint):
         if self.monitor and self.best_model_path and self.best_model_path != path:
             print(f"best checkpoint ({self.monitor}): {self.best_model_path}")
         print(f"resume: add --ckpt_path {path} (or --ckpt_path last); model only: vlmoe export {path} OUT_DIR")
+
+
+class StepProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, labelled for step-budgeted runs.
+
+    Pretraining runs are sized in optimizer steps (``max_steps``) with unbounded epochs
+    (``max_epochs=-1``), for which the stock bar prints ``Epoch 2/-2``. This one prints
+    ``Epoch 2 · step 1200/5000`` then, and the stock ``Epoch 2/9`` when epochs bound the run.
+    """
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        trainer = self.trainer
+        desc = f"Epoch {current_epoch}"
+        if trainer.max_epochs is not None and trainer.max_epochs > 0:
+            desc += f"/{trainer.max_epochs - 1}"
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            desc += f" · step {trainer.global_step}/{trainer.max_steps}"
+        if len(self.validation_description) > len(desc):
+            desc = f"{desc:{len(self.validation_description)}}"
+        return desc
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.progress is not None and self.is_enabled and self.train_progress_bar_id is not None:
+            # the stock bar sets its label once per epoch; the step count moves every batch
+            self.progress.update(self.train_progress_bar_id,
+                                 description=self._get_train_description(trainer.current_epoch))

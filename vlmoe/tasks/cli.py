@@ -65,7 +65,7 @@ def default_loggers(run_dir: str = DEFAULT_RUN_DIR) -> list[dict[str, Any]]:
 def default_callbacks() -> list[dict[str, Any]]:
     """The rich progress bar and the learning-rate monitor."""
     return [
-        {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
+        {"class_path": "vlmoe.tasks.callbacks.StepProgressBar"},
         {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor", "init_args": {"logging_interval": "step"}},
     ]
 
