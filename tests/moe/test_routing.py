@@ -353,3 +353,43 @@ def test_bias_balance_update_is_deferred_to_next_forward_and_old_checkpoints_loa
     fresh = MoE(8, layer.config)
     fresh.load_state_dict(sd)  # strict: a checkpoint without the pending load still loads
     assert torch.all(fresh.router.pending_load == 0)
+
+
+def test_deferred_bias_updates_survive_several_forwards_before_one_backward():
+    """Two forwards, one backward, activation checkpointing: with updates deferred to
+    apply_bias_updates the recomputations route like the forwards (gradients equal the plain run)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from vlmoe.moe import apply_bias_updates, defer_bias_updates
+
+    torch.manual_seed(4)
+    cfg = MoEConfig(num_experts=4, top_k=2, ffn_dim=12, bias_balance=True, bias_update_rate=0.5)
+    base = MoE(8, cfg).double()
+    xs = [torch.randn(32, 8, dtype=torch.float64) for _ in range(2)]
+
+    def step(layer, ckpt, steps=3):
+        grads = []
+        for _ in range(steps):
+            layer.zero_grad(set_to_none=True)
+            if ckpt:
+                ys = [checkpoint(lambda t, m=layer: m(t)[0], x, use_reentrant=False) for x in xs]
+            else:
+                ys = [layer(x)[0] for x in xs]
+            sum(y.pow(2).sum() for y in ys).backward()
+            apply_bias_updates(layer)
+            grads.append(layer.experts.w1.grad.clone())
+        return grads, layer.router.expert_bias.clone()
+
+    runs = {}
+    for name, defer, ckpt in (("plain", True, False), ("ckpt", True, True), ("ckpt_on_forward", False, True)):
+        layer = MoE(8, cfg).double()
+        layer.load_state_dict(base.state_dict())
+        assert defer_bias_updates(layer, defer) == 1
+        runs[name] = step(layer, ckpt)
+    for a, b in zip(runs["ckpt"][0], runs["plain"][0]):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(runs["ckpt"][1], runs["plain"][1], rtol=0, atol=0)
+    assert runs["plain"][1].abs().sum() > 0
+    # updating at the next forward instead: the second forward changes the bias the first one's
+    # recomputation then routes with, and the gradients come out wrong
+    assert any(not torch.allclose(a, b) for a, b in zip(runs["ckpt_on_forward"][0], runs["plain"][0]))

@@ -117,3 +117,27 @@ def test_routers_have_no_scalar_parameters(make_task) -> None:
     # FSDP cannot shard 0-d parameters (X-MoE's learnable temperature used to be one)
     for variant in ("xmoe", "mhmoe"):
         assert all(p.dim() > 0 for p in make_task(variant).parameters()), variant
+
+
+def test_bias_balancing_updates_once_per_step_after_backward(make_task, make_data, tmp_path, monkeypatch) -> None:
+    """Three stream forwards then one backward, checkpointed blocks: routers wait for the step's end."""
+    from vlmoe.moe import Router
+
+    updates: dict[int, int] = {}
+    apply = Router.apply_pending_load
+
+    def counting(self):
+        if self.pending_load.sum() > 0:
+            updates[id(self)] = updates.get(id(self), 0) + 1
+        apply(self)
+
+    monkeypatch.setattr(Router, "apply_pending_load", counting)
+    task = make_task("tiny_moe", model_overrides={"grad_checkpointing": True,
+                                                  "moe": {"bias_balance": True, "bias_update_rate": 0.01}})
+    t = trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    t.fit(task, datamodule=make_data())
+    routers = [m for m in task.model.modules() if isinstance(m, Router)]
+    assert routers and all(r.bias_balance and not r.bias_update_on_forward for r in routers)
+    assert [updates.get(id(r)) for r in routers] == [2] * len(routers)  # one update per step
+    for r in routers:
+        assert torch.all(r.pending_load == 0) and r.expert_bias.abs().sum() > 0

@@ -12,7 +12,15 @@ from .experts import GroupedExperts, HeteroExperts
 from .grouped import grouped_linear
 from .layer import MoE
 from .losses import load_balance_loss, p_penalty_loss, router_entropy_loss, router_z_loss
-from .routers import CosineRouter, LinearRouter, Router, RouterOutput, build_router
+from .routers import (
+    CosineRouter,
+    LinearRouter,
+    Router,
+    RouterOutput,
+    apply_bias_updates,
+    build_router,
+    defer_bias_updates,
+)
 from .sizing import (
     hmoe_expert_sizes,
     mhmoe_flop_parity,
@@ -43,8 +51,10 @@ __all__ = [
     "RoutingStats",
     "RoutingStatsAccumulator",
     "activation_ratio",
+    "apply_bias_updates",
     "build_router",
     "combine",
+    "defer_bias_updates",
     "dispatch",
     "expert_capacity",
     "grouped_linear",

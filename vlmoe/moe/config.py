@@ -80,7 +80,10 @@ class MoEConfig:
     z_loss_coef: float = 0.0
     """ST-MoE router z-loss coefficient (1e-3 suggested)."""
     bias_balance: bool = False
-    """Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias added to scores for selection only."""
+    """Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias added to scores for selection only.
+    The bias is updated from the load each training forward records: by default at the next training
+    forward; trainers running several forwards per backward call ``defer_bias_updates(model)`` once and
+    ``apply_bias_updates(model)`` after each backward (the vlmoe tasks do)."""
     bias_update_rate: float = 1e-3
 
     # --- dispatch ---

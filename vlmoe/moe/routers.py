@@ -77,15 +77,18 @@ class Router(nn.Module):
         # load seen since the last bias update; applied at the start of the next training forward, so
         # a recomputation under activation checkpointing routes exactly like the forward it repeats
         self.register_buffer("pending_load", torch.zeros(num_experts), persistent=bias_balance)
+        # True: the pending load is applied by the next training forward (standalone use). Trainers that
+        # run several forwards before one backward set it False (defer_bias_updates) and call
+        # apply_bias_updates after each backward, so no recomputation ever sees a changed bias.
+        self.bias_update_on_forward = True
 
     # subclasses compute (T, E) logits, and optionally balance-loss logits
     def compute_logits(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> RouterOutput:
-        if self.training and self.bias_balance and not _in_backward():
-            self.update_bias(self.pending_load)
-            self.pending_load.zero_()
+        if self.training and self.bias_balance and self.bias_update_on_forward and not _in_backward():
+            self.apply_pending_load()
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         with torch.autocast(x.device.type, enabled=False) if self.fp32 else nullcontext():
@@ -142,12 +145,53 @@ class Router(nn.Module):
             self.pending_load += tokens_per_expert.to(self.pending_load)
 
     @torch.no_grad()
+    def apply_pending_load(self) -> None:
+        """Update the bias from the load recorded since the last update, and start counting afresh."""
+        self.update_bias(self.pending_load)
+        self.pending_load.zero_()
+
+    @torch.no_grad()
     def update_bias(self, tokens_per_expert: Tensor) -> None:
         """One aux-loss-free balancing step: raise the bias of under-loaded experts, lower the others.
         A zero load (nothing recorded) leaves the bias unchanged."""
         load = tokens_per_expert.to(self.expert_bias)
         self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
         self.expert_bias -= self.expert_bias.mean()  # recentre (the bias is only defined up to a constant)
+
+
+def defer_bias_updates(module: nn.Module, defer: bool = True) -> int:
+    """Make every bias-balanced router in ``module`` wait for :func:`apply_bias_updates` instead of
+    updating at its next forward. Needed when one step runs several forwards before its backward (the
+    pretraining streams) under activation checkpointing: a bias changed by the second forward would
+    make the first forward's recomputation route differently. Returns the number of routers."""
+    n = 0
+    for m in module.modules():
+        if isinstance(m, Router) and m.bias_balance:
+            m.bias_update_on_forward = not defer
+            n += 1
+    return n
+
+
+@torch.no_grad()
+def apply_bias_updates(module: nn.Module, group=None) -> int:
+    """Apply the recorded load of every bias-balanced router in ``module`` (call after backward).
+
+    Under torch.distributed the loads are summed over ``group`` first (one all-reduce for all
+    routers), so every rank applies the same update from the global batch's load.
+    """
+    routers = [m for m in module.modules() if isinstance(m, Router) and m.bias_balance]
+    if not routers:
+        return 0
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        flat = torch.cat([r.pending_load for r in routers])
+        dist.all_reduce(flat, group=group)
+        for r, load in zip(routers, flat.split([r.pending_load.numel() for r in routers])):
+            r.pending_load.copy_(load)
+    for r in routers:
+        r.apply_pending_load()
+    return len(routers)
 
 
 def _in_backward() -> bool:

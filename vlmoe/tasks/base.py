@@ -24,7 +24,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from vlmoe.moe import MoEAux, RoutingStatsAccumulator
+from vlmoe.moe import MoEAux, RoutingStatsAccumulator, apply_bias_updates, defer_bias_updates
 
 __all__ = ["NonFiniteLossError", "VLMoETask", "param_groups", "warmup_cosine"]
 
@@ -169,6 +169,9 @@ class VLMoETask(pl.LightningModule):
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
+        # several forwards (streams) run before one backward: bias-balanced routers update once per
+        # step, after backward (on_train_batch_end), never between a forward and its recomputation
+        defer_bias_updates(self.model)
         if self._trainer is not None:
             self._set_cpu_threads()
             if self.expert_parallel:
@@ -413,6 +416,10 @@ class VLMoETask(pl.LightningModule):
         self.log("perf/samples_per_s", samples / dt, on_step=True, on_epoch=False)
         self.log("perf/tokens_per_s", tokens / dt, on_step=True, on_epoch=False)
         self.log("samples/s", samples / dt, on_step=True, on_epoch=False, prog_bar=True, logger=False)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # after this batch's backward: apply the bias-balancing load it recorded (summed over ranks)
+        apply_bias_updates(self.model)
 
     def on_train_epoch_start(self) -> None:
         self._last_step_end = None  # the gap across an epoch boundary is not a training step

@@ -232,6 +232,7 @@ class PretrainTask(VLMoETask):
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
         self.log_throughput(*self._step_size)
         self.maybe_log_routing()
 
