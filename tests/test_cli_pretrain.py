@@ -11,7 +11,7 @@ import torch
 from tests.tasks.conftest import shards  # noqa: F401  (the session fixture of tiny shards)
 from vlmoe.cli import COMMANDS
 from vlmoe.cli import main as vlmoe_main
-from vlmoe.tasks.cli import main
+from vlmoe.tasks.pretrain.cli import main
 
 
 def _run_args(shards: dict[str, str], out: Path, *extra: str) -> list[str]:  # noqa: F811
@@ -41,7 +41,7 @@ def _run_args(shards: dict[str, str], out: Path, *extra: str) -> list[str]:  # n
 
 
 def test_registered_in_the_vlmoe_command(capsys) -> None:
-    assert COMMANDS["pretrain"][0] == "vlmoe.tasks.cli"
+    assert COMMANDS["pretrain"][0] == "vlmoe.tasks.pretrain.cli"
     vlmoe_main(["--help"])
     assert "pretrain" in capsys.readouterr().out
 
@@ -241,3 +241,154 @@ def test_expert_parallel_matches_ddp_and_checkpoints_every_expert(shards, tmp_pa
     state = torch.load(tmp_path / "ep" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert state["global_step"] == 6
     assert sorted(read_losses(tmp_path / "ep" / "loss.rank1")) == [0, 1, 2, 3, 4, 5]
+
+
+# ---------------------------------------------------------------------------------------------- issue: no silent
+# wrong results, no lost data
+def test_init_checkpoint_from_a_pretraining_run_loads_every_weight(shards, tmp_path) -> None:  # noqa: F811
+    from vlmoe.tasks import PretrainTask
+
+    main(["fit", *_run_args(shards, tmp_path / "a", "--trainer.max_steps=3", "--model.model=tiny_moe")])
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    task = PretrainTask("tiny_moe", vocab_size=state["model.text_embed.token_embed.weight"].shape[0],
+                        init_checkpoint=str(ckpt))
+    for k, v in task.model.state_dict().items():
+        assert torch.equal(v, state[f"model.{k}"]), k
+    # through the CLI: a fresh run starts from those weights (its first loss is the checkpoint's level)
+    cli = main(["fit", *_run_args(shards, tmp_path / "b", "--trainer.max_steps=1", "--model.model=tiny_moe",
+                                  f"--model.init_checkpoint={ckpt}")])
+    assert cli.trainer.global_step == 1
+
+
+def test_ckpt_path_file_keeps_the_users_options_and_names_the_differences(shards, tmp_path, capsys) -> None:  # noqa: F811
+    main(["fit", *_run_args(shards, tmp_path, "--trainer.max_steps=3", "--model.lr=0.002")])
+    ckpt = str(tmp_path / "checkpoints" / "last.ckpt")
+    capsys.readouterr()
+    cli = main(["fit", *_run_args(shards, tmp_path, "--trainer.max_steps=4", "--model.mlm_weight=0.5"),
+                f"--ckpt_path={ckpt}"])
+    err = capsys.readouterr().err
+    assert "model.lr: 0.001 (checkpoint: 0.002)" in err and "model.mlm_weight: 0.5 (checkpoint: 1.0)" in err
+    assert cli.model.mlm_weight == 0.5 and cli.model.lr == 0.001  # what --print_config shows is what runs
+    assert cli.trainer.global_step == 4
+
+
+def test_ckpt_path_last_without_a_checkpoint_names_the_folder(shards, tmp_path) -> None:  # noqa: F811
+    with pytest.raises(FileNotFoundError, match=r"--ckpt_path last: no last\*\.ckpt in .*typo/checkpoints"):
+        main(["fit", *_run_args(shards, tmp_path / "typo", "--trainer.max_steps=3"), "--ckpt_path=last"])
+
+
+def test_resuming_another_preset_says_which_preset_the_checkpoint_holds(shards, tmp_path) -> None:  # noqa: F811
+    main(["fit", *_run_args(shards, tmp_path, "--trainer.max_steps=3")])
+    with pytest.raises(ValueError, match=r"holds a 'tiny_mhmoe' model but this run builds a 'tiny_moe' model"):
+        main(["fit", *_run_args(shards, tmp_path, "--trainer.max_steps=6", "--model.model=tiny_moe"),
+              "--ckpt_path=last"])
+
+
+def test_a_kill_during_a_checkpoint_write_leaves_nothing_behind(shards, tmp_path) -> None:  # noqa: F811
+    """kill -9 while the step-4 checkpoint is being written: the step-2 checkpoint stays whole, the
+    partial temporary is cleaned when the run is resumed, and training continues from step 2."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    args = _run_args(shards, run, "--trainer.max_steps=6", "--trainer.limit_val_batches=0",
+                     "--checkpoint.every_n_train_steps=2")
+    args.append(_callbacks(("KillDuringCheckpointWrite", {"step": 4})))
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-m", "vlmoe.cli", "pretrain", "fit", *args], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    folder = run / "checkpoints"
+    stale = [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+    assert stale and all(p.name.startswith(".") for p in stale)  # the torn write, under a hidden name
+    assert torch.load(folder / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 2
+    main(["fit", *_run_args(shards, run, "--trainer.max_steps=6", "--trainer.limit_val_batches=0",
+                            "--checkpoint.every_n_train_steps=2"), "--ckpt_path=last"])
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+    assert torch.load(folder / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 6
+
+
+def _user_error(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as e:
+        vlmoe_main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("vlmoe pretrain: ") and "Traceback" not in "\n".join(err), err
+    return err[-1]
+
+
+def test_user_errors_are_one_line_naming_the_option_or_file(shards, tmp_path, capsys) -> None:  # noqa: F811
+    run = ["pretrain", *_run_args(shards, tmp_path / "r", "--trainer.max_steps=1")]
+    msg = _user_error(capsys, [*run, "--model.model=tiny_mhmo"])
+    assert "model.model: unknown model preset 'tiny_mhmo'" in msg
+    msg = _user_error(capsys, [*run, "--data.image_shards=/nowhere/images-{000000..000003}.tar"])
+    assert msg.startswith("vlmoe pretrain: data.image_shards: shard pattern") and "/nowhere/" in msg
+    msg = _user_error(capsys, [*run, "--data.batch_size=2"])
+    assert "data.batch_size=2 is smaller than the number of streams (3: pair, image, text)" in msg
+    msg = _user_error(capsys, [*run, '--data.weights={"pair": 1, "imgae": 1}'])
+    assert "data.weights: unknown stream(s) ['imgae']" in msg
+    msg = _user_error(capsys, [*run, '--data.weights={"pair": 1, "image": 1}'])
+    assert "no weight for the text stream" in msg and "data.text_shards" in msg
+    vqkd = '--model.mim_target={"class_path": "vlmoe.tasks.pretrain.VQKDTarget", "init_args": {"checkpoint": "w.pth"}}'
+    msg = _user_error(capsys, [*run, vqkd])
+    assert "VQKDTarget checkpoint (the VQ-KD tokenizer weights) w.pth: no such file" in msg
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    msg = _user_error(capsys, [*run, f"--run_dir={blocker}/run"])
+    assert f"--run_dir {blocker}/run: cannot write there" in msg
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  lr: [1,\n")
+    assert f"--config {bad}: not valid YAML (line 3, column 1)" in _user_error(capsys, [*run, "--config", str(bad)])
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"\x80\x02not really a checkpoint" * 50)
+    assert f"{junk}: not a checkpoint or corrupt" in _user_error(capsys, [*run, f"--model.init_checkpoint={junk}"])
+
+
+def test_help_shows_the_training_options(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--model.lr" in out and "--data.pair_shards" in out and "--trainer.max_steps" in out
+    assert "brace pattern" in out  # the shard options have help text
+
+
+def test_a_run_says_what_it_skipped_and_nothing_that_does_not_apply(shards, tmp_path) -> None:  # noqa: F811
+    """A shard with an undecodable image: the run ends with a summary per reason and logs the counts;
+    the output has none of Lightning's lines that do not apply to a CPU run on vlmoe's streams."""
+    import os
+    import subprocess
+    import sys
+
+    from vlmoe.data.shards import ShardWriter
+
+    bad = tmp_path / "pairs"
+    good = [p for p in sorted(Path(shards["train_pairs"]).parent.glob("*.tar"))]
+    import tarfile
+
+    with ShardWriter(bad / "bad-%06d.tar", maxcount=100) as sink:
+        with tarfile.open(good[0]) as tf:
+            members = {m.name: tf.extractfile(m).read() for m in tf if m.isreg()}
+        keys = sorted({n.split(".")[0] for n in members})
+        for i, k in enumerate(keys):
+            jpg = members[f"{k}.jpg"] if i % 3 else b"\xff\xd8 this is no jpeg"  # every third is broken
+            sink.write({"__key__": k, "jpg": jpg, "txt": members[f"{k}.txt"]})
+    args = _run_args(shards, tmp_path / "run", "--trainer.max_steps=4", "--trainer.limit_val_batches=0",
+                     f"--data.pair_shards={bad}", "--trainer.enable_model_summary=true", "--data.shuffle=0")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-m", "vlmoe.cli", "pretrain", "fit", *args], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout + proc.stderr
+    assert "skipped samples: pair: corrupt_image=" in proc.stdout, text
+    for noise in ("GPU available: False", "TPU available: False", "💡 Tip", "litlogger", "has `__len__` defined",
+                  "FLOPs", "LeafSpec"):
+        assert noise not in text, noise
+    assert "parameters:" in proc.stdout and "MoE: 4 layers" in proc.stdout  # vlmoe's model summary
+    with open(next((tmp_path / "run" / "logs").glob("version_*/metrics.csv"))) as f:
+        cols = set(next(csv.reader(f)))
+    assert "data/skipped/pair/corrupt_image" in cols

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from vlmoe.models import VLMoEConfig
-from vlmoe.tasks.cli import PretrainCLI, build_cli
+from vlmoe.tasks.pretrain.cli import PretrainCLI, build_cli
 
 ROOT = Path(__file__).resolve().parents[1] / "configs"
 RUN_CONFIGS = sorted((ROOT / "pretrain").glob("*.yaml")) + sorted((ROOT / "trainer").glob("*.yaml"))
@@ -68,7 +68,7 @@ def test_demo_yaml_is_the_default_run() -> None:
     for section in ("trainer", "data", "checkpoint", "seed_everything"):
         assert demo[section] == default[section], section
     model_default, model_demo = dict(default["model"]), dict(demo["model"])
-    assert model_demo.pop("mim_target")["class_path"] == "vlmoe.tasks.targets.PixelTarget"
+    assert model_demo.pop("mim_target")["class_path"] == "vlmoe.tasks.pretrain.PixelTarget"
     assert model_default.pop("mim_target") is None  # None means PixelTarget
     assert model_demo == model_default
 

@@ -3,32 +3,62 @@
 Each subcommand lives in its own module and is imported only when used, so ``vlmoe --help`` is fast
 and a command never pays for another's dependencies. A subcommand module exposes
 ``main(argv: list[str]) -> Any``.
+
+Errors the user can fix (a bad option value, a missing or malformed file, a checkpoint of another
+model, ...) are printed as one line, ``vlmoe <command>: <what is wrong>``, and the command exits with
+status 2; ``--debug`` (anywhere on the command line) or ``VLMOE_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("vlmoe.bench.cli", "benchmarks: `vlmoe bench moe` (MoE layer vs ideal and peers)"),
-    "data": ("vlmoe.data.cli", "`vlmoe data demo` (offline demo data), `vlmoe data shards` (write shards)"),
-    "pretrain": ("vlmoe.tasks.cli", "masked multimodal pretraining (LightningCLI); no arguments: the CPU demo"),
-    "export": ("vlmoe.models.export", "checkpoints (BEiT-3, timm, vlmoe) -> safetensors + config.json"),
+    "data": ("vlmoe.commands.data", "`vlmoe data demo` (offline demo data), `vlmoe data shards` (write shards)"),
+    "pretrain": ("vlmoe.tasks.pretrain.cli", "masked multimodal pretraining (LightningCLI); no arguments: the demo"),
+    "export": ("vlmoe.commands.export", "checkpoints (BEiT-3, timm, vlmoe) -> safetensors + config.json"),
 }
+
+# What a user can fix; anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,  # bad values, malformed files (DataFormatError), shape mismatches, unknown keys
+    KeyError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+    FloatingPointError,  # non-finite losses (NonFiniteLossError)
+)
 
 
 def _usage() -> str:
     width = max(len(n) for n in COMMANDS)
-    lines = ["usage: vlmoe <command> [options]", "", "commands:"]
+    lines = ["usage: vlmoe <command> [options] [--debug]", "", "commands:"]
     lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "`vlmoe <command> --help` for a command's options."]
+    lines += ["", "`vlmoe <command> --help` for a command's options; --debug (or VLMOE_DEBUG=1) shows tracebacks."]
     return "\n".join(lines)
+
+
+def debug_enabled(argv: list[str] | None = None) -> bool:
+    """Tracebacks wanted: ``--debug`` on the command line or ``VLMOE_DEBUG`` set to a true value."""
+    env = os.environ.get("VLMOE_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+    return env or "--debug" in (sys.argv if argv is None else argv)
+
+
+def _message(e: BaseException) -> str:
+    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    return str(text).strip() or type(e).__name__
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = debug_enabled(argv)
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return
@@ -40,8 +70,14 @@ def main(argv: list[str] | None = None) -> None:
     name = argv[0]
     if name not in COMMANDS:
         raise SystemExit(f"vlmoe: unknown command {name!r}\n\n{_usage()}")
-    module = importlib.import_module(COMMANDS[name][0])
-    module.main(argv[1:])
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+        module.main(argv[1:])
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print(f"vlmoe {name}: {_message(e)}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

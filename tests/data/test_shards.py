@@ -151,6 +151,25 @@ def test_truncated_shard_keeps_what_precedes_the_cut(tmp_path: Path) -> None:
     assert counts["corrupt_image"] + counts["missing_field"] + counts["broken_tar"] >= 1
 
 
+def test_counting_samples_survives_broken_shards(tmp_path: Path, caplog) -> None:
+    """Shards without sizes.json (img2dataset output, hand-copied tars): a truncated or garbage tar is
+    named and counted as broken, not a crash naming no file."""
+    _write_pairs(tmp_path / "t", 6, maxcount=10)
+    blob = (tmp_path / "t/pairs-000000.tar").read_bytes()
+    folder = tmp_path / "copied"
+    folder.mkdir()
+    (folder / "a-000000.tar").write_bytes(blob)
+    (folder / "a-000001.tar").write_bytes(blob[: len(blob) // 2 + 100])  # truncated
+    (folder / "a-000002.tar").write_bytes(b"this is not a tar file at all" * 40)  # garbage
+    shards = expand_shards(folder)
+    broken: list[str] = []
+    with caplog.at_level(logging.WARNING, logger="vlmoe.data"):
+        n = count_samples(shards, broken=broken)
+    assert broken == [str(folder / "a-000001.tar"), str(folder / "a-000002.tar")]
+    assert 6 + 1 <= n <= 6 + 4  # all of the good shard, the keys before the cut of the truncated one
+    assert "broken shard" in caplog.text and "a-000002.tar" in caplog.text
+
+
 def test_error_counts_cross_worker_processes(tmp_path: Path) -> None:
     for i in range(2):
         _bad_shard(tmp_path / f"bad-{i:06d}.tar")

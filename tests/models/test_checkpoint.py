@@ -136,7 +136,7 @@ def test_files_are_read_without_unpickling_code(perturb, tmp_path):
 
     bad = tmp_path / "evil.pth"
     torch.save({"model": sd, "extra": Evil()}, bad)
-    with pytest.raises(ValueError, match=r"evil\.pth: cannot be read with torch.load\(weights_only=True\)"):
+    with pytest.raises(ValueError, match=r"evil\.pth: holds Python objects other than tensors \(print\)"):
         load_beit3(bad, "tiny")
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         read_state_dict(tmp_path / "missing.pth")
@@ -203,3 +203,51 @@ def test_load_checkpoint_detects_vlmoe_and_timm(perturb, tiny_batch):
     _same_outputs(src, dst, image=image, text_ids=ids, text_padding_mask=pad)
     with pytest.raises(ValueError, match="cannot tell the checkpoint layout"):
         load_checkpoint(dst, {"foo.weight": torch.zeros(1)})
+
+
+def test_training_checkpoint_loads_every_weight(perturb, tiny_batch, tmp_path):
+    """A ``vlmoe pretrain`` ``.ckpt`` (the task's state dict: the model under ``model.``) loads whole."""
+    src = perturb(create_model("tiny_moe")).eval()
+    ckpt = {
+        "state_dict": {f"model.{k}": v for k, v in src.state_dict().items()},
+        "pytorch-lightning_version": "2.6.6",
+        "vlmoe_config": src.config.to_dict(),
+        "global_step": 7,
+    }
+    path = tmp_path / "last.ckpt"
+    torch.save(ckpt, path)
+    dst = create_model("tiny_moe").eval()
+    report = load_checkpoint(dst, path)
+    assert report.complete and report.share == 1.0, str(report)
+    image, ids, pad = tiny_batch
+    _same_outputs(src, dst, image=image, text_ids=ids, text_padding_mask=pad)
+
+
+def test_a_load_that_matches_too_little_is_an_error(perturb):
+    """Keys of another model or layout used to load 0 of N tensors and leave the model at random init."""
+    src = perturb(create_model("tiny"))
+    sd = {(f"encoder.{k}" if ".mlp." in k or ".attn." in k else k): v for k, v in src.state_dict().items()}
+    dst = create_model("tiny")
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(ValueError, match=r"provides only \d+\.\d% of the model's weights.*allow_partial=True"):
+        load_checkpoint(dst, sd)
+    report = load_checkpoint(dst, sd, allow_partial=True)  # on purpose: the embeddings and norms only
+    assert 0 < report.share < 0.5 and report.missing
+    assert torch.equal(dst.state_dict()["vision_embed.cls_token"], src.state_dict()["vision_embed.cls_token"])
+    assert torch.equal(dst.state_dict()["blocks.0.attn.qkv.vision.weight"], before["blocks.0.attn.qkv.vision.weight"])
+
+
+def test_unreadable_files_get_one_clear_line(tmp_path):
+    junk = tmp_path / "weights.pth"
+    junk.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(ValueError, match=r"weights\.pth: not a checkpoint or corrupt") as err:
+        read_state_dict(junk)
+    assert "weights_only=False" not in str(err.value)  # never the advice to unpickle code
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"\x00\x01" * 100)
+    with pytest.raises(ValueError, match=r"model\.safetensors: not a safetensors file or corrupt"):
+        read_state_dict(bad)
+
+    torch.save({"w": torch.zeros(1), "obj": argparse.ArgumentParser}, tmp_path / "pickled.pt")
+    with pytest.raises(ValueError, match=r"holds Python objects other than tensors \(argparse\.ArgumentParser\)"):
+        read_state_dict(tmp_path / "pickled.pt")

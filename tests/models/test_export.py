@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ from vlmoe.cli import main as vlmoe_main
 from vlmoe.models import (
     VLMoEConfig,
     create_model,
+    export_beit3,
     load_pretrained,
     read_state_dict,
     save_pretrained,
@@ -73,9 +75,34 @@ def test_cli_beit3_to_vlmoe_to_beit3(perturb, tiny_batch, tmp_path, capsys):
         assert torch.equal(sd[k], ref[k]), k
 
 
-def test_cli_errors_are_one_line(tmp_path):
-    with pytest.raises(SystemExit, match="vlmoe export: checkpoint .*nothing.pth does not exist"):
-        vlmoe_main(["export", str(tmp_path / "nothing.pth"), str(tmp_path / "out")])
+def _fails(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        vlmoe_main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    err = _fails(capsys, ["export", str(tmp_path / "nothing.pth"), str(tmp_path / "out")])
+    assert re.fullmatch(r"vlmoe export: checkpoint .*nothing\.pth does not exist", err), err
     save_pretrained(create_model("tiny"), tmp_path / "m")
-    with pytest.raises(SystemExit, match="exists; pass overwrite"):
-        vlmoe_main(["export", str(tmp_path / "m"), str(tmp_path / "m")])
+    assert "exists; pass overwrite" in _fails(capsys, ["export", str(tmp_path / "m"), str(tmp_path / "m")])
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+    err = _fails(capsys, ["export", str(tmp_path / "junk.safetensors"), str(tmp_path / "j"), "--config", "tiny"])
+    assert "junk.safetensors: not a safetensors file or corrupt" in err
+
+
+def test_exported_files_have_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = save_pretrained(create_model("tiny"), tmp_path / "m")
+        export_beit3(create_model("tiny"), tmp_path / "b.pth")
+    finally:
+        os.umask(old)
+    for f in (out / "model.safetensors", out / "config.json", tmp_path / "b.pth"):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f

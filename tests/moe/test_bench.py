@@ -32,3 +32,11 @@ def test_bench_moe_expert_parallel_split():
 def test_bench_moe_rejects_bad_case():
     with pytest.raises(SystemExit, match="bad case"):
         bench.parse_cases("8by4096")
+
+
+def test_bench_prints_each_table_line_once(capsys):
+    bench.main(["--dim", "32", "--ffn", "64", "--cases", "4x64,8x64", "--repeats", "1", "--no-peers"])
+    out = capsys.readouterr().out.splitlines()
+    assert out.count(next(line for line in out if line.startswith("| case |"))) == 1
+    rows = [line for line in out if line.startswith("| E=")]
+    assert len(rows) == len(set(rows)) and {r.split("|")[1].strip() for r in rows} == {"E=4, T=64", "E=8, T=64"}

@@ -71,3 +71,27 @@ class PoisonRank(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, idx: int) -> None:
         if trainer.global_rank == self.rank and trainer.global_step == self.step:
             pl_module.model.heads["mim"].proj.weight.data.fill_(float("nan"))
+
+
+class KillDuringCheckpointWrite(pl.Callback):
+    """SIGKILL the process in the middle of writing the checkpoint of step ``step``: part of the file is
+    on disk (flushed), the rest never comes."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: Any, checkpoint: dict) -> None:
+        if trainer.global_step != self.step:
+            return
+        import torch
+
+        real_save = torch.save
+
+        def save_then_die(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+            real_save(obj, f, *args, **kwargs)
+            f.truncate(f.tell() // 2)  # half of it written ...
+            f.flush()
+            os.fsync(f.fileno())
+            os.kill(os.getpid(), signal.SIGKILL)  # ... then the process dies
+
+        torch.save = save_then_die

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from vlmoe.tasks import NonFiniteLossError, PretrainCheckpoint
+from vlmoe.tasks import NonFiniteLossError, VLMoECheckpoint
 
 from .conftest import VARIANTS, trainer
 
@@ -60,7 +60,7 @@ def test_loss_falls_on_a_fixed_batch_all_streams(make_task, make_data) -> None:
 
 
 def test_checkpoints_every_n_steps_and_at_the_end(make_task, make_data, tmp_path, capsys) -> None:
-    ckpt = PretrainCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=3)
+    ckpt = VLMoECheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=3)
     t = trainer(tmp_path, max_steps=7, callbacks=[ckpt], limit_val_batches=0)
     t.fit(make_task("topk"), datamodule=make_data())
     names = sorted(p.name for p in (tmp_path / "ck").iterdir())
@@ -84,7 +84,7 @@ def test_nonfinite_loss_names_step_and_term_and_keeps_last_checkpoint(make_task,
         return loss, acc
 
     task._mim = poisoned
-    ckpt = PretrainCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=2)
+    ckpt = VLMoECheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=2)
     t = trainer(tmp_path, max_steps=10, callbacks=[ckpt], limit_val_batches=0)
     with pytest.raises(NonFiniteLossError, match=r"train step 4: loss/mim_image=nan") as err:
         t.fit(task, datamodule=make_data())
@@ -92,6 +92,28 @@ def test_nonfinite_loss_names_step_and_term_and_keeps_last_checkpoint(make_task,
     state = torch.load(tmp_path / "ck" / "last.ckpt", map_location="cpu", weights_only=False)
     assert state["global_step"] == 4  # the last good step; nothing was saved after the failure
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("variant", ["mhmoe", "hmoe", "stratified"])
+def test_nan_router_logits_give_the_one_line_error_naming_the_layer(variant, make_task, make_data, tmp_path) -> None:
+    """NaN reaching an MoE router: the same error as a NaN loss (step, layer, last checkpoint), not the
+    layer's own exception from the middle of the forward."""
+    import lightning.pytorch as pl
+
+    class Poison(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, idx):
+            if trainer.global_step == 3:
+                pl_module.model.vision_embed.patch_embed.proj.weight.data.fill_(float("nan"))
+
+    ckpt = VLMoECheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=2)
+    t = trainer(tmp_path, max_steps=10, callbacks=[ckpt, Poison()], limit_val_batches=0)
+    with pytest.raises(NonFiniteLossError) as err:
+        t.fit(make_task(variant), datamodule=make_data())
+    msg = str(err.value)
+    assert "at train step 3" in msg and "router logits NaN/inf first in MoE layer blocks.0.mlp.vision" in msg, msg
+    assert "Last checkpoint:" in msg and "last.ckpt" in msg
+    state = torch.load(tmp_path / "ck" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 2
 
 
 def test_workers_capped_by_shards_per_rank(make_data) -> None:

@@ -220,9 +220,8 @@ def main(argv: list[str] | None = None) -> str:
         print("\n".join(sections[-1]), flush=True)
         del moe, model
         gc.collect()
-    table = "\n".join([header] + [line for s in sections for line in s])
-    print("\n" + table)
-    return table
+    # every section was printed as it finished
+    return "\n".join([header] + [line for s in sections for line in s])
 
 
 if __name__ == "__main__":

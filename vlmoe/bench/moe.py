@@ -513,17 +513,18 @@ def main(argv: list[str] | None = None) -> str:
         + (", torch.compile" if args.compile else "")
     )
     print(header, flush=True)
-    rows = []
+    rows: list[dict] = []
+    shown = 0
     try:
         for case in parse_cases(args.cases):
-            row = run_case(case, args, device, dtype)
-            rows.append(row)
-            print(format_table([row], device), flush=True)
+            rows.append(run_case(case, args, device, dtype))
+            # the table grows as cases finish; each line is printed once
+            lines = format_table(rows, device).splitlines()
+            print("\n".join(lines[shown:]), flush=True)
+            shown = len(lines)
     finally:
         _release_process_group()
-    table = format_table(rows, device)
-    print("\n" + header + "\n" + table)
-    return table
+    return header + "\n" + format_table(rows, device)
 
 
 def _device_name(device: torch.device) -> str:

@@ -1,5 +1,5 @@
 """File helpers shared by the readers and writers: JSON with positioned errors, images with named
-paths, atomic writes.
+paths (atomic writes: :mod:`vlmoe.io`).
 
 Every error raised here names the file and, where there is one, the record and the field at fault,
 so a user pointing a config at a broken download sees what to fix.
@@ -7,12 +7,10 @@ so a user pointing a config at a broken download sees what to fix.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +18,6 @@ from PIL import Image
 
 __all__ = [
     "DataFormatError",
-    "atomic_write",
-    "atomic_write_json",
     "decode_image",
     "load_image",
     "load_json",
@@ -126,32 +122,3 @@ def load_image(path: str | os.PathLike, record: str = "", mode: str = "RGB") -> 
             return decode_image(f.read(), mode)
     except OSError as e:
         raise OSError(f"cannot decode image {path}{ref}: {e}") from None
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
-    """Open a temporary file next to ``path``; on success rename it onto ``path``.
-
-    Readers never see a half-written file, and an interrupted write leaves the old file intact.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            yield f
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; data files are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = None) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically (keys in insertion order, UTF-8, compact unless
-    ``indent`` is given)."""
-    # json.dumps encodes in C in one go; json.dump streams through the slower Python encoder.
-    text = json.dumps(obj, indent=indent, ensure_ascii=False, separators=None if indent else (",", ":"))
-    with atomic_write(path, "w") as f:
-        f.write(text)

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from vlmoe.data._io import DataFormatError, atomic_write_json, load_image, load_json, require
+from vlmoe.data._io import DataFormatError, load_image, load_json, require
+from vlmoe.io import atomic_write_json
 
 __all__ = ["COCOCaptions", "COCOInstances", "KarpathyCaptions", "karpathy_to_coco", "load_coco"]
 

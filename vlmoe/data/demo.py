@@ -47,8 +47,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from vlmoe.data._io import atomic_write_json
 from vlmoe.data.shards import ShardWriter
+from vlmoe.io import atomic_write_json, atomic_write_text
 
 __all__ = ["DEMO_VERSION", "DemoPaths", "ImageFacts", "build_demo", "default_demo_dir", "measure_shape"]
 
@@ -600,7 +600,7 @@ def _build(root: Path, seed: int) -> dict[str, int]:
             (folder / f"{prefix}-img1.png").write_bytes(y.png)
             rows.append(json.dumps(row))
         target = {"train": paths.nlvr2_train, "dev": paths.nlvr2_dev, "test1": paths.nlvr2_test}[split]
-        target.write_text("\n".join(rows) + "\n")
+        atomic_write_text(target, "\n".join(rows) + "\n")
 
     # ---- ImageFolders (hard links to the COCO-layout JPEGs where the filesystem allows) ----
     for split, facts in (("train", train), ("val", test)):

@@ -214,7 +214,16 @@ class PretrainData:
         self.config = c = config
         self.tokenizer = tokenizer or build_tokenizer(c.tokenizer)
         shards = {"pair": c.pair_shards, "image": c.image_shards, "text": c.text_shards}
-        weights = {k: c.weights.get(k, 0.0) for k in STREAM_KINDS if shards[k] is not None}
+        unknown = sorted(set(c.weights) - set(STREAM_KINDS))
+        if unknown:
+            raise ValueError(f"weights: unknown stream(s) {unknown}; the streams are {list(STREAM_KINDS)}")
+        unweighted = [k for k in STREAM_KINDS if shards[k] is not None and k not in c.weights]
+        if unweighted:
+            raise ValueError(
+                f"weights {dict(c.weights)} has no weight for the {', '.join(unweighted)} stream(s), whose shards "
+                "are set: give each a weight (0 turns a stream off) or set its shards to None"
+            )
+        weights = {k: float(c.weights[k]) for k in STREAM_KINDS if shards[k] is not None}
         self.batch_sizes = split_batch(c.batch_size, weights)
         if c.image_size % c.patch_size:
             raise ValueError(f"image_size {c.image_size} is not a multiple of patch_size {c.patch_size}")

@@ -33,6 +33,7 @@ import contextlib
 import functools
 import glob
 import json
+import logging
 import os
 import random
 import tarfile
@@ -47,8 +48,11 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
-from vlmoe.data._io import atomic_write_json, decode_image
+from vlmoe.data._io import decode_image
 from vlmoe.data.errors import SampleErrors
+from vlmoe.io import atomic_write_json
+
+log = logging.getLogger("vlmoe.data")
 
 __all__ = [
     "IMAGE_EXTS",
@@ -168,9 +172,14 @@ def shard_sizes(shards: Sequence[str]) -> dict[str, int] | None:
     return sizes
 
 
-def count_samples(shards: Sequence[str], scan: bool = True) -> int | None:
+def count_samples(shards: Sequence[str], scan: bool = True, broken: list[str] | None = None) -> int | None:
     """Total samples in ``shards``: from ``sizes.json`` when present, else by listing the tars
-    (reads only headers) when ``scan`` is True, else None."""
+    (reads only headers) when ``scan`` is True, else None.
+
+    A tar that cannot be read to its end (truncated, garbage, not a tar) is a broken shard: it is
+    named in a warning, its samples before the damage are counted, and it is appended to ``broken``
+    when a list is given. Reading it later skips and counts its bad members (``broken_tar``).
+    """
     sizes = shard_sizes(shards)
     if sizes is not None:
         return sum(sizes.values())
@@ -178,8 +187,22 @@ def count_samples(shards: Sequence[str], scan: bool = True) -> int | None:
         return None
     total = 0
     for shard in shards:
-        with tarfile.open(shard) as tf:
-            keys = {base_plus_ext(m.name)[0] for m in tf if m.isreg()}
+        keys: set[str | None] = set()
+        try:
+            size = os.path.getsize(shard)
+            with tarfile.open(shard) as tf:
+                for m in tf:
+                    if m.offset_data + m.size > size:  # a header scan does not notice a cut member
+                        raise tarfile.ReadError(f"member {m.name} ends past the end of the file")
+                    if m.isreg():
+                        keys.add(base_plus_ext(m.name)[0])
+                if tf.offset + 2 * tarfile.BLOCKSIZE > size:  # no end-of-archive blocks: cut short
+                    raise tarfile.ReadError("the file ends without the end-of-archive blocks")
+        except (tarfile.TarError, EOFError, OSError) as e:
+            log.warning("broken shard %s (%s: %s): counting the %d samples before the damage",
+                        shard, type(e).__name__, e, len(keys - {None}))
+            if broken is not None:
+                broken.append(shard)
         total += len(keys - {None})
     return total
 

@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from vlmoe.data._io import DataFormatError, atomic_write, load_image, load_json, load_jsonl, require
+from vlmoe.data._io import DataFormatError, load_image, load_json, load_jsonl, require
+from vlmoe.io import atomic_write
 from vlmoe.metrics.vqa import answer_scores, normalize_answer
 
 __all__ = ["AnswerVocab", "VQAv2Dataset", "coco_image_path"]

@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vlmoe.io import torch_load
 from vlmoe.layers import POSITION_OFFSET, resample_vision_positions
 from vlmoe.moe import GroupedExperts, MoE
 
@@ -55,6 +56,8 @@ from .config import VLMoEConfig
 from .convert import StateDict, beit3_to_vlmoe, detect_format, strip_prefix, timm_vit_to_vlmoe
 
 _CONTAINER_KEYS = ("model", "module", "state_dict", "model_state_dict")
+MIN_SHARE = 0.5
+"""A load that provides less than this fraction of the weights it should is an error by default."""
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -62,9 +65,11 @@ def read_state_dict(src: str | Path | dict[str, Any], key: str | None = None) ->
     """Read a checkpoint file (or take a mapping) and unwrap it to a flat ``{name: tensor}`` dict.
 
     Args:
-        src: ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` path, a directory holding
+        src: ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` / ``.ckpt`` path, a directory holding
             ``model.safetensors``, or an already loaded mapping.
         key: container key to unwrap; default: the first of ``model``, ``module``, ``state_dict``.
+            A Lightning training checkpoint (``vlmoe pretrain`` / ``finetune``) is unwrapped to the
+            model's own weights: its ``state_dict`` with the task's ``model.`` prefix removed.
 
     Returns:
         ``(state_dict, source description)``.
@@ -79,21 +84,23 @@ def read_state_dict(src: str | Path | dict[str, Any], key: str | None = None) ->
             raise FileNotFoundError(f"checkpoint {path} does not exist")
         where = str(path)
         if path.suffix == ".safetensors":
+            from safetensors import SafetensorError
             from safetensors.torch import load_file
 
-            obj = load_file(str(path), device="cpu")
-        else:
             try:
-                with torch.serialization.safe_globals([argparse.Namespace]):
-                    obj = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:  # UnpicklingError and friends: say what and where
-                raise ValueError(
-                    f"{path}: cannot be read with torch.load(weights_only=True) (code is never unpickled): {e}"
-                ) from None
+                obj = load_file(str(path), device="cpu")
+            except SafetensorError as e:
+                raise ValueError(f"{path}: not a safetensors file or corrupt ({e})") from None
+        else:
+            obj = torch_load(path, allow=(argparse.Namespace,))
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: not a checkpoint (holds a {type(obj).__name__}, not a mapping of tensors)")
     if key is not None:
         if key not in obj:
             raise KeyError(f"{where}: no key {key!r}; top-level keys: {sorted(obj)[:10]}")
         obj = obj[key]
+    elif is_training_checkpoint(obj):
+        obj = task_state_dict(obj)
     else:
         for k in _CONTAINER_KEYS:
             if isinstance(obj.get(k), dict):
@@ -103,6 +110,27 @@ def read_state_dict(src: str | Path | dict[str, Any], key: str | None = None) ->
     if bad:
         raise ValueError(f"{where}: not a state dict (non-tensor entries {bad[:5]}); pass key=... to unwrap it")
     return dict(obj), where
+
+
+def is_training_checkpoint(obj: Any) -> bool:
+    """A Lightning ``.ckpt`` (a dict with ``state_dict`` and Lightning's version or vlmoe's config)."""
+    return (
+        isinstance(obj, dict)
+        and isinstance(obj.get("state_dict"), dict)
+        and ("pytorch-lightning_version" in obj or "vlmoe_config" in obj)
+    )
+
+
+def task_state_dict(ckpt: dict[str, Any], prefix: str = "model.") -> StateDict:
+    """The model's weights in a training checkpoint: ``state_dict`` entries under ``prefix``, unprefixed.
+
+    Entries outside the prefix (task-only state) are kept as they are, so a load reports them as
+    unused rather than dropping them silently.
+    """
+    sd = ckpt["state_dict"]
+    if not any(k.startswith(prefix) for k in sd):
+        return dict(sd)
+    return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in sd.items()}
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -126,6 +154,10 @@ class LoadReport:
         fresh: parameters initialised fresh by design (routers, MH-MoE projections) when upcycling.
         upcycled: MoE layers filled from a dense FFN, with a note.
         resized: position tables resized or truncated, with a note.
+        skipped: model parameters this checkpoint format cannot hold (the text branch for a timm
+            ViT), left at their initialisation and not counted against the load.
+        loaded_numel / expected_numel: parameter elements loaded / that the checkpoint was expected
+            to provide (every parameter that is neither fresh by design nor skipped).
     """
 
     source: str
@@ -135,6 +167,14 @@ class LoadReport:
     fresh: list[str] = field(default_factory=list)
     upcycled: list[str] = field(default_factory=list)
     resized: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    loaded_numel: int = 0
+    expected_numel: int = 0
+
+    @property
+    def share(self) -> float:
+        """Fraction of the expected parameter elements the checkpoint provided (1.0 if none expected)."""
+        return self.loaded_numel / self.expected_numel if self.expected_numel else 1.0
 
     @property
     def complete(self) -> bool:
@@ -142,13 +182,14 @@ class LoadReport:
         return not self.missing and not self.unexpected
 
     def __str__(self) -> str:
-        lines = [f"loaded {self.format} checkpoint {self.source}"]
+        lines = [f"loaded {self.format} checkpoint {self.source}: {self.share:.1%} of the expected weights"]
         for title, items in (
             ("resized", self.resized),
             ("upcycled (dense FFN -> experts)", self.upcycled),
             ("initialised fresh by design", _collapse(self.fresh)),
             ("missing from the checkpoint (left at init)", _collapse(self.missing)),
             ("unused checkpoint keys", _collapse(self.unexpected)),
+            (f"not in a {self.format} checkpoint (left at init)", _collapse(self.skipped)),
         ):
             if items:
                 lines.append(f"  {title}: {len(items)}")
@@ -179,6 +220,8 @@ def load_state_dict(
     unused: list[str] | None = None,
     strict: bool = False,
     upcycle_noise: float = 0.0,
+    min_share: float = MIN_SHARE,
+    allow_partial: bool = False,
 ) -> LoadReport:
     """Load a state dict in vlmoe naming into ``model``.
 
@@ -195,6 +238,10 @@ def load_state_dict(
         unused: source keys already known to be unused.
         strict: raise when parameters are missing or keys are unused.
         upcycle_noise: std of the noise added to each expert's copy of a dense FFN.
+        min_share: raise when the checkpoint provides less than this fraction of the parameter
+            elements it should (:attr:`LoadReport.share`): a checkpoint of another model, or of
+            another layout, would otherwise leave the model at random init without a word.
+        allow_partial: load whatever matches, however little (a partial load on purpose).
     """
     origin = origin or {}
     report = LoadReport(source=source, format=format, unexpected=list(unused or []))
@@ -248,8 +295,26 @@ def load_state_dict(
     missing = [k for k in result.missing_keys if k not in covered]
     fresh = set(report.fresh)
     report.missing = [k for k in missing if k not in fresh]
+    if format == "timm":
+        # a ViT checkpoint has no language branch: that is the format, not a failed load
+        report.skipped = [k for k in report.missing if _is_text_param(k)]
+        report.missing = [k for k in report.missing if not _is_text_param(k)]
+    params = dict(model.named_parameters())
+    absent = set(report.missing)
+    expected = [k for k in params if k not in fresh and k not in report.skipped]
+    report.expected_numel = sum(params[k].numel() for k in expected)
+    report.loaded_numel = sum(params[k].numel() for k in expected if k not in absent)
     if strict and not report.complete:
         raise ValueError(str(report) + "\n(strict=True: the checkpoint does not fit the model exactly)")
+    if not allow_partial and report.share < min_share:
+        matched = sum(1 for k in expected if k not in absent)
+        raise ValueError(
+            f"{source}: the checkpoint ({format} layout) provides only {report.share:.1%} of the model's "
+            f"weights ({matched} of {len(expected)} parameter tensors; at least {min_share:.0%} expected). "
+            f"Unused checkpoint keys, e.g. {report.unexpected[:3]}; model keys left at init, e.g. "
+            f"{report.missing[:3]}. A checkpoint of another model or layout? To load the matching part "
+            "on purpose pass allow_partial=True (CLI: --model.allow_partial_init true)."
+        )
     return report
 
 
@@ -363,6 +428,7 @@ def load_checkpoint(
     key: str | None = None,
     strict: bool = False,
     upcycle_noise: float = 0.0,
+    allow_partial: bool = False,
 ) -> LoadReport:
     """Load a BEiT-3, timm ViT or vlmoe checkpoint into ``model`` (layout detected from the keys).
 
@@ -373,6 +439,8 @@ def load_checkpoint(
         key: container key to unwrap (default: ``model`` / ``module`` / ``state_dict``).
         strict: raise unless every parameter is loaded and every key used.
         upcycle_noise: noise std for dense -> MoE copies.
+        allow_partial: accept a checkpoint that provides under half of the model's weights (see
+            :func:`load_state_dict`).
     """
     sd, where = read_state_dict(src, key)
     sd = strip_prefix(sd, ("module.",))
@@ -394,6 +462,7 @@ def load_checkpoint(
         unused=unused,
         strict=strict,
         upcycle_noise=upcycle_noise,
+        allow_partial=allow_partial,
     )
 
 
@@ -537,8 +606,6 @@ def load_timm_vit(
     model = VLMoE(resolve_config(config, overrides))
     report = load_checkpoint(model, sd, format="timm", strict=False)
     report.source = where
-    # the text branch is expected to be absent; only vision-side gaps are worth reporting
-    report.missing = [k for k in report.missing if not _is_text_param(k)]
     if strict and not report.complete:
         raise ValueError(str(report) + "\n(strict=True)")
     return model, report

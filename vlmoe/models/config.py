@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from vlmoe.io import atomic_write_text
 from vlmoe.moe import MoEConfig
 
 MOE_MULTIWAY = ("per_modality", "shared")
@@ -229,13 +230,13 @@ class VLMoEConfig:
         """The config as YAML; also written to ``path`` when given (see :meth:`to_dict`)."""
         text = yaml.safe_dump(self.to_dict(full_moe), sort_keys=False)
         if path is not None:
-            Path(path).write_text(text)
+            atomic_write_text(path, text)
         return text
 
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2)
         if path is not None:
-            Path(path).write_text(text)
+            atomic_write_text(path, text + "\n")
         return text
 
     @classmethod

@@ -1,4 +1,4 @@
-"""Export / import of a model alone: ``model.safetensors`` + ``config.json``; the ``vlmoe export`` command.
+"""Export / import of a model alone: ``model.safetensors`` + ``config.json`` (``vlmoe export``).
 
     save_pretrained(model, "out/base_xmoe8")        # out/base_xmoe8/{model.safetensors, config.json}
     model = load_pretrained("out/base_xmoe8")
@@ -14,44 +14,28 @@ replaced unless ``overwrite`` is asked for.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
+from vlmoe.io import atomic_torch_save, atomic_write, atomic_write_text, torch_load
 
 from .backbone import VLMoE
 from .checkpoint import (
     LoadReport,
+    is_training_checkpoint,
     load_beit3,
     load_checkpoint,
     load_timm_vit,
     read_state_dict,
     resolve_config,
+    task_state_dict,
 )
 from .config import VLMoEConfig
 from .convert import detect_format, strip_prefix, vlmoe_to_beit3
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-
-
-def _atomic_write(path: Path, write: Callable[[str], None], overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _state_dict(model: VLMoE) -> dict[str, Any]:
@@ -70,7 +54,7 @@ def save_pretrained(model: VLMoE, out_dir: str | Path, *, overwrite: bool = Fals
     Returns:
         The directory.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out = Path(out_dir)
     config_text = model.config.to_json()
@@ -79,8 +63,9 @@ def save_pretrained(model: VLMoE, out_dir: str | Path, *, overwrite: bool = Fals
             raise FileExistsError(f"{out / name} exists; pass overwrite=True (--overwrite) to replace it")
     sd = _state_dict(model)
     meta = {"format": "pt", "vlmoe_config": config_text}
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(sd, p, metadata=meta), overwrite)
-    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(config_text + "\n"), overwrite)
+    with atomic_write(out / WEIGHTS_NAME, overwrite=overwrite) as f:
+        f.write(save(sd, metadata=meta))
+    atomic_write_text(out / CONFIG_NAME, config_text + "\n", overwrite=overwrite)
     return out
 
 
@@ -118,74 +103,33 @@ def export_beit3(model: VLMoE, path: str | Path, *, overwrite: bool = False) -> 
 
     ``.safetensors`` paths get a safetensors file, others a ``torch.save({'model': sd})`` file.
     """
-    import torch
-
     path = Path(path)
     sd = vlmoe_to_beit3(_state_dict(model))
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        _atomic_write(path, lambda p: save_file(sd, p, metadata={"format": "pt"}), overwrite)
+        with atomic_write(path, overwrite=overwrite) as f:
+            f.write(save(sd, metadata={"format": "pt"}))
     else:
-        _atomic_write(path, lambda p: torch.save({"model": sd}, p), overwrite)
+        atomic_torch_save({"model": sd}, path, overwrite=overwrite)
     return path
 
 
-# ---------------------------------------------------------------------------------------------- CLI
-def _parse_set(items: list[str]) -> dict[str, Any]:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"vlmoe export: --set expects key=value, got {item!r}")
-        k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
-    return out
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="vlmoe export",
-        description="Convert a BEiT-3 / timm ViT / vlmoe checkpoint into a vlmoe export "
-        "(model.safetensors + config.json), or a vlmoe model into the BEiT-3 layout.",
-    )
-    p.add_argument("src", help="checkpoint file (.pth/.pt/.bin/.safetensors) or a vlmoe export directory")
-    p.add_argument("out", help="output directory (--to vlmoe) or file (--to beit3)")
-    p.add_argument("--format", default="auto", choices=["auto", "beit3", "timm", "vlmoe"], help="SRC layout")
-    p.add_argument(
-        "--config",
-        default=None,
-        help="preset name or YAML/JSON config of the model to build (default: read off the checkpoint)",
-    )
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeat)")
-    p.add_argument("--key", default=None, help="container key of SRC (default: model / module / state_dict)")
-    p.add_argument("--to", default="vlmoe", choices=["vlmoe", "beit3"], help="output layout")
-    p.add_argument("--upcycle-noise", type=float, default=0.0, help="noise std on experts copied from dense")
-    p.add_argument("--strict", action="store_true", help="fail unless the checkpoint fits the model exactly")
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    return p
-
-
 def _training_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """``(backbone state dict, config dict)`` of a vlmoe training checkpoint (``vlmoe pretrain``'s
-    ``.ckpt``: the task's ``state_dict`` with the backbone under ``model.`` and the model config under
+    """``(model state dict, config dict)`` of a vlmoe training checkpoint (the ``.ckpt`` of ``vlmoe
+    pretrain``: the task's ``state_dict`` with the model under ``model.`` and its config under
     ``vlmoe_config``), or None for any other file."""
     if not path.is_file() or path.suffix != ".ckpt":
         return None
-    import torch
-
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError and friends
-        raise ValueError(f"{path}: cannot be read with torch.load(weights_only=True): {e}") from None
-    if not isinstance(obj, dict) or "vlmoe_config" not in obj or "state_dict" not in obj:
+    obj = torch_load(path)
+    if not is_training_checkpoint(obj) or "vlmoe_config" not in obj:
         return None
-    sd = {k[len("model.") :]: v for k, v in obj["state_dict"].items() if k.startswith("model.")}
-    return sd, obj["vlmoe_config"]
+    return task_state_dict(obj), obj["vlmoe_config"]
 
 
-def convert(args: argparse.Namespace) -> tuple[VLMoE, LoadReport | None]:
-    """Build and fill the model the command line describes."""
-    overrides = _parse_set(args.set)
+def convert(args: Any) -> tuple[VLMoE, LoadReport | None]:
+    """Build and fill the model ``vlmoe export``'s arguments describe (``args.set``: the config overrides)."""
+    overrides = dict(args.set)
     src = Path(args.src)
     if src.is_dir() and (src / CONFIG_NAME).exists() and args.config is None:
         return load_pretrained(src, strict=args.strict, **overrides), None
@@ -205,30 +149,9 @@ def convert(args: argparse.Namespace) -> tuple[VLMoE, LoadReport | None]:
         model, report = load_timm_vit(sd, args.config, strict=args.strict, **overrides)
     else:
         if args.config is None:
-            raise SystemExit("vlmoe export: a vlmoe state dict needs --config (or a directory with config.json)")
+            raise ValueError("a vlmoe state dict needs --config (or a directory with config.json)")
         model = VLMoE(resolve_config(args.config, overrides))
         noise = args.upcycle_noise
         report = load_checkpoint(model, sd, format="vlmoe", strict=args.strict, upcycle_noise=noise)
     report.source = where
     return model, report
-
-
-def main(argv: list[str] | None = None) -> Path:
-    args = build_parser().parse_args(argv)
-    try:
-        model, report = convert(args)
-        if report is not None:
-            print(report)
-        if args.to == "beit3":
-            out = export_beit3(model, args.out, overwrite=args.overwrite)
-        else:
-            out = save_pretrained(model, args.out, overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
-        raise SystemExit(f"vlmoe export: {e}") from None
-    n = sum(p.numel() for p in model.parameters())
-    print(f"wrote {out} ({model.config.name}, {n / 1e6:.1f}M parameters, layout {args.to})")
-    return out
-
-
-if __name__ == "__main__":
-    main()

@@ -10,7 +10,7 @@ from .config import MoEConfig
 from .dispatch import DispatchPlan, combine, dispatch, expert_capacity, make_plan
 from .experts import GroupedExperts, HeteroExperts
 from .grouped import grouped_linear
-from .layer import MoE
+from .layer import MoE, NonFiniteRoutingError, defer_finite_checks
 from .losses import load_balance_loss, p_penalty_loss, router_entropy_loss, router_z_loss
 from .routers import (
     CosineRouter,
@@ -39,6 +39,8 @@ from .stats import (
 
 __all__ = [
     "MoE",
+    "NonFiniteRoutingError",
+    "defer_finite_checks",
     "MoEAux",
     "MoEConfig",
     "CosineRouter",

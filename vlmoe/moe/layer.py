@@ -30,6 +30,30 @@ from .routers import Router, RouterOutput, build_router
 from .stats import MoEAux, RoutingStats
 
 
+class NonFiniteRoutingError(FloatingPointError, ValueError):
+    """An MoE layer's router produced NaN / inf logits (``layer`` names it; also a ValueError, as before)."""
+
+    def __init__(self, message: str, layer: str = "") -> None:
+        super().__init__(message)
+        self.layer = layer
+
+
+def defer_finite_checks(module: nn.Module, defer: bool = True) -> int:
+    """Make every MoE layer in ``module`` record NaN / inf router logits in its
+    :class:`~vlmoe.moe.RoutingStats` (``nonfinite``) instead of raising at once.
+
+    A training loop that checks its losses anyway can then name the first bad layer without one host
+    sync per layer, and every data-parallel rank can stop at the same step (a rank raising alone
+    leaves the others waiting in the gradient all-reduce). Returns the number of layers.
+    """
+    n = 0
+    for m in module.modules():
+        if isinstance(m, MoE):
+            m.defer_finite_check = defer
+            n += 1
+    return n
+
+
 class MoE(nn.Module):
     """A Mixture-of-Experts FFN mapping ``(..., dim) -> (..., dim)`` and returning ``(y, aux)``.
 
@@ -85,6 +109,7 @@ class MoE(nn.Module):
         )
         self.stats_name = ""  # set by the model, names this layer in routing statistics
         self.expert_parallel = None  # set by vlmoe.moe.parallel.shard_experts
+        self.defer_finite_check = False  # see defer_finite_checks
         self.reset_projections()
 
     def reset_projections(self) -> None:
@@ -171,11 +196,14 @@ class MoE(nn.Module):
     ) -> tuple[Tensor, RouterOutput, DispatchPlan]:
         """Route (T, d') rows with ``router`` (whose expert ids start at ``expert_offset``) and combine."""
         route = router(sub)
-        if self.config.check_finite and not torch.isfinite(route.logits).all():
-            raise ValueError(
-                f"MoE layer {self.stats_name or '(unnamed)'}: router logits contain NaN/Inf "
-                f"(input finite: {bool(torch.isfinite(sub).all())})"
-            )
+        if self.config.check_finite:
+            route.nonfinite = ~torch.isfinite(route.logits).all()
+            if not self.defer_finite_check and bool(route.nonfinite):
+                name = self.stats_name or "(unnamed)"
+                finite_in = bool(torch.isfinite(sub).all())
+                raise NonFiniteRoutingError(
+                    f"MoE layer {name}: router logits contain NaN/Inf (input finite: {finite_in})", name
+                )
         indices = route.indices + expert_offset if expert_offset else route.indices
         plan = make_plan(indices, self.num_experts, capacity, route.valid)
         if self.training and router.bias_balance:
@@ -215,4 +243,5 @@ class MoE(nn.Module):
             name=self.stats_name,
             expert_params=self.expert_param_counts,
             expert_sizes=tuple(self.config.sizes),
+            nonfinite=None if route is None else route.nonfinite,
         )

@@ -41,6 +41,8 @@ class RouterOutput:
     valid: Tensor | None = None
     """(T, k) which of the k slots are real selections (top-p routing: tokens activate different
     numbers of experts; k is then the largest number in the batch). None: all valid."""
+    nonfinite: Tensor | None = None
+    """() bool, True when some logit is NaN / inf (set by the layer when it checks)."""
 
 
 class Router(nn.Module):

@@ -73,6 +73,9 @@ class RoutingStats:
     """Hidden width of each expert (for per-size-class load; HMoE)."""
     passes_per_token: Tensor | None = None
     """(L,) Stratified MoE: number of tokens that went through 1, 2, ..., L expert passes."""
+    nonfinite: Tensor | None = None
+    """() bool on the layer's device: the router produced NaN / inf logits in this call (recorded
+    when the layer defers its finiteness check to the caller, see :func:`defer_finite_checks`)."""
 
     @property
     def num_experts(self) -> int:

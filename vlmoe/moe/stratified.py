@@ -55,6 +55,7 @@ def stratified_forward(layer, sub: Tensor, residual: Tensor | None) -> tuple[Ten
     out = torch.zeros_like(sub)
     routed = torch.zeros(E, dtype=torch.long, device=device)
     dropped = 0
+    nonfinite: Tensor | None = None
     losses: dict[str, Tensor] = {}
     n_pass, lowest = 0, _sync_min(layer, 0 if T else L, L)
     while lowest < L:
@@ -73,6 +74,8 @@ def stratified_forward(layer, sub: Tensor, residual: Tensor | None) -> tuple[Ten
             losses[k] = losses[k] + v if k in losses else v
         routed += plan.routed
         dropped += plan.num_dropped
+        if route.nonfinite is not None:
+            nonfinite = route.nonfinite if nonfinite is None else nonfinite | route.nonfinite
         n_pass += 1
         waiting = state[state < L]
         lowest = _sync_min(layer, int(waiting.min()) if waiting.numel() else L, L)
@@ -86,6 +89,7 @@ def stratified_forward(layer, sub: Tensor, residual: Tensor | None) -> tuple[Ten
         expert_params=layer.expert_param_counts,
         expert_sizes=tuple(c.sizes),
         passes_per_token=torch.bincount(passes, minlength=L + 1)[1:],
+        nonfinite=nonfinite,
     )
     return out, losses, stats
 

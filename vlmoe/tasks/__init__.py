@@ -1,14 +1,22 @@
-"""LightningModules and data modules: pretraining (and the shared optimizer / MoE logging base).
+"""LightningModules and data modules of vlmoe's tasks, on one base (:class:`VLMoETask`).
 
-    from vlmoe.tasks import PretrainTask, PretrainDataModule
+    from vlmoe.tasks.pretrain import PretrainTask, PretrainDataModule
     task = PretrainTask("tiny_mhmoe", vocab_size=dm.vocab_size)        # or: vlmoe pretrain
 """
 
 from .base import NonFiniteLossError, VLMoETask, param_groups, warmup_cosine
-from .callbacks import AtomicCheckpointIO, PretrainCheckpoint, atomic_torch_save
-from .datamodule import PretrainDataModule
-from .pretrain import STREAMS, PretrainTask
-from .targets import MIMTarget, PixelTarget, TeacherTarget, VQKDTarget, VQKDTokenizer, patchify
+from .callbacks import AtomicCheckpointIO, VLMoECheckpoint
+from .pretrain import (
+    STREAMS,
+    MIMTarget,
+    PixelTarget,
+    PretrainDataModule,
+    PretrainTask,
+    TeacherTarget,
+    VQKDTarget,
+    VQKDTokenizer,
+    patchify,
+)
 
 __all__ = [
     "STREAMS",
@@ -16,14 +24,13 @@ __all__ = [
     "MIMTarget",
     "NonFiniteLossError",
     "PixelTarget",
-    "PretrainCheckpoint",
     "PretrainDataModule",
     "PretrainTask",
     "TeacherTarget",
+    "VLMoECheckpoint",
     "VLMoETask",
     "VQKDTarget",
     "VQKDTokenizer",
-    "atomic_torch_save",
     "param_groups",
     "patchify",
     "warmup_cosine",

@@ -24,7 +24,14 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from vlmoe.moe import MoEAux, RoutingStatsAccumulator, apply_bias_updates, defer_bias_updates
+from vlmoe.moe import (
+    MoEAux,
+    RoutingStats,
+    RoutingStatsAccumulator,
+    apply_bias_updates,
+    defer_bias_updates,
+    defer_finite_checks,
+)
 
 __all__ = ["NonFiniteLossError", "VLMoETask", "param_groups", "warmup_cosine"]
 
@@ -167,11 +174,20 @@ class VLMoETask(pl.LightningModule):
         self._route_counts: dict[str, dict[str, dict[str, Tensor]]] = {"train": {}, "val": {}}
         self._last_step_end: float | None = None
 
+    @property
+    def backbone(self) -> nn.Module:
+        """The multiway backbone (``self.model``, or the ``backbone`` of a composed task model)."""
+        model = self.model
+        return getattr(model, "backbone", model)
+
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
         # several forwards (streams) run before one backward: bias-balanced routers update once per
         # step, after backward (on_train_batch_end), never between a forward and its recomputation
         defer_bias_updates(self.model)
+        if self.check_finite:
+            # MoE layers record NaN router logits for check_terms instead of raising mid-forward
+            defer_finite_checks(self.model)
         if self._trainer is not None:
             self._set_cpu_threads()
             if self.expert_parallel:
@@ -284,6 +300,7 @@ class VLMoETask(pl.LightningModule):
             gather_expert_state(self, checkpoint, params)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_checkpoint_fits(checkpoint)
         if self._sharded():
             from .expert_parallel import slice_expert_state
 
@@ -291,29 +308,77 @@ class VLMoETask(pl.LightningModule):
             params = [[p for g in self._param_groups() for p in g["params"]]]
             slice_expert_state(self, checkpoint, params)
 
+    def check_checkpoint_fits(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, in one message, a training checkpoint whose weights do not fit this task's model.
+
+        Called before any weight is loaded. Names the model the checkpoint holds (its preset and the
+        first differing shapes) instead of the long size-mismatch report of ``load_state_dict``.
+        """
+        sd = checkpoint.get("state_dict")
+        if not isinstance(sd, dict):
+            return
+        own = self.state_dict()
+        sharded = {n for n, p in self.named_parameters() if getattr(p, "expert_parallel", False)}
+        params = {n for n, _ in self.named_parameters()}
+        wrong = [
+            f"{k}: {tuple(sd[k].shape)} in the checkpoint, {tuple(v.shape)} here"
+            for k, v in own.items()
+            if k in sd and k not in sharded and tuple(sd[k].shape) != tuple(v.shape)
+        ]
+        missing = [k for k in params if k not in sd]
+        if not wrong and not missing:
+            return
+        theirs = checkpoint.get("vlmoe_config") or {}
+        ours = getattr(getattr(self, "backbone", None), "config", None)
+        held = f"a {theirs.get('name', '?')!r} model" if theirs else "another model"
+        built = f"a {ours.name!r} model" if ours is not None else "another model"
+        detail = "; ".join(wrong[:3]) if wrong else f"weights it lacks, e.g. {missing[:3]}"
+        raise ValueError(
+            f"the checkpoint {self._ckpt_name()}holds {held} but this run builds {built} ({detail}). "
+            "Resume with the checkpoint's model options (see its run's config.yaml), or start a new --run_dir."
+        )
+
+    def _ckpt_name(self) -> str:
+        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        return f"{path} " if path else ""
+
     # ------------------------------------------------------------------ losses
     def aux_terms(self, aux: MoEAux, scale: float = 1.0) -> dict[str, Tensor]:
         """The MoE auxiliary losses as ``{"aux/<name>": weighted term}`` (already coefficient-weighted)."""
         w = self.aux_loss_weight * scale
         return {f"aux/{k}": w * v for k, v in aux.losses.items()}
 
-    def check_terms(self, terms: Mapping[str, Tensor], stage: str = "train") -> None:
-        """Raise :class:`NonFiniteLossError` naming the step and each non-finite term.
+    def check_terms(
+        self, terms: Mapping[str, Tensor], stage: str = "train", stats: Iterable[RoutingStats] = ()
+    ) -> None:
+        """Raise :class:`NonFiniteLossError` naming the step, each non-finite term and the first MoE
+        layer whose router produced NaN / inf logits.
 
-        One device sync for all terms together; the names are only looked up on failure. With several
-        data-parallel ranks the verdict is shared (one tiny all-reduce), so every rank stops at the same
-        step instead of the healthy ones waiting forever in the gradient all-reduce.
+        One device sync for all terms and layers together; the names are only looked up on failure.
+        With several data-parallel ranks the verdict is shared (one tiny all-reduce), so every rank
+        stops at the same step instead of the healthy ones waiting forever in the gradient all-reduce.
+
+        Args:
+            terms: named scalar loss terms.
+            stage: ``train``, ``validation``, ...
+            stats: the forward's routing statistics (``aux.stats``); their ``nonfinite`` flags are
+                recorded by MoE layers whose checks this task defers (see :func:`defer_finite_checks`).
         """
         if not self.check_finite or not terms:
             return
+        flagged = [s for s in stats if s.nonfinite is not None]
         values = torch.stack([t.detach().float().reshape(()) for t in terms.values()])
+        flags = torch.stack([s.nonfinite.reshape(()) for s in flagged]) if flagged else None
         bad_here = (~torch.isfinite(values)).any().float()
+        if flags is not None:
+            bad_here = torch.maximum(bad_here, flags.any().float().to(bad_here.device))
         world = self.trainer.world_size if self._trainer is not None else 1
         bad_anywhere = self.trainer.strategy.reduce(bad_here, reduce_op="sum") if world > 1 else bad_here
         if float(bad_anywhere) == 0:
             return
         bad = {k: float(v) for k, v in zip(terms, values.tolist()) if not math.isfinite(v)}
         good = {k: round(float(v), 4) for k, v in zip(terms, values.tolist()) if math.isfinite(v)}
+        layers = [s.name or f"layer{i}" for i, s in enumerate(flagged) if bool(s.nonfinite)]
         step = self.trainer.global_step if self._trainer is not None else -1
         where = f"at {stage} step {step}" if stage == "train" else f"in {stage} (after step {step})"
         ckpt = ""
@@ -322,13 +387,12 @@ class VLMoETask(pl.LightningModule):
             last = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or ""
             if last:
                 ckpt += f" Last checkpoint: {last}."
-        if not bad:
+        routing = f"; router logits NaN/inf first in MoE layer {layers[0]}" if layers else ""
+        if not bad and not layers:
             rank = self.trainer.global_rank
             raise NonFiniteLossError(f"non-finite loss {where} on another rank (this is rank {rank}).{ckpt}")
-        raise NonFiniteLossError(
-            f"non-finite loss {where}: " + ", ".join(f"{k}={v}" for k, v in bad.items())
-            + f" (finite terms: {good}).{ckpt}"
-        )
+        named = ", ".join(f"{k}={v}" for k, v in bad.items()) or "every loss term finite"
+        raise NonFiniteLossError(f"non-finite loss {where}: {named}{routing} (finite terms: {good}).{ckpt}")
 
     # ------------------------------------------------------------------ routing statistics
     def update_routing(self, aux: MoEAux, key: str = "train") -> None:

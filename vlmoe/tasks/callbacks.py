@@ -1,5 +1,5 @@
-"""Checkpoint writing that never leaves a torn file, the checkpoint callback and the progress bar of
-vlmoe runs.
+"""Callbacks of vlmoe runs: atomic checkpoint writes, the checkpoint callback, the step progress bar,
+the model summary and the skipped-sample report.
 
 Lightning's ``TorchCheckpointIO`` writes through an fsspec transaction whose temporary file lives in
 the system temp directory; committing it is ``shutil.move``, a copy when that directory is on another
@@ -11,49 +11,18 @@ new complete file.
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import ModelSummary as LightningModelSummary
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
-__all__ = ["AtomicCheckpointIO", "PretrainCheckpoint", "StepProgressBar", "atomic_torch_save"]
+from vlmoe.io import atomic_torch_save
 
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the target's folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates 0600; give the file the mode a plain open() would have
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    # the rename itself is durable only once the directory entry is flushed
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
+__all__ = ["AtomicCheckpointIO", "ModelSummary", "SkippedSamples", "StepProgressBar", "VLMoECheckpoint"]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -71,7 +40,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, str(path).removeprefix("file://"))
 
 
-class PretrainCheckpoint(ModelCheckpoint):
+class VLMoECheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` that also saves when training ends and says where the checkpoint is.
 
     Lightning's ``ModelCheckpoint`` skips the end-of-training save once any "last" checkpoint exists,
@@ -121,6 +90,21 @@ class StepProgressBar(RichProgressBar):
     ``Epoch 2 · step 1200/5000`` then, and the stock ``Epoch 2/9`` when epochs bound the run.
     """
 
+    @property
+    def total_train_batches(self) -> int | float:
+        """Batches this epoch will run, counted from the epoch's first batch.
+
+        The stock bar counts ``batch_idx + 1`` (which continues mid-epoch after a resume) against the
+        steps *remaining* in the budget, so a run resumed at step 200 of an epoch showed ``201/99``.
+        """
+        trainer = self.trainer
+        total = trainer.num_training_batches
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.ready  # this epoch's batches so far
+            remaining = (trainer.max_steps - trainer.global_step) * max(1, trainer.accumulate_grad_batches)
+            total = min(total, done + remaining)
+        return total
+
     def _get_train_description(self, current_epoch: int) -> str:
         trainer = self.trainer
         desc = f"Epoch {current_epoch}"
@@ -139,3 +123,96 @@ class StepProgressBar(RichProgressBar):
             # the stock bar sets its label once per epoch; the step count moves every batch
             self.progress.update(self.train_progress_bar_id,
                                  description=self._get_train_description(trainer.current_epoch))
+
+
+def _count(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return str(int(n))
+
+
+class ModelSummary(LightningModelSummary):
+    """The model's parameters by top-level part, with the MoE experts' share (rank 0, at fit start).
+
+    Replaces Lightning's summary, whose FLOPs column reads 0 for every vlmoe model (it would need an
+    example input) and which says nothing about experts.
+    """
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._max_depth or not trainer.is_global_zero:
+            return
+        from vlmoe.moe import MoE
+
+        rows = []
+        for name, child in pl_module.named_children():
+            n = sum(p.numel() for p in child.parameters())
+            if n:
+                rows.append((name, type(child).__name__, _count(n)))
+        params = list(pl_module.parameters())
+        total = sum(p.numel() for p in params)
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        layers = [m for m in pl_module.modules() if isinstance(m, MoE)]
+        experts = sum(p.numel() for m in layers for p in m.experts.parameters())
+        lines = [f"{name:<12} {kind:<28} {count:>9}" for name, kind, count in rows]
+        mib = total * 4 / 2**20
+        lines.append(f"parameters: {_count(total)} ({_count(trainable)} trainable, {mib:.1f} MiB in fp32)")
+        if layers:
+            e = sorted({m.num_experts for m in layers})
+            lines.append(
+                f"MoE: {len(layers)} layers of {'/'.join(map(str, e))} experts; experts hold {_count(experts)} "
+                f"({experts / max(total, 1):.0%} of the parameters)"
+            )
+        print("\n".join(lines))
+
+
+class SkippedSamples(pl.Callback):
+    """Skipped training samples (corrupt images, empty texts, broken tar members, ...) in the logs and
+    in a summary when training ends.
+
+    Reads ``trainer.datamodule.error_counts()`` (``{stream: {reason: count}}``, this rank's count over
+    all its DataLoader workers); does nothing for data modules without it. Every
+    ``log_every_n_steps`` the counts (summed over ranks) are logged as ``data/skipped/<stream>/<reason>``;
+    at the end rank 0 prints one line per stream with a non-zero count.
+    """
+
+    @staticmethod
+    def _counts(trainer: pl.Trainer) -> dict[str, dict[str, int]] | None:
+        dm = trainer.datamodule
+        counts = getattr(dm, "error_counts", None) if dm is not None else None
+        return counts() if callable(counts) else None
+
+    def _global(self, trainer: pl.Trainer) -> dict[str, int] | None:
+        counts = self._counts(trainer)
+        if counts is None:
+            return None
+        flat = {f"{s}/{r}": n for s, reasons in sorted(counts.items()) for r, n in sorted(reasons.items())}
+        if trainer.world_size > 1 and flat:
+            values = torch.tensor(list(flat.values()), dtype=torch.float64, device=trainer.strategy.root_device)
+            values = trainer.strategy.reduce(values, reduce_op="sum")
+            flat = dict(zip(flat, (int(v) for v in values.round().tolist())))
+        return flat
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        every = max(1, trainer.log_every_n_steps)
+        if trainer.global_step % every or not trainer.loggers:
+            return
+        flat = self._global(trainer)
+        if flat:
+            metrics = {f"data/skipped/{k}": float(v) for k, v in flat.items()}
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        flat = self._global(trainer)
+        if not flat or not trainer.is_global_zero:
+            return
+        by_stream: dict[str, list[str]] = {}
+        for key, n in flat.items():
+            if n:
+                stream, reason = key.split("/", 1)
+                by_stream.setdefault(stream, []).append(f"{reason}={n}")
+        if by_stream:
+            print("skipped samples: " + "; ".join(f"{s}: {', '.join(r)}" for s, r in by_stream.items()))
+        else:
+            print("skipped samples: none")

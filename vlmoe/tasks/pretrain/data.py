@@ -28,6 +28,7 @@ import lightning.pytorch as pl
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlmoe.data import PretrainData, PretrainDataConfig, build_demo, build_tokenizer, expand_shards
+from vlmoe.data.shards import STREAM_KINDS as STREAMS
 
 log = logging.getLogger("vlmoe.tasks")
 
@@ -58,12 +59,18 @@ class PretrainDataModule(pl.LightningDataModule):
     """Image-text pairs, images and texts for :class:`~vlmoe.tasks.PretrainTask`.
 
     Args:
-        pair_shards, image_shards, text_shards: training shards per stream (brace patterns, lists,
-            directories; ``"demo"``: the demo shards; None: stream off).
-        val_pair_shards, val_image_shards, val_text_shards: validation shards (None: no validation).
+        pair_shards: training shards of image-text pairs: a brace pattern
+            (``pairs-{000000..000099}.tar``), a folder, a list, or ``demo`` (the demo shards); None:
+            no pair stream.
+        image_shards: training shards of images (same forms; None: no image stream).
+        text_shards: training shards of texts (same forms; None: no text stream).
+        val_pair_shards: validation shards of pairs (None: none).
+        val_image_shards: validation shards of images (None: none).
+        val_text_shards: validation shards of texts (None: none).
         demo_dir: where the demo data lives / is built (default ``$VLMOE_DATA/demo`` or
             ``~/.cache/vlmoe/demo``).
-        weights: stream -> share of each step's batch (default equal shares).
+        weights: stream -> share of each step's batch, e.g. ``{"pair": 2, "image": 1, "text": 1}``
+            (default equal shares); every stream with shards needs a weight (0 turns it off).
         batch_size: samples per step and rank, all streams together.
         val_batch_size: validation batch size (default ``batch_size``).
         image_size: image side (default: the model's ``img_size``).
@@ -126,6 +133,7 @@ class PretrainDataModule(pl.LightningDataModule):
         self.demo_dir = demo_dir
         self.weights = dict(weights) if weights else {"pair": 1.0, "image": 1.0, "text": 1.0}
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self._check_weights()
         self.image_size, self.patch_size = image_size, patch_size
         self.max_len = max_len
         self.mim_ratio, self.min_mask_patches = mim_ratio, min_mask_patches
@@ -140,6 +148,25 @@ class PretrainDataModule(pl.LightningDataModule):
         self.val_data: PretrainData | None = None
         self._resume_step: int | None = None
         self._batches_done = 0
+
+    def _check_weights(self) -> None:
+        unknown = sorted(set(self.weights) - set(STREAMS))
+        if unknown:
+            raise ValueError(f"data.weights: unknown stream(s) {unknown}; the streams are {list(STREAMS)}")
+        for name, shards, bs in (("", self.shards, self.batch_size), ("val_", self.val_shards, self.val_batch_size)):
+            unweighted = [k for k, v in shards.items() if v is not None and k not in self.weights]
+            if unweighted:
+                raise ValueError(
+                    f"data.weights {self.weights} has no weight for the {', '.join(unweighted)} stream(s), but "
+                    f"data.{name}{unweighted[0]}_shards is set: give every stream a weight (0 turns it off)"
+                )
+            active = [k for k, v in shards.items() if v is not None and self.weights.get(k, 0) > 0]
+            if active and bs < len(active):
+                option = "data.batch_size" if not name else "data.val_batch_size"
+                raise ValueError(
+                    f"{option}={bs} is smaller than the number of streams ({len(active)}: {', '.join(active)}); "
+                    "every stream takes at least one sample a step"
+                )
 
     @property
     def vocab_size(self) -> int:
@@ -228,13 +255,25 @@ class PretrainDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if stage in ("fit", None) and self.train_data is None:
-            shards = self._resolve(self.shards, "train")
+            shards = self._check_shards(self._resolve(self.shards, "train"), "")
             cfg = self._config(shards, self.batch_size, self.samples_per_epoch, train=True)
             self.train_data = PretrainData(cfg, tokenizer=self.tokenizer)
         if stage in ("fit", "validate", None) and self.val_data is None and any(self.val_shards.values()):
-            shards = self._resolve(self.val_shards, "val")
+            shards = self._check_shards(self._resolve(self.val_shards, "val"), "val_")
             cfg = self._config(shards, self.val_batch_size, self.val_samples, train=False)
             self.val_data = PretrainData(cfg, tokenizer=self.tokenizer)
+
+    @staticmethod
+    def _check_shards(shards: dict[str, Any], prefix: str) -> dict[str, Any]:
+        """Every stream's shards exist; an error names the option (``data.pair_shards``, ...)."""
+        for stream, spec in shards.items():
+            if spec is None:
+                continue
+            try:
+                expand_shards(spec)
+            except (FileNotFoundError, ValueError) as e:
+                raise type(e)(f"data.{prefix}{stream}_shards: {e}") from None
+        return shards
 
     # ------------------------------------------------------------------ loaders
     def _trained_batches(self) -> int:

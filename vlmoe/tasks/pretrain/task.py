@@ -8,7 +8,7 @@ One objective, three inputs (``arXiv 2208.10442``):
   masked at a higher rate and the model sees the other modality unmasked where it is not masked.
 
 The masks are drawn by the data pipeline (``mlm_labels``, ``image_mask``; see
-:mod:`vlmoe.data.pretrain`); the MIM target is pluggable (:mod:`vlmoe.tasks.targets`).
+:mod:`vlmoe.data.pretrain`); the MIM target is pluggable (:mod:`vlmoe.tasks.pretrain.targets`).
 
 Loss of a step::
 
@@ -33,7 +33,7 @@ from vlmoe.data.masking import IGNORE_INDEX
 from vlmoe.models import VLMoE, VLMoEConfig, create_model, load_checkpoint
 from vlmoe.moe import MoEAux
 
-from .base import VLMoETask
+from ..base import VLMoETask
 from .targets import MIMTarget, PixelTarget
 
 __all__ = ["STREAMS", "PretrainTask"]
@@ -50,9 +50,12 @@ class PretrainTask(VLMoETask):
         vocab_size: text vocabulary (the tokenizer's; linked from the data module by the CLI).
         mean_std: the data's image normalisation (linked from the data module by the CLI); targets
             that need raw pixels undo it.
-        mim_target: :class:`~vlmoe.tasks.targets.PixelTarget` (default),
-            :class:`~vlmoe.tasks.targets.VQKDTarget` or :class:`~vlmoe.tasks.targets.TeacherTarget`.
-        init_checkpoint: weights to start from (BEiT-3 / timm ViT / vlmoe; dense -> MoE upcycling).
+        mim_target: :class:`~vlmoe.tasks.pretrain.PixelTarget` (default),
+            :class:`~vlmoe.tasks.pretrain.VQKDTarget` or :class:`~vlmoe.tasks.pretrain.TeacherTarget`.
+        init_checkpoint: weights to start from: a ``vlmoe pretrain`` ``.ckpt``, a ``vlmoe export``
+            folder, an official BEiT-3 ``.pth`` or a timm ViT (dense -> MoE upcycling included).
+        allow_partial_init: accept an ``init_checkpoint`` that provides under half of the model's
+            weights (by default that is an error: the wrong checkpoint would train from random init).
         mlm_weight: weight of the MLM terms.
         mim_weight: weight of the MIM terms.
         **kwargs: optimizer / schedule / logging options of :class:`~vlmoe.tasks.base.VLMoETask`.
@@ -66,6 +69,7 @@ class PretrainTask(VLMoETask):
         mean_std: str = "inception",
         mim_target: MIMTarget | None = None,
         init_checkpoint: str | None = None,
+        allow_partial_init: bool = False,
         mlm_weight: float = 1.0,
         mim_weight: float = 1.0,
         lr: float = 1e-3,
@@ -102,8 +106,11 @@ class PretrainTask(VLMoETask):
         overrides = dict(model_overrides or {})
         if vocab_size is not None:
             overrides["vocab_size"] = vocab_size
-        probe = VLMoEConfig.from_file(model) if model.endswith((".yaml", ".yml", ".json")) else None
-        base = probe or VLMoEConfig.from_name(model)
+        try:
+            probe = VLMoEConfig.from_file(model) if model.endswith((".yaml", ".yml", ".json")) else None
+            base = probe or VLMoEConfig.from_name(model)
+        except (ValueError, FileNotFoundError) as e:
+            raise type(e)(f"model.model: {e}") from None
         patch = overrides.get("patch_size", base.patch_size)
         chans = overrides.get("in_chans", base.in_chans)
         heads = list(overrides.get("heads", base.heads))
@@ -113,7 +120,7 @@ class PretrainTask(VLMoETask):
         overrides["codebook_size"] = target.out_dim(patch, chans)
         self.model: VLMoE = create_model(base, **overrides)
         if init_checkpoint:
-            report = load_checkpoint(self.model, init_checkpoint)
+            report = load_checkpoint(self.model, init_checkpoint, allow_partial=allow_partial_init)
             rank_zero_info(str(report))
         # Not a registered submodule: the frozen target is rebuilt from its own checkpoint, so it stays
         # out of training checkpoints, the optimizer and DDP.
@@ -218,7 +225,7 @@ class PretrainTask(VLMoETask):
         named = {f"loss/{k}": v for k, v in terms.items()}
         named.update(self.aux_terms(aux))
         # before backward: a NaN must never reach the weights (or a checkpoint)
-        self.check_terms({**named, "loss": loss})
+        self.check_terms({**named, "loss": loss}, stats=aux.stats)
         for a in auxes:
             self.update_routing(a)
         self._step_size = (samples, tokens)
@@ -239,7 +246,7 @@ class PretrainTask(VLMoETask):
     def validation_step(self, batch: dict[str, dict[str, Any]], batch_idx: int) -> None:
         terms, accs, aux, auxes, (samples, _) = self.forward_streams(batch)
         loss = self.total_loss(terms, aux)
-        self.check_terms({**terms, "loss": loss}, stage="validation")
+        self.check_terms({**terms, "loss": loss}, stage="validation", stats=aux.stats)
         for a in auxes:
             self.update_routing(a, key="val")
         log = dict(batch_size=samples, on_step=False, on_epoch=True, sync_dist=True)

@@ -1,34 +1,62 @@
-"""``vlmoe data``: build the demo data, write webdataset shards.
+"""Webdataset shards from the files users have (``vlmoe data shards``).
 
-- ``vlmoe data demo [--out DIR]``: convert the easy-vqa package into every format (cached).
-- ``vlmoe data shards --out DIR ...``: write shards from
+:func:`write_shards` writes shards from
   (a) an image folder plus a captions file (JSON / JSONL / CSV / TSV) -> image-text pairs,
   (a') an image folder alone -> images (with ``cls`` from class subfolders, if any),
   (b) a COCO captions JSON plus its image folder -> image-text pairs,
   (c) text files (one text per line) -> texts.
-  Images are checked by decoding them fully; unreadable images, missing files and empty captions are
-  skipped and counted in the report.
+
+Images are checked by decoding them fully; unreadable images, missing files, empty captions and
+text lines that are not UTF-8 are skipped, counted by reason and listed (file, line) in the report.
+The shards are written into a staging folder beside ``out`` and moved into place only when the whole
+job has succeeded, so a failure never leaves a half-written set, and an ``out`` that already holds
+files is refused unless ``overwrite`` (which removes the old shard set first).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
-import sys
+import shutil
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from vlmoe.data._io import DataFormatError, decode_image, load_json, load_jsonl
+from vlmoe.data._io import DataFormatError, decode_image, load_json
 
-__all__ = ["main", "read_captions", "write_shards"]
+__all__ = ["Skipped", "read_captions", "read_text_lines", "write_shards"]
 
 _IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 _IMAGE_KEYS = ("image", "file_name", "filename", "file", "path", "image_path", "img")
 _CAPTION_KEYS = ("caption", "text", "captions", "sentence", "raw")
+
+
+class Skipped:
+    """Skipped inputs: counts per reason and the items (file, line) behind them."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.items: list[dict[str, Any]] = []
+
+    def add(self, reason: str, source: str | os.PathLike, line: int | None = None) -> None:
+        self.counts[reason] += 1
+        item: dict[str, Any] = {"reason": reason, "source": str(source)}
+        if line is not None:
+            item["line"] = line
+        self.items.append(item)
+
+
+def read_text_lines(path: str | os.PathLike, skipped: Skipped) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of each UTF-8 line of ``path`` (newline stripped); lines that are not
+    valid UTF-8 are skipped into ``skipped`` (``bad_encoding``, with file and line)."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                yield lineno, raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError:
+                skipped.add("bad_encoding", path, lineno)
 
 
 def _pick(record: dict[str, Any], keys: Sequence[str], where: str, what: str) -> Any:
@@ -38,33 +66,59 @@ def _pick(record: dict[str, Any], keys: Sequence[str], where: str, what: str) ->
     raise DataFormatError(f"{where}: no {what} field (looked for {list(keys)}); it has {sorted(record)}")
 
 
-def read_captions(path: str | os.PathLike) -> list[tuple[str, str]]:
+def read_captions(path: str | os.PathLike, skipped: Skipped | None = None) -> list[tuple[str, str]]:
     """``(image path, caption)`` pairs from a captions file.
 
     Formats: JSON (a list of objects, or ``{image: caption | [captions]}``), JSONL (one object per
     line), CSV / TSV with a header. Objects / columns name the image with one of ``image``,
     ``file_name``, ``filename``, ``file``, ``path``, ``image_path``, ``img`` and the caption with
     ``caption``, ``text``, ``captions`` (a list gives one pair per caption), ``sentence``, ``raw``.
+    Lines that are not UTF-8 (JSONL, CSV, TSV) are skipped into ``skipped``; a JSON file that is not
+    UTF-8 is an error naming its line.
 
     Args:
         path: the captions file.
+        skipped: where skipped lines are counted (a fresh one when None).
     """
     path = Path(path)
+    skipped = skipped if skipped is not None else Skipped()
+    if not path.is_file():
+        raise FileNotFoundError(f"captions file {path}: no such file")
     suffix = path.suffix.lower()
+    where_of: list[str] = []
     if suffix in (".csv", ".tsv"):
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
-        records: list[Any] = rows
+        lines = list(read_text_lines(path, skipped))
+        if not lines:
+            raise DataFormatError(f"{path}: no readable header line")
+        reader = csv.DictReader((text for _, text in lines), delimiter="\t" if suffix == ".tsv" else ",")
+        records: list[Any] = list(reader)
+        where_of = [f"{path}: line {lineno}" for lineno, _ in lines[1:]]
     elif suffix == ".jsonl":
-        records = load_jsonl(path)
+        records = []
+        for lineno, text in read_text_lines(path, skipped):
+            if not text.strip():
+                continue
+            try:
+                records.append(json.loads(text))
+            except json.JSONDecodeError as e:
+                raise DataFormatError(f"{path}: malformed JSON on line {lineno}, column {e.colno}: {e.msg}") from None
+            where_of.append(f"{path}: line {lineno}")
     elif suffix == ".json":
+        raw = path.read_bytes()
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            raise DataFormatError(
+                f"{path}: not UTF-8 text (line {line}, byte {e.start}); re-save it as UTF-8"
+            ) from None
         data = load_json(path)
         records = [{"image": k, "caption": v} for k, v in data.items()] if isinstance(data, dict) else data
     else:
         raise ValueError(f"{path}: unknown captions format {suffix!r}; use .json, .jsonl, .csv or .tsv")
     pairs = []
     for i, r in enumerate(records):
-        where = f"{path}: record {i + 1}" if suffix != ".csv" else f"{path}: row {i + 2}"
+        where = where_of[i] if i < len(where_of) else f"{path}: record {i + 1}"
         if not isinstance(r, dict):
             raise DataFormatError(f"{where}: expected an object, got {type(r).__name__}")
         image = _pick(r, _IMAGE_KEYS, where, "image")
@@ -112,6 +166,7 @@ def write_shards(
     maxcount: int = 10000,
     maxsize: float = 1e9,
     validate: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write shards from one source; see the module docstring for the sources.
 
@@ -125,36 +180,52 @@ def write_shards(
         maxcount: samples per shard at most.
         maxsize: bytes per shard at most.
         validate: decode every image fully and skip the unreadable ones.
+        overwrite: replace the shard set (``*.tar``, ``sizes.json``) of a non-empty ``out``; other
+            files there are left alone. Without it a non-empty ``out`` is refused.
 
     Returns:
-        A report: ``{"kind", "written", "skipped": {reason: n}, "shards": [paths]}``.
+        A report: ``{"kind", "written", "skipped": {reason: n}, "skipped_items": [{"reason",
+        "source"[, "line"]}], "shards": [paths]}``.
     """
-    from vlmoe.data.shards import ShardWriter
+    from vlmoe.data.shards import SIZES_FILE, ShardWriter
 
-    skipped: Counter[str] = Counter()
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a folder")
+    existing = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"--out {out} is not empty ({len(existing)} entries, e.g. {existing[:3]}); choose an empty "
+            "folder, or pass --overwrite to replace the shards there (nothing was changed)"
+        )
+    skipped = Skipped()
     if texts:
         if images or captions or coco_captions:
             raise ValueError("give either texts or images (+ captions), not both")
         kind = "texts"
+        for f in texts:
+            if not Path(f).is_file():
+                raise FileNotFoundError(f"--texts {f}: no such file")
 
         def samples() -> Iterator[dict[str, Any]]:
             for f in texts:
-                with open(f, encoding="utf-8") as fh:
-                    for line in fh:
-                        if not line.strip():
-                            skipped["empty_text"] += 1
-                            continue
-                        yield {"txt": line.strip()}
+                for lineno, line in read_text_lines(f, skipped):
+                    if not line.strip():
+                        skipped.add("empty_text", f, lineno)
+                        continue
+                    yield {"txt": line.strip()}
 
     else:
         if images is None:
             raise ValueError("give --images (with --captions or --coco-captions for pairs) or --texts")
         root = Path(images)
         if not root.is_dir():
-            raise FileNotFoundError(f"image folder not found: {root}")
+            raise FileNotFoundError(f"--images {root}: no such folder")
         if captions and coco_captions:
             raise ValueError("give --captions or --coco-captions, not both")
-        pairs = read_captions(captions) if captions else _coco_pairs(coco_captions) if coco_captions else None
+        pairs = (
+            read_captions(captions, skipped) if captions else _coco_pairs(coco_captions) if coco_captions else None
+        )
         kind = "pairs" if pairs is not None else "images"
         items: list[tuple[str, Any]] = pairs if pairs is not None else _folder_images(root)
         if not items:
@@ -165,21 +236,21 @@ def write_shards(
                 p = root / rel
                 ext = _IMAGE_SUFFIXES.get(p.suffix.lower())
                 if ext is None:
-                    skipped["not_an_image"] += 1
+                    skipped.add("not_an_image", p)
                     continue
                 if kind == "pairs" and not str(extra).strip():
-                    skipped["empty_caption"] += 1
+                    skipped.add("empty_caption", p)
                     continue
                 try:
                     data = p.read_bytes()
                 except FileNotFoundError:
-                    skipped["missing_image"] += 1
+                    skipped.add("missing_image", p)
                     continue
                 if validate:
                     try:
                         decode_image(data)
                     except Exception:  # noqa: BLE001 - any decoding failure means a bad image
-                        skipped["corrupt_image"] += 1
+                        skipped.add("corrupt_image", p)
                         continue
                 sample: dict[str, Any] = {ext: data}
                 if kind == "pairs":
@@ -189,74 +260,35 @@ def write_shards(
                     sample["cls"] = int(extra)
                 yield sample
 
-    out = Path(out)
+    # Everything goes to a staging folder beside `out`; `out` changes only once the job succeeded.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
     written = 0
-    with ShardWriter(out / f"{prefix or kind}-%06d.tar", maxcount=maxcount, maxsize=maxsize) as sink:
-        for sample in samples():
-            sample["__key__"] = f"{written:09d}"
-            sink.write(sample)
-            written += 1
-    if written == 0:
-        raise ValueError(f"no sample was written ({dict(skipped) or 'empty input'})")
+    name = prefix or kind
+    try:
+        with ShardWriter(staging / f"{name}-%06d.tar", maxcount=maxcount, maxsize=maxsize) as sink:
+            for sample in samples():
+                sample["__key__"] = f"{written:09d}"
+                sink.write(sample)
+                written += 1
+        if written == 0:
+            raise ValueError(f"no sample was written ({dict(skipped.counts) or 'empty input'})")
+        if out.is_dir():
+            for old in out.iterdir():  # --overwrite: the old shard set goes first (no stale shard stays)
+                if old.is_file() and (old.suffix == ".tar" or old.name == SIZES_FILE):
+                    old.unlink()
+            for new in staging.iterdir():
+                os.replace(new, out / new.name)
+            staging.rmdir()
+        else:
+            os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return {
         "kind": kind,
         "written": written,
-        "skipped": dict(skipped),
-        "shards": [str(p) for p in sink.paths],
+        "skipped": dict(skipped.counts),
+        "skipped_items": skipped.items,
+        "shards": [str(out / p.name) for p in sink.paths],
     }
-
-
-def main(argv: list[str] | None = None) -> Any:
-    """Entry point of ``vlmoe data``."""
-    parser = argparse.ArgumentParser(prog="vlmoe data", description="Build demo data and write webdataset shards.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    demo = sub.add_parser("demo", help="convert the easy-vqa package into every format vlmoe reads (cached)")
-    demo.add_argument("--out", default=None, help="target folder (default: $VLMOE_DATA/demo or ~/.cache/vlmoe/demo)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--force", action="store_true", help="rebuild even if a complete build exists")
-
-    sh = sub.add_parser("shards", help="write webdataset shards from images + captions, COCO captions or texts")
-    sh.add_argument("--out", required=True, help="output folder")
-    sh.add_argument("--images", help="image folder (alone: image-only shards, cls from class subfolders)")
-    sh.add_argument("--captions", help="captions file (.json/.jsonl/.csv/.tsv) with image paths relative to --images")
-    sh.add_argument("--coco-captions", help="COCO captions JSON; file_name relative to --images")
-    sh.add_argument("--texts", nargs="+", default=[], help="text files, one text per line")
-    sh.add_argument("--prefix", help="shard name prefix (default: pairs / images / texts)")
-    sh.add_argument("--maxcount", type=int, default=10000, help="samples per shard at most")
-    sh.add_argument("--maxsize", type=float, default=1e9, help="bytes per shard at most")
-    sh.add_argument("--no-validate", action="store_true", help="do not decode images to check them")
-
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        from vlmoe.data.demo import build_demo
-
-        paths = build_demo(args.out, seed=args.seed, force=args.force, verbose=True)
-        width = max(len(k) for k in paths.as_dict())
-        for k, v in paths.as_dict().items():
-            print(f"  {k.ljust(width)}  {v}")
-        return paths
-    try:
-        report = write_shards(
-            args.out,
-            images=args.images,
-            captions=args.captions,
-            coco_captions=args.coco_captions,
-            texts=args.texts,
-            prefix=args.prefix,
-            maxcount=args.maxcount,
-            maxsize=args.maxsize,
-            validate=not args.no_validate,
-        )
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"vlmoe data shards: {e}") from None
-    skipped = ", ".join(f"{k}={v}" for k, v in sorted(report["skipped"].items())) or "none"
-    n_shards = len(report["shards"])
-    print(f"wrote {report['written']} {report['kind']} samples into {n_shards} shard(s) in {args.out}")
-    print(f"skipped: {skipped}")
-    print(json.dumps(report["shards"][:3] + (["..."] if len(report["shards"]) > 3 else [])))
-    return report
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

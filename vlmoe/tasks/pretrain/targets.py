@@ -249,6 +249,15 @@ class VQKDTokenizer(nn.Module):
         return d.argmin(dim=-1)
 
 
+def _require_file(path: str | Path, what: str) -> None:
+    """Fail before the model and the data are built (and minutes are spent) when a weights file is absent."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"{what} {path}: no such file. Download it and set the path, or pretrain with "
+            "`model.mim_target: {class_path: vlmoe.tasks.pretrain.PixelTarget}` (no weights needed)"
+        )
+
+
 class VQKDTarget(MIMTarget):
     """BEiT v2 VQ-KD visual tokens (BEiT-3's MIM target); cross-entropy.
 
@@ -262,6 +271,7 @@ class VQKDTarget(MIMTarget):
 
     def __init__(self, checkpoint: str, num_codes: int = 8192, num_heads: int | None = None) -> None:
         super().__init__()
+        _require_file(checkpoint, "VQKDTarget checkpoint (the VQ-KD tokenizer weights)")
         self.checkpoint, self.num_codes, self.num_heads = str(checkpoint), num_codes, num_heads
         self.tokenizer: VQKDTokenizer | None = None
 
@@ -332,6 +342,8 @@ class TeacherTarget(MIMTarget):
             raise ValueError(f"TeacherTarget source={source!r}: choose 'open_clip' or 'timm'")
         if loss not in ("cosine", "smooth_l1", "mse"):
             raise ValueError(f"TeacherTarget loss={loss!r}: choose 'cosine', 'smooth_l1' or 'mse'")
+        if checkpoint is not None:
+            _require_file(checkpoint, "TeacherTarget checkpoint (the teacher's weights)")
         self.source, self.model_name, self.checkpoint = source, model_name, checkpoint
         self.loss_type = loss
         self._loaded = checkpoint is None
