@@ -8,13 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.tasks.conftest import shards  # noqa: F401  (the session fixture of tiny shards)
 from vlmoe.cli import COMMANDS
 from vlmoe.cli import main as vlmoe_main
 from vlmoe.tasks.pretrain.cli import main
 
 
-def _run_args(shards: dict[str, str], out: Path, *extra: str) -> list[str]:  # noqa: F811
+def _run_args(shards: dict[str, str], out: Path, *extra: str) -> list[str]:
     return [
         f"--data.pair_shards={shards['train_pairs']}",
         f"--data.image_shards={shards['train_images']}",
@@ -54,7 +53,7 @@ def test_print_config_without_subcommand_is_fit(capsys) -> None:
     assert "model: tiny_mhmoe" in out and "pair_shards: demo" in out and "every_n_train_steps: 200" in out
 
 
-def test_short_run_logs_checkpoints_and_says_where(shards, tmp_path, capsys) -> None:  # noqa: F811
+def test_short_run_logs_checkpoints_and_says_where(shards, tmp_path, capsys) -> None:
     main(["fit", *_run_args(shards, tmp_path, "--trainer.max_steps=5")])
     out = capsys.readouterr().out
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
@@ -83,7 +82,7 @@ def test_short_run_logs_checkpoints_and_says_where(shards, tmp_path, capsys) -> 
         assert torch.equal(v, state["state_dict"][f"model.{k}"]), k
 
 
-def test_resume_from_last_continues_the_step_count(shards, tmp_path, capsys) -> None:  # noqa: F811
+def test_resume_from_last_continues_the_step_count(shards, tmp_path, capsys) -> None:
     main(["fit", *_run_args(shards, tmp_path, "--trainer.max_steps=3")])
     main(["fit", *_run_args(shards, tmp_path, "--trainer.max_steps=6"), "--ckpt_path=last"])
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
@@ -99,7 +98,7 @@ def _callbacks(*specs: tuple[str, dict]) -> str:
     )
 
 
-def test_resume_after_kill_gives_the_uninterrupted_next_step_loss(shards, tmp_path) -> None:  # noqa: F811
+def test_resume_after_kill_gives_the_uninterrupted_next_step_loss(shards, tmp_path) -> None:
     """A run killed (SIGKILL) after its step-4 checkpoint, resumed with ``--ckpt_path last``, takes
     step 4 with the same loss as a run that was never interrupted."""
     import os
@@ -140,7 +139,7 @@ def test_resume_after_kill_gives_the_uninterrupted_next_step_loss(shards, tmp_pa
 
 
 @pytest.mark.distributed
-def test_two_process_ddp_on_cpu(shards, tmp_path) -> None:  # noqa: F811
+def test_two_process_ddp_on_cpu(shards, tmp_path) -> None:
     """2 ranks (gloo): disjoint shards per rank, the same number of steps, replicas equal at the end."""
     import os
     import subprocess
@@ -173,7 +172,7 @@ def test_two_process_ddp_on_cpu(shards, tmp_path) -> None:  # noqa: F811
 
 
 @pytest.mark.distributed
-def test_ddp_nonfinite_loss_on_one_rank_stops_every_rank(shards, tmp_path) -> None:  # noqa: F811
+def test_ddp_nonfinite_loss_on_one_rank_stops_every_rank(shards, tmp_path) -> None:
     """A NaN on rank 1 alone: both ranks stop at that step with the error (no rank left waiting)."""
     import os
     import subprocess
@@ -198,7 +197,7 @@ def test_ddp_nonfinite_loss_on_one_rank_stops_every_rank(shards, tmp_path) -> No
 
 
 @pytest.mark.distributed
-def test_expert_parallel_matches_ddp_and_checkpoints_every_expert(shards, tmp_path) -> None:  # noqa: F811
+def test_expert_parallel_matches_ddp_and_checkpoints_every_expert(shards, tmp_path) -> None:
     """Experts sharded over 2 gloo ranks train like plain DDP; the checkpoint holds all experts and
     resumes, and it exports as a complete model."""
     import os
@@ -232,7 +231,7 @@ def test_expert_parallel_matches_ddp_and_checkpoints_every_expert(shards, tmp_pa
         for step in got:
             assert got[step] == pytest.approx(want[step], rel=1e-4), (r, step, got, want)
     state = torch.load(tmp_path / "ep" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    w1 = state["state_dict"]["model.blocks.0.mlp.vision.experts.w1"]
+    w1 = state["state_dict"]["model.backbone.blocks.0.mlp.vision.experts.w1"]
     assert w1.shape[0] == 4  # all 4 experts, not rank 0's 2
     moments = [s["exp_avg"] for s in state["optimizer_states"][0]["state"].values() if s["exp_avg"].shape == w1.shape]
     assert moments and all(m.abs().sum() > 0 for m in moments)  # both ranks' expert moments, gathered
@@ -245,13 +244,13 @@ def test_expert_parallel_matches_ddp_and_checkpoints_every_expert(shards, tmp_pa
 
 # ---------------------------------------------------------------------------------------------- issue: no silent
 # wrong results, no lost data
-def test_init_checkpoint_from_a_pretraining_run_loads_every_weight(shards, tmp_path) -> None:  # noqa: F811
+def test_init_checkpoint_from_a_pretraining_run_loads_every_weight(shards, tmp_path) -> None:
     from vlmoe.tasks import PretrainTask
 
     main(["fit", *_run_args(shards, tmp_path / "a", "--trainer.max_steps=3", "--model.model=tiny_moe")])
     ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-    task = PretrainTask("tiny_moe", vocab_size=state["model.text_embed.token_embed.weight"].shape[0],
+    task = PretrainTask("tiny_moe", vocab_size=state["model.backbone.text_embed.token_embed.weight"].shape[0],
                         init_checkpoint=str(ckpt))
     for k, v in task.model.state_dict().items():
         assert torch.equal(v, state[f"model.{k}"]), k
@@ -261,7 +260,7 @@ def test_init_checkpoint_from_a_pretraining_run_loads_every_weight(shards, tmp_p
     assert cli.trainer.global_step == 1
 
 
-def test_ckpt_path_file_keeps_the_users_options_and_names_the_differences(shards, tmp_path, capsys) -> None:  # noqa: F811
+def test_ckpt_path_file_keeps_the_users_options_and_names_the_differences(shards, tmp_path, capsys) -> None:
     main(["fit", *_run_args(shards, tmp_path, "--trainer.max_steps=3", "--model.lr=0.002")])
     ckpt = str(tmp_path / "checkpoints" / "last.ckpt")
     capsys.readouterr()
@@ -273,19 +272,19 @@ def test_ckpt_path_file_keeps_the_users_options_and_names_the_differences(shards
     assert cli.trainer.global_step == 4
 
 
-def test_ckpt_path_last_without_a_checkpoint_names_the_folder(shards, tmp_path) -> None:  # noqa: F811
+def test_ckpt_path_last_without_a_checkpoint_names_the_folder(shards, tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match=r"--ckpt_path last: no last\*\.ckpt in .*typo/checkpoints"):
         main(["fit", *_run_args(shards, tmp_path / "typo", "--trainer.max_steps=3"), "--ckpt_path=last"])
 
 
-def test_resuming_another_preset_says_which_preset_the_checkpoint_holds(shards, tmp_path) -> None:  # noqa: F811
+def test_resuming_another_preset_says_which_preset_the_checkpoint_holds(shards, tmp_path) -> None:
     main(["fit", *_run_args(shards, tmp_path, "--trainer.max_steps=3")])
     with pytest.raises(ValueError, match=r"holds a 'tiny_mhmoe' model but this run builds a 'tiny_moe' model"):
         main(["fit", *_run_args(shards, tmp_path, "--trainer.max_steps=6", "--model.model=tiny_moe"),
               "--ckpt_path=last"])
 
 
-def test_a_kill_during_a_checkpoint_write_leaves_nothing_behind(shards, tmp_path) -> None:  # noqa: F811
+def test_a_kill_during_a_checkpoint_write_leaves_nothing_behind(shards, tmp_path) -> None:
     """kill -9 while the step-4 checkpoint is being written: the step-2 checkpoint stays whole, the
     partial temporary is cleaned when the run is resumed, and training continues from step 2."""
     import os
@@ -320,7 +319,7 @@ def _user_error(capsys, argv: list[str]) -> str:
     return err[-1]
 
 
-def test_user_errors_are_one_line_naming_the_option_or_file(shards, tmp_path, capsys) -> None:  # noqa: F811
+def test_user_errors_are_one_line_naming_the_option_or_file(shards, tmp_path, capsys) -> None:
     run = ["pretrain", *_run_args(shards, tmp_path / "r", "--trainer.max_steps=1")]
     msg = _user_error(capsys, [*run, "--model.model=tiny_mhmo"])
     assert "model.model: unknown model preset 'tiny_mhmo'" in msg
@@ -356,7 +355,7 @@ def test_help_shows_the_training_options(capsys) -> None:
     assert "brace pattern" in out  # the shard options have help text
 
 
-def test_a_run_says_what_it_skipped_and_nothing_that_does_not_apply(shards, tmp_path) -> None:  # noqa: F811
+def test_a_run_says_what_it_skipped_and_nothing_that_does_not_apply(shards, tmp_path) -> None:
     """A shard with an undecodable image: the run ends with a summary per reason and logs the counts;
     the output has none of Lightning's lines that do not apply to a CPU run on vlmoe's streams."""
     import os
@@ -392,3 +391,66 @@ def test_a_run_says_what_it_skipped_and_nothing_that_does_not_apply(shards, tmp_
     with open(next((tmp_path / "run" / "logs").glob("version_*/metrics.csv"))) as f:
         cols = set(next(csv.reader(f)))
     assert "data/skipped/pair/corrupt_image" in cols
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+# written before heads left the backbone
+def _as_legacy(path: Path, out: Path) -> None:
+    """Rewrite a checkpoint into the layout of earlier vlmoe versions: the backbone under ``model.``,
+    the heads under ``model.heads.{mlm,mim}.proj``, the heads listed in ``vlmoe_config``."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    names = {"model.backbone.": "model.", "model.mlm_head.": "model.heads.mlm.proj.",
+             "model.mim_head.": "model.heads.mim.proj."}
+    sd = {}
+    for k, v in ckpt["state_dict"].items():
+        for a, b in names.items():
+            if k.startswith(a):
+                k = b + k[len(a):]
+                break
+        sd[k] = v
+    ckpt["state_dict"] = sd
+    task = ckpt.pop("vlmoe_task")
+    ckpt.pop("vlmoe_preprocess", None)
+    ckpt["vlmoe_config"] = {**ckpt["vlmoe_config"], "heads": ["mlm", "mim"], "codebook_size": task["codebook_size"]}
+    ckpt["vlmoe_config"].pop("modalities")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, out)
+
+
+def test_checkpoints_of_earlier_versions_resume_and_export(shards, tmp_path) -> None:
+    main(["fit", *_run_args(shards, tmp_path, "--trainer.max_steps=3")])
+    folder = tmp_path / "checkpoints"
+    vlmoe_main(["export", str(folder / "step=000003.ckpt"), str(tmp_path / "e")])
+    for name in ("last.ckpt", "step=000003.ckpt"):  # as an earlier version would have written them
+        _as_legacy(folder / name, folder / name)
+    legacy = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=True)
+    assert "model.heads.mlm.proj.weight" in legacy["state_dict"] and "vlmoe_task" not in legacy
+    # the legacy file exports (heads included) to the same model
+    from vlmoe.models import VLMoEForPretraining, load_pretrained
+
+    vlmoe_main(["export", str(folder / "step=000003.ckpt"), str(tmp_path / "e_old"), "--strict"])
+    a, b = load_pretrained(tmp_path / "e"), load_pretrained(tmp_path / "e_old")
+    assert type(b) is VLMoEForPretraining
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+    # and resumes: weights, optimizer state and schedule restored, the step count continues
+    cli = main(["fit", *_run_args(shards, tmp_path, "--trainer.max_steps=5"), "--ckpt_path=last"])
+    assert cli.trainer.global_step == 5
+    state = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 5 and state["lr_schedulers"][0]["last_epoch"] == 5
+    assert "model.mlm_head.weight" in state["state_dict"] and state["vlmoe_task"]["type"] == "pretraining"
+
+
+def test_a_legacy_pooler_is_restored_so_the_optimizer_state_fits(make_task) -> None:
+    """Earlier tiny presets carried a pooler in the pretraining model: resuming such a checkpoint adds
+    it back before the optimizer is built, so the optimizer state matches parameter for parameter."""
+    task = make_task("dense")
+    sd = {f"model.{k.removeprefix('backbone.')}": v for k, v in task.model.state_dict().items()}
+    pooler = {"norm.weight": torch.ones(64), "norm.bias": torch.zeros(64),
+              "dense.weight": torch.randn(64, 64), "dense.bias": torch.zeros(64)}
+    sd.update({f"model.heads.pooler.{k}": v for k, v in pooler.items()})
+    ckpt = {"state_dict": sd, "vlmoe_config": task.config.to_dict()}
+    task.on_load_checkpoint(ckpt)
+    assert task.model.pooler is not None
+    task.load_state_dict(ckpt["state_dict"])  # strict, as Lightning loads it
+    assert torch.equal(task.model.pooler.dense.weight, pooler["dense.weight"])

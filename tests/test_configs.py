@@ -1,4 +1,4 @@
-"""Every YAML under configs/ goes through the real ``vlmoe pretrain`` command-line parser.
+"""Every YAML under configs/ goes through the real command-line parser.
 
 Pretraining recipes and trainer presets are parsed as the CLI parses them (types checked, every
 ``class_path`` imported and its ``init_args`` checked against the signature); model configs are
@@ -17,6 +17,7 @@ from vlmoe.tasks.pretrain.cli import PretrainCLI, build_cli
 
 ROOT = Path(__file__).resolve().parents[1] / "configs"
 RUN_CONFIGS = sorted((ROOT / "pretrain").glob("*.yaml")) + sorted((ROOT / "trainer").glob("*.yaml"))
+OVERLAYS = sorted((ROOT / "pretrain" / "moe").glob("*.yaml"))
 MODEL_CONFIGS = sorted((ROOT / "model").glob("*.yaml"))
 
 
@@ -33,8 +34,21 @@ def parse(*args: str):
 
 def test_configs_exist() -> None:
     names = {p.relative_to(ROOT).as_posix() for p in RUN_CONFIGS}
-    assert {"pretrain/demo.yaml", "trainer/cpu.yaml", "trainer/ddp.yaml", "trainer/fsdp.yaml"} <= names
-    assert {f"pretrain/beit3_base_{v}.yaml" for v in ("dense", "xmoe8", "mhmoe8", "xmoe32", "mhmoe32")} <= names
+    assert {"pretrain/demo.yaml", "pretrain/beit3_base.yaml", "trainer/cpu.yaml", "trainer/ddp.yaml",
+            "trainer/fsdp.yaml"} <= names
+    assert {p.stem for p in OVERLAYS} == {"xmoe8", "mhmoe8", "xmoe32", "mhmoe32"}
+
+
+@pytest.mark.parametrize("path", OVERLAYS, ids=lambda p: p.stem)
+def test_moe_overlay_composes_with_the_base_recipe(path: Path) -> None:
+    """One base recipe, the MoE variants as overlays: each changes the model and the run folder only."""
+    base = parse("--config", str(ROOT / "pretrain" / "beit3_base.yaml"))
+    cfg = parse("--config", str(ROOT / "pretrain" / "beit3_base.yaml"), "--config", str(path))
+    assert cfg.run_dir == f"runs/pretrain/beit3_base_{path.stem}" and cfg.model.model.startswith("base_")
+    assert cfg.model.lr == base.model.lr == 2.8e-3 and cfg.data.batch_size == base.data.batch_size
+    assert cfg.model.model_overrides["drop_path_rate"] == 0.1 and cfg.model.model_overrides["magneto_init"]
+    if path.stem.endswith("32"):
+        assert cfg.model.model_overrides["moe"] == {"num_experts": 32}
 
 
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.relative_to(ROOT).as_posix())
@@ -45,7 +59,8 @@ def test_run_config_parses(path: Path) -> None:
 
 @pytest.mark.parametrize("path", sorted((ROOT / "trainer").glob("*.yaml")), ids=lambda p: p.name)
 def test_trainer_preset_composes_with_a_recipe(path: Path) -> None:
-    cfg = parse("--config", str(ROOT / "pretrain" / "beit3_base_mhmoe8.yaml"), "--config", str(path))
+    cfg = parse("--config", str(ROOT / "pretrain" / "beit3_base.yaml"), "--config", str(ROOT / "pretrain" / "moe" /
+                "mhmoe8.yaml"), "--config", str(path))
     assert cfg.model.model == "base_mhmoe8"
     if path.stem in ("ddp", "multi-node"):
         assert cfg.trainer.strategy == "ddp_find_unused_parameters_true"

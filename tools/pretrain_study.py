@@ -77,9 +77,9 @@ class _Timer(pl.Callback):
 
 def run(name: str, overrides: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     pl.seed_everything(args.seed, verbose=False)
-    dm = PretrainDataModule(batch_size=args.batch_size, num_workers=args.num_workers, seed=args.seed,
+    dm = PretrainDataModule(batch_size=args.batch_size, max_len=40, num_workers=args.num_workers, seed=args.seed,
                             val_samples=args.val_batches * args.batch_size // 3)
-    task = PretrainTask("tiny", model_overrides=overrides, vocab_size=dm.vocab_size, lr=args.lr,
+    task = PretrainTask("tiny", model_overrides=overrides, vocab_size=dm.vocab_size, lr=args.lr, min_lr=1e-5,
                         warmup_steps=args.steps // 10, stats_every=0)
     timer = _Timer(skip=10)
     trainer = pl.Trainer(
@@ -99,11 +99,10 @@ def run(name: str, overrides: dict[str, Any], args: argparse.Namespace) -> dict[
         for i, batch in enumerate(dm.val_dataloader()):
             if i == args.val_batches:
                 break
-            terms, _, _, auxes, _ = task.forward_streams(batch)
+            terms, _, aux, _ = task.forward_streams(batch)
             for k, v in terms.items():
                 sums.setdefault(k, []).append(float(v))
-            for a in auxes:
-                acc.update(a)
+            acc.update(aux)
     val = {k: statistics.fmean(v) for k, v in sums.items()}
     params = sum(p.numel() for p in task.model.parameters())
     ffn_params = sum(p.numel() for n, p in task.model.named_parameters() if ".mlp." in n)

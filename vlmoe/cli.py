@@ -34,6 +34,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     PermissionError,
     FloatingPointError,  # non-finite losses (NonFiniteLossError)
 )
+# ... and by name, for libraries not imported here: Lightning's option conflicts
+USER_ERROR_NAMES = frozenset({"MisconfigurationException"})
 
 
 def _usage() -> str:
@@ -73,8 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         module = importlib.import_module(COMMANDS[name][0])
         module.main(argv[1:])
-    except USER_ERRORS as e:
-        if debug:
+    except Exception as e:
+        if debug or not (isinstance(e, USER_ERRORS) or type(e).__name__ in USER_ERROR_NAMES):
             raise
         print(f"vlmoe {name}: {_message(e)}", file=sys.stderr)
         raise SystemExit(2) from None

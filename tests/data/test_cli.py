@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.data.conftest import easy_vqa_pngs, to_jpeg
+from tests.utils import easy_vqa_pngs, to_jpeg
 from vlmoe.cli import main as vlmoe
 from vlmoe.data.make_shards import read_captions
 from vlmoe.data.shards import count_samples, expand_shards, stream_pipeline

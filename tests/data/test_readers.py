@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.data.conftest import easy_vqa_pngs, to_jpeg
+from tests.utils import easy_vqa_pngs, to_jpeg
 from vlmoe.data._io import DataFormatError, load_json, load_jsonl
 from vlmoe.data.coco import COCOCaptions, COCOInstances, KarpathyCaptions, karpathy_to_coco, load_coco
 from vlmoe.data.imagenet import ImageFolderDataset, class_names

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from tests.data.conftest import easy_vqa_pngs, to_jpeg
+from tests.utils import easy_vqa_pngs, to_jpeg
 from vlmoe.data.errors import SampleErrors
 from vlmoe.data.shards import ShardList, ShardWriter, count_samples, expand_shards, stream_pipeline
 

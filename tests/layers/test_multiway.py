@@ -87,4 +87,10 @@ def test_ffn_layout_errors():
     with pytest.raises(ValueError, match="shared"):
         MultiwayFFN(FeedForward(8, 8), FeedForward(8, 8), shared=FeedForward(8, 8))
     with pytest.raises(ValueError, match="needs"):
-        MultiwayFFN(FeedForward(8, 8))
+        MultiwayFFN()
+    # a single-modality slot (vision-only models): text tokens get a clear error
+    ffn = MultiwayFFN(FeedForward(8, 8))
+    yv, yt, _ = ffn(torch.randn(2, 3, 8), None)
+    assert yv.shape == (2, 3, 8) and yt is None
+    with pytest.raises(ValueError, match="no text branch"):
+        ffn(None, torch.randn(2, 3, 8))

@@ -45,7 +45,7 @@ def _unused_params(model, **inputs):
 @pytest.mark.parametrize("name", ["tiny", "tiny_moe"])
 def test_single_modality_paths_touch_only_their_branch(name, tiny_batch):
     image, ids, _ = tiny_batch
-    model = create_model(name, heads=[])
+    model = create_model(name)
     unused = _unused_params(model, image=image)
     assert all(".text" in n or n.startswith("text_embed") or n == "vision_embed.mask_token" for n in unused)
     assert any(".vision." in n for n in model.state_dict()) and not any(".vision." in n for n in unused)
@@ -108,25 +108,29 @@ def test_mim_mask_only_changes_masked_inputs(tiny_batch):
     torch.testing.assert_close(a, b)
 
 
-def test_heads(tiny_batch):
+def test_pretraining_heads(tiny_batch):
+    from vlmoe.models import Pooler, VLMoEForPretraining
+
     image, ids, pad = tiny_batch
-    model = create_model("tiny").eval()
-    out = _run(model, image, ids, pad)
-    assert model.heads["mlm"](out).shape == (2, 7, 128)
-    assert model.heads["mlm"](out, mask=~pad).shape == (int((~pad).sum()), 128)
+    model = VLMoEForPretraining(create_model("tiny"), codebook_size=64).eval()
+    assert not hasattr(model.backbone, "heads")  # the backbone has no heads
+    out = model(image=image, text_ids=ids, text_padding_mask=pad)
+    assert model.mlm_logits(out).shape == (2, 7, 128)
+    assert model.mlm_logits(out, mask=~pad).shape == (int((~pad).sum()), 128)
+    torch.testing.assert_close(model.mlm_logits(out, mask=~pad), model.mlm_head(out.text_tokens[~pad]))
     mim = torch.zeros(2, 16, dtype=torch.bool)
     mim[0, :3] = True
-    assert model.heads["mim"](out).shape == (2, 16, 64)
-    assert model.heads["mim"](out, mask=mim).shape == (3, 64)
-    assert model.heads["pooler"](out).shape == (2, 64)
+    assert model.mim_logits(out).shape == (2, 16, 64)
+    torch.testing.assert_close(model.mim_logits(out, mask=mim), model.mim_head(out.hidden_states[0, 1:4]))
+    pooler = Pooler(64)
     torch.testing.assert_close(
-        model.heads["pooler"](out, token="text"),
-        torch.tanh(model.heads["pooler"].dense(model.heads["pooler"].norm(out.hidden_states[:, 17]))),
+        pooler(out.text_cls), torch.tanh(pooler.dense(pooler.norm(out.hidden_states[:, 17])))
     )
-    with pytest.raises(ValueError, match="MLMHead needs text"):
-        model.heads["mlm"](_run(model, image))
+    with pytest.raises(ValueError, match="mlm_logits needs text"):
+        model.mlm_logits(model(image=image))
     with pytest.raises(ValueError, match=r"MIM mask has shape \(2, 15\)"):
-        model.heads["mim"](out, mask=mim[:, :15])
+        model.mim_logits(out, mask=mim[:, :15])
+    assert model.task_config() == {"type": "pretraining", "codebook_size": 64, "pooler": False}
 
 
 def test_bad_inputs_name_the_shape():
@@ -233,28 +237,33 @@ def test_shared_moe_pool(tiny_batch):
 def test_no_weight_decay_and_layer_decay_groups():
     from timm.optim import create_optimizer_v2
 
-    model = create_model("tiny_mhmoe")
-    skip = model.no_weight_decay()
-    params = dict(model.named_parameters())
-    assert skip <= params.keys()
+    from vlmoe.models import VLMoEForPretraining
+
+    backbone = create_model("tiny_mhmoe")
+    skip = backbone.no_weight_decay()
+    assert skip <= dict(backbone.named_parameters()).keys()
     assert {"vision_embed.cls_token", "vision_embed.pos_embed.weight", "text_embed.pos_embed.weight"} <= skip
     assert "blocks.0.mlp.vision.experts.b1" in skip and "blocks.0.mlp.vision.experts.w1" not in skip
-    assert model.layer_id("text_embed.token_embed.weight") == 0
-    assert model.layer_id("blocks.1.attn.qkv.text.weight") == 2 and model.layer_id("heads.mlm.proj.weight") == 3
+    assert backbone.layer_id("text_embed.token_embed.weight") == 0
+    assert backbone.layer_id("blocks.1.attn.qkv.text.weight") == 2
+    model = VLMoEForPretraining(backbone, codebook_size=64)  # a task model delegates to its backbone
+    params = dict(model.named_parameters())
+    assert model.no_weight_decay() == {f"backbone.{n}" for n in skip}
+    assert model.layer_id("backbone.blocks.1.attn.qkv.text.weight") == 2 and model.layer_id("mlm_head.weight") == 3
     opt = create_optimizer_v2(model, "adamw", lr=1.0, weight_decay=0.05, layer_decay=0.5)
     scale = {}
     for g in opt.param_groups:
         for p in g["params"]:
             scale[p] = (g["lr_scale"], g["weight_decay"])
-    assert scale[params["vision_embed.patch_embed.proj.weight"]] == (0.125, 0.05)
-    assert scale[params["blocks.0.attn.qkv.vision.weight"]] == (0.25, 0.05)
-    assert scale[params["blocks.1.mlp.text.experts.w1"]] == (0.5, 0.05)
-    assert scale[params["norm.vision.weight"]] == (0.5, 0.0)  # the final norm joins the last block
-    assert scale[params["heads.mim.proj.weight"]] == (1.0, 0.05)
+    assert scale[params["backbone.vision_embed.patch_embed.proj.weight"]] == (0.125, 0.05)
+    assert scale[params["backbone.blocks.0.attn.qkv.vision.weight"]] == (0.25, 0.05)
+    assert scale[params["backbone.blocks.1.mlp.text.experts.w1"]] == (0.5, 0.05)
+    assert scale[params["backbone.norm.vision.weight"]] == (0.5, 0.0)  # the final norm joins the last block
+    assert scale[params["mim_head.weight"]] == (1.0, 0.05)
     for n, p in params.items():  # layer_id agrees with timm's grouping
         assert scale[p][0] == 0.5 ** (3 - model.layer_id(n)), n
-    assert scale[params["vision_embed.cls_token"]][1] == 0.0
-    assert scale[params["blocks.1.mlp.text.experts.ln_weight"]][1] == 0.0
+    assert scale[params["backbone.vision_embed.cls_token"]][1] == 0.0
+    assert scale[params["backbone.blocks.1.mlp.text.experts.ln_weight"]][1] == 0.0
 
 
 def test_magneto_init_scales_branch_outputs():

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from vlmoe.models import (
+    VLMoEForPretraining,
     beit3_config,
     beit3_to_vlmoe,
     create_model,
@@ -17,11 +18,19 @@ from vlmoe.models import (
     vlmoe_to_beit3,
 )
 
+HEAD_KEYS = {"mim_head.weight", "mim_head.bias", "mlm_head.weight", "mlm_head.bias", "pooler.norm.weight",
+             "pooler.norm.bias", "pooler.dense.weight", "pooler.dense.bias"}
+
+
+def _pretraining(name="tiny", **overrides):
+    return VLMoEForPretraining(create_model(name, **overrides), codebook_size=64, pooler=True)
+
 
 def _beit3_sd(perturb, name="tiny", **overrides):
-    """A BEiT-3-layout state dict (``beit3.`` prefix, heads at the top level) from a random model."""
-    src = perturb(create_model(name, **overrides)).eval()
-    return src, vlmoe_to_beit3(src.state_dict())
+    """A BEiT-3-layout state dict (``beit3.`` prefix, pretraining heads and a pooler at the top level)
+    from a random pretraining model; returns ``(its backbone, the state dict, the task model)``."""
+    task = perturb(_pretraining(name, **overrides)).eval()
+    return task.backbone, vlmoe_to_beit3(task.state_dict()), task
 
 
 def _same_outputs(a, b, **inputs):
@@ -30,7 +39,7 @@ def _same_outputs(a, b, **inputs):
 
 
 def test_beit3_key_layout(perturb):
-    _, sd = _beit3_sd(perturb)
+    _, sd, _ = _beit3_sd(perturb)
     assert "beit3.encoder.layers.0.self_attn.q_proj.A.weight" in sd
     assert "beit3.encoder.layers.1.ffn.B.ffn_layernorm.bias" in sd
     assert "beit3.encoder.embed_positions.A.weight" in sd and sd["beit3.encoder.embed_positions.A.weight"].shape == (
@@ -40,52 +49,69 @@ def test_beit3_key_layout(perturb):
     assert "mim_head.weight" in sd and "pooler.dense.weight" in sd and "mlm_head.bias" in sd
     assert detect_format(sd) == "beit3"
     conv, origin, unused = beit3_to_vlmoe(sd)
-    assert not unused
+    assert set(unused) == HEAD_KEYS  # heads keep their BEiT-3 names: task models use the same ones
     assert origin["blocks.0.attn.qkv.vision.weight"] == "beit3.encoder.layers.0.self_attn.{q,k,v}_proj.A.weight"
 
 
 @pytest.mark.parametrize("wrap", ["model", "module", "bare", "no_prefix"])
 def test_load_beit3_layouts(perturb, tiny_batch, wrap):
-    src, sd = _beit3_sd(perturb)
+    src, sd, task = _beit3_sd(perturb)
     if wrap == "no_prefix":
         sd = {k.removeprefix("beit3."): v for k, v in sd.items()}
     ckpt = {"model": sd, "epoch": 3} if wrap == "model" else {"module": sd} if wrap == "module" else sd
-    model, report = load_beit3(ckpt, "tiny", strict=True)
-    assert report.complete and "every parameter loaded" in str(report)
+    model, report = load_beit3(ckpt, "tiny")  # the backbone alone: the heads are reported unused
+    assert set(report.unexpected) == HEAD_KEYS and not report.missing
     image, ids, pad = tiny_batch
     _same_outputs(src, model.eval(), image=image, text_ids=ids, text_padding_mask=pad)
-    assert torch.equal(model.heads["mim"].proj.weight, src.heads["mim"].proj.weight)
+    full = _pretraining()  # a task model takes the heads too, under the same names
+    report = load_checkpoint(full, ckpt, strict=True)
+    assert report.complete and "every parameter loaded" in str(report)
+    for k, v in task.state_dict().items():
+        assert torch.equal(full.state_dict()[k], v), k
 
 
 def test_load_beit3_infers_config(perturb):
-    src, sd = _beit3_sd(perturb, final_norm=False, heads=["mim"])
+    _, sd, _ = _beit3_sd(perturb, final_norm=False)
     cfg = beit3_config(sd)
     assert (cfg.dim, cfg.depth, cfg.mlp_dim, cfg.img_size, cfg.patch_size) == (64, 2, 128, 32, 8)
     assert cfg.vocab_size == 128 and cfg.max_text_positions == 66 and not cfg.final_norm
-    assert cfg.heads == ["mim"] and cfg.codebook_size == 64 and cfg.num_heads == 1  # width / 64
-    model, report = load_beit3(sd, strict=True, num_heads=2)  # no warning: heads given
-    assert report.complete and model.config.num_heads == 2
+    assert cfg.num_heads == 1  # width / 64
+    model, report = load_beit3(sd, num_heads=2)  # no warning: heads given
+    assert not report.missing and model.config.num_heads == 2
 
 
 def test_unused_and_missing_are_reported(perturb):
-    _, sd = _beit3_sd(perturb)
+    _, sd, _ = _beit3_sd(perturb)
     sd["head.weight"] = torch.zeros(3129, 64)  # a VQA task head
     sd["fc_norm.bias"] = torch.zeros(64)
-    model, report = load_beit3(sd, "tiny", heads=["mlm"])
+    mlm_only = VLMoEForPretraining(create_model("tiny"), codebook_size=None)  # no MIM head, no pooler
+    report = load_checkpoint(mlm_only, sd)
     assert set(report.unexpected) == {"head.weight", "fc_norm.bias", "mim_head.weight", "mim_head.bias",
                                       "pooler.norm.weight", "pooler.norm.bias", "pooler.dense.weight",
                                       "pooler.dense.bias"}  # fmt: skip
     assert not report.missing and not report.complete
     del sd["beit3.encoder.layer_norm.B.weight"]
-    _, report = load_beit3(sd, "tiny", heads=["mlm"])
-    assert report.missing == ["norm.text.weight"]
+    report = load_checkpoint(mlm_only, sd)
+    assert report.missing == ["backbone.norm.text.weight"]
     assert "unused checkpoint keys: 8" in str(report) and "norm.text.weight" in str(report)
     with pytest.raises(ValueError, match="strict=True"):
-        load_beit3(sd, "tiny", heads=["mlm"], strict=True)
+        load_checkpoint(mlm_only, sd, strict=True)
+
+
+def test_head_of_another_shape_stays_at_init_and_is_named(perturb):
+    """BEiT-3's own loader drops a head whose shape differs (another number of classes): so do we."""
+    _, sd, task = _beit3_sd(perturb)
+    model = VLMoEForPretraining(create_model("tiny"), codebook_size=32, pooler=True)
+    before = model.mim_head.weight.detach().clone()
+    report = load_checkpoint(model, sd)
+    assert report.head_mismatch == ["mim_head.weight: (64, 64) in the checkpoint, (32, 64) here (left at init)",
+                                    "mim_head.bias: (64,) in the checkpoint, (32,) here (left at init)"]
+    assert torch.equal(model.mim_head.weight, before) and torch.equal(model.mlm_head.weight, task.mlm_head.weight)
+    assert "mim_head.weight" in report.missing and report.share > 0.9
 
 
 def test_positions_interpolated_for_another_image_size(perturb):
-    _, sd = _beit3_sd(perturb)
+    _, sd, _ = _beit3_sd(perturb)
     model, report = load_beit3(sd, "tiny", img_size=48)
     assert any("4x4 -> 6x6" in r for r in report.resized)
     old = sd["beit3.encoder.embed_positions.A.weight"]
@@ -98,7 +124,7 @@ def test_positions_interpolated_for_another_image_size(perturb):
 
 
 def test_text_positions_truncated_or_rejected(perturb):
-    _, sd = _beit3_sd(perturb)
+    _, sd, _ = _beit3_sd(perturb)
     model, report = load_beit3(sd, "tiny", max_text_positions=20)
     assert "kept the first 20 of 66 rows" in report.resized[0]
     torch.testing.assert_close(
@@ -109,7 +135,7 @@ def test_text_positions_truncated_or_rejected(perturb):
 
 
 def test_checkpoint_of_another_shape_names_key_and_shapes(perturb):
-    _, sd = _beit3_sd(perturb)
+    _, sd, _ = _beit3_sd(perturb)
     with pytest.raises(ValueError) as e:
         load_beit3(sd, "tiny", dim=32, num_heads=2)
     msg = str(e.value)
@@ -123,11 +149,11 @@ def test_checkpoint_of_another_shape_names_key_and_shapes(perturb):
 
 
 def test_files_are_read_without_unpickling_code(perturb, tmp_path):
-    src, sd = _beit3_sd(perturb)
+    src, sd, _ = _beit3_sd(perturb)
     path = tmp_path / "beit3.pth"
     # training checkpoints carry an argparse.Namespace under 'args': allowed, it holds no code
     torch.save({"model": sd, "args": argparse.Namespace(lr=1e-3), "epoch": 1}, path)
-    model, report = load_beit3(path, "tiny", strict=True)
+    report = load_checkpoint(_pretraining(), path, strict=True)
     assert report.source == str(path)
 
     class Evil:
@@ -147,10 +173,11 @@ def test_files_are_read_without_unpickling_code(perturb, tmp_path):
 def test_safetensors_file(perturb, tmp_path):
     from safetensors.torch import save_file
 
-    src, sd = _beit3_sd(perturb)
+    src, sd, _ = _beit3_sd(perturb)
     save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "b.safetensors")
-    model, report = load_beit3(tmp_path / "b.safetensors", "tiny", strict=True)
-    _same_outputs(src, model.eval(), text_ids=torch.randint(0, 128, (2, 5)))
+    model = _pretraining()
+    load_checkpoint(model, tmp_path / "b.safetensors", strict=True)
+    _same_outputs(src, model.backbone.eval(), text_ids=torch.randint(0, 128, (2, 5)))
 
 
 def test_export_to_beit3_rejects_moe():

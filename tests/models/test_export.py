@@ -64,7 +64,8 @@ def test_cli_beit3_to_vlmoe_to_beit3(perturb, tiny_batch, tmp_path, capsys):
     vlmoe_main(["export", str(tmp_path / "beit3.pth"), str(tmp_path / "moe"), "--config", "tiny_moe",
                 "--set", "moe={top_k: 1, normalize_gates: true}", "--strict"])  # fmt: skip
     moe = load_pretrained(tmp_path / "moe")
-    assert moe.config.moe.top_k == 1 and json.loads((tmp_path / "moe" / "config.json").read_text())["moe"]["top_k"] == 1
+    written = json.loads((tmp_path / "moe" / "config.json").read_text())
+    assert moe.config.moe.top_k == 1 and written["model"]["moe"]["top_k"] == 1 and written["task"] is None
 
     # and back to the BEiT-3 layout
     vlmoe_main(["export", str(tmp_path / "dense"), str(tmp_path / "back.safetensors"), "--to", "beit3"])

@@ -53,7 +53,9 @@ def test_overrides_and_moe_dict_merge():
         (dict(img_size=30), "img_size=30: must be a multiple of patch_size=8"),
         (dict(moe_multiway="mixed"), "moe_multiway='mixed'"),
         (dict(moe_layers=[0, 7]), r"moe_layers=\[0, 7\]: indices \[7\]"),
-        (dict(heads=["vqa"]), r"unknown head\(s\) \['vqa'\]"),
+        (dict(heads=["vqa"]), r"unknown VLMoEConfig field\(s\) \['heads'\]"),  # heads live in task models
+        (dict(modalities=["audio"]), r"modalities=\['audio'\]: choose a non-empty subset"),
+        (dict(modalities=["vision"], vl_ffn_layers=1), "single-modality model has no VL-FFN"),
         (dict(vl_ffn_layers=3), "vl_ffn_layers=3"),
         (dict(max_text_positions=2), "max_text_positions=2"),
         (dict(colour="red"), r"unknown VLMoEConfig field\(s\) \['colour'\]"),
@@ -121,4 +123,7 @@ def test_create_model_from_name_file_and_config(tmp_path):
     VLMoEConfig.from_name("tiny_moe").to_yaml(path)
     m2 = create_model(str(path), moe_layers=[1])
     assert m2.config.moe_layer_indices == [1]
-    assert create_model(VLMoEConfig.from_name("tiny"), heads=[]).heads.keys() == set()
+    assert not hasattr(create_model(VLMoEConfig.from_name("tiny")), "heads")
+    # configs written before heads left the backbone still read (their head fields are dropped)
+    legacy = {**VLMoEConfig.from_name("tiny").to_dict(), "heads": ["mlm", "mim"], "codebook_size": 64}
+    assert VLMoEConfig.from_dict(legacy) == VLMoEConfig.from_name("tiny")

@@ -80,7 +80,7 @@ def _check(cfg: VLMoEConfig, batch: int, text_len: int, mim: bool = True) -> dic
 
 
 def test_parity_tiny():
-    cfg = VLMoEConfig.from_name("tiny", heads=[])
+    cfg = VLMoEConfig.from_name("tiny")
     diffs = _check(cfg, batch=3, text_len=9)
     assert max(diffs.values()) < TOL, diffs
 

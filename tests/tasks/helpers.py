@@ -70,7 +70,7 @@ class PoisonRank(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, idx: int) -> None:
         if trainer.global_rank == self.rank and trainer.global_step == self.step:
-            pl_module.model.heads["mim"].proj.weight.data.fill_(float("nan"))
+            pl_module.model.mim_head.weight.data.fill_(float("nan"))
 
 
 class KillDuringCheckpointWrite(pl.Callback):

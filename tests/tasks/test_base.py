@@ -13,28 +13,50 @@ from vlmoe.tasks import NonFiniteLossError, param_groups, warmup_cosine
 
 def test_param_groups_layer_decay_and_no_decay(make_task) -> None:
     task = make_task("mhmoe", layer_decay=0.5, weight_decay=0.05, max_steps=10)
-    model = task.model
-    groups = param_groups(
-        task, 0.05, 0.5, layer_id=model.layer_id, num_layers=model.num_layers,
-        no_weight_decay=model.no_weight_decay(), prefix="model.",
-    )
+    groups = task._param_groups()
     seen = [n for g in groups for n in g["names"]]
     assert sorted(seen) == sorted(n for n, _ in task.named_parameters())  # each parameter exactly once
     by_name = {n: g for g in groups for n in g["names"]}
-    depth = model.num_layers  # 2
-    assert by_name["model.vision_embed.patch_embed.proj.weight"]["lr_scale"] == 0.5 ** (depth + 1)
-    assert by_name["model.blocks.0.attn.qkv.vision.weight"]["lr_scale"] == 0.5 ** depth
-    assert by_name["model.blocks.1.attn.qkv.vision.weight"]["lr_scale"] == 0.5 ** (depth - 1)
-    assert by_name["model.heads.mlm.proj.weight"]["lr_scale"] == 1.0
+    depth = task.backbone.num_layers  # 2
+    assert by_name["model.backbone.vision_embed.patch_embed.proj.weight"]["lr_scale"] == 0.5 ** (depth + 1)
+    assert by_name["model.backbone.blocks.0.attn.qkv.vision.weight"]["lr_scale"] == 0.5 ** depth
+    assert by_name["model.backbone.blocks.1.attn.qkv.vision.weight"]["lr_scale"] == 0.5 ** (depth - 1)
+    assert by_name["model.mlm_head.weight"]["lr_scale"] == 1.0
     # no decay: biases, norms, positions / tokens, and the 2-D MoE "bias-like" parameters
-    for name in ("model.blocks.0.attn.qkv.vision.bias", "model.vision_embed.cls_token",
-                 "model.text_embed.pos_embed.weight", "model.blocks.0.mlp.vision.experts.b1",
-                 "model.blocks.0.mlp.vision.router.expert_embeddings"):
+    for name in ("model.backbone.blocks.0.attn.qkv.vision.bias", "model.backbone.vision_embed.cls_token",
+                 "model.backbone.text_embed.pos_embed.weight", "model.backbone.blocks.0.mlp.vision.experts.b1",
+                 "model.backbone.blocks.0.mlp.vision.router.expert_embeddings"):
         assert by_name[name]["weight_decay"] == 0.0, name
-    assert by_name["model.blocks.0.mlp.vision.experts.w1"]["weight_decay"] == 0.05
+    assert by_name["model.backbone.blocks.0.mlp.vision.experts.w1"]["weight_decay"] == 0.05
     opt = task.configure_optimizers()["optimizer"]
     lrs = {round(g["initial_lr"] / task.lr, 6) for g in opt.param_groups}  # peak lr (warmup starts at 0)
     assert lrs == {round(0.5**k, 6) for k in range(depth + 2)}
+    # the same groups with the generic function and the task model's own layer ids
+    model = task.model
+    ref = param_groups(task, 0.05, 0.5, layer_id=model.layer_id, num_layers=model.num_layers,
+                       no_weight_decay=model.no_weight_decay(), prefix="model.")
+    assert [g["names"] for g in ref] == [g["names"] for g in groups]
+
+
+def test_layer_decay_finds_a_wrapped_backbone(make_task) -> None:
+    """A backbone inside another module (a detector's, say) gets its layer ids and no-decay names by
+    identity, wherever it sits; the rest is the top layer."""
+    from torch import nn
+
+    from vlmoe.tasks import VLMoETask
+
+    class Wrapped(VLMoETask):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.model = nn.ModuleDict({"body": nn.ModuleDict({"vit": make_task("dense").model.backbone}),
+                                        "box_head": nn.Linear(4, 4)})
+
+    task = Wrapped(layer_decay=0.5)
+    assert task.backbone is task.model["body"]["vit"]
+    by_name = {n: g for g in task._param_groups() for n in g["names"]}
+    assert by_name["model.body.vit.blocks.1.attn.qkv.vision.weight"]["lr_scale"] == 0.5
+    assert by_name["model.body.vit.vision_embed.cls_token"]["weight_decay"] == 0.0
+    assert by_name["model.box_head.weight"]["lr_scale"] == 1.0
 
 
 def test_warmup_cosine() -> None:
@@ -66,16 +88,27 @@ def test_check_terms_names_the_bad_terms(make_task) -> None:
                           "aux/z": torch.tensor(math.nan)})
 
 
-def test_routing_summary_equals_the_accumulator(make_task) -> None:
+def test_routing_callback_equals_the_accumulator(make_task) -> None:
+    """The RoutingStatistics callback (forward hooks on the MoE layers) reports what the layers' own
+    statistics give, summed over the forwards since the last report."""
+    from vlmoe.tasks.callbacks import RoutingStatistics
+
     task = make_task("topk")
+    cb = RoutingStatistics(every_n_steps=1, tau=task.activation_tau)
+    cb.setup(None, task, "fit")
     acc = RoutingStatsAccumulator(tau=task.activation_tau)
+    cb._stage = "train"
     for _ in range(3):
         out = task.model(image=torch.randn(2, 3, 32, 32), text_ids=torch.randint(0, 100, (2, 6)))
-        task.update_routing(out.aux)
         acc.update(out.aux)
-    stats = task.routing_summary(sync=False)
+    stats = cb.summary("train")
+    assert acc.per_layer() and set(acc.per_layer()) == {s.name for s in out.aux.stats}
     for layer, metrics in acc.per_layer().items():
         for k in ("activation_ratio", "load_entropy", "load_cv", "dropped"):
             assert stats[f"routing/{layer}/{k}"] == pytest.approx(metrics[k]), (layer, k)
     assert stats["routing/mean/activation_ratio"] == pytest.approx(acc.summary()["activation_ratio"])
-    assert task.routing_summary(sync=False) == {}  # reset after reading
+    assert cb.summary("train") == {}  # reset after reading
+    cb.teardown(None, task, "fit")
+    cb._stage = "train"
+    task.model(image=torch.randn(2, 3, 32, 32))
+    assert cb.summary("train") == {}  # hooks removed

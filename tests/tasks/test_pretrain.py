@@ -7,9 +7,8 @@ import math
 import pytest
 import torch
 
+from tests.utils import VARIANTS, trainer
 from vlmoe.tasks import NonFiniteLossError, VLMoECheckpoint
-
-from .conftest import VARIANTS, trainer
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -42,7 +41,7 @@ def test_loss_falls_on_a_fixed_batch_all_streams(make_task, make_data) -> None:
     first = last = None
     per_term_first: dict[str, float] = {}
     for step in range(50):
-        terms, _, aux, _, _ = task.forward_streams(batch)
+        terms, _, aux, _ = task.forward_streams(batch)
         loss = task.total_loss(terms, aux)
         if step == 0:
             first = float(loss)
@@ -54,7 +53,7 @@ def test_loss_falls_on_a_fixed_batch_all_streams(make_task, make_data) -> None:
         last = float(loss)
     assert set(per_term_first) == {"mlm_pair", "mim_pair", "mim_image", "mlm_text"}
     assert last < 0.5 * first, (first, last)
-    terms, _, _, _, _ = task.forward_streams(batch)
+    terms, _, _, _ = task.forward_streams(batch)
     for k, v in terms.items():  # every stream's term learned, not just the largest
         assert float(v) < per_term_first[k], (k, per_term_first[k], float(v))
 
@@ -103,7 +102,7 @@ def test_nan_router_logits_give_the_one_line_error_naming_the_layer(variant, mak
     class Poison(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, idx):
             if trainer.global_step == 3:
-                pl_module.model.vision_embed.patch_embed.proj.weight.data.fill_(float("nan"))
+                pl_module.model.backbone.vision_embed.patch_embed.proj.weight.data.fill_(float("nan"))
 
     ckpt = VLMoECheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=2)
     t = trainer(tmp_path, max_steps=10, callbacks=[ckpt, Poison()], limit_val_batches=0)

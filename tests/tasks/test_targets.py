@@ -8,9 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.utils import trainer
 from vlmoe.tasks import PixelTarget, TeacherTarget, VQKDTarget, VQKDTokenizer, patchify
-
-from .conftest import trainer
 
 TINY_VQKD = dict(img_size=32, patch_size=8, dim=32, depth=2, num_heads=2, mlp_ratio=2.0, code_dim=8, num_codes=16)
 
@@ -134,7 +133,7 @@ def test_vqkd_target_errors_name_the_problem(vqkd_file, tmp_path) -> None:
 
 def test_pretraining_with_vqkd_targets(vqkd_file, make_task, make_data, tmp_path) -> None:
     task = make_task("mhmoe", mim_target=VQKDTarget(str(vqkd_file), num_codes=16, num_heads=2))
-    assert task.model.heads["mim"].proj.out_features == 16
+    assert task.model.mim_head.out_features == 16
     t = trainer(tmp_path, fast_dev_run=True)
     t.fit(task, datamodule=make_data())
     assert "acc/mim_image" in t.callback_metrics and "val/acc_mim_pair" in t.callback_metrics

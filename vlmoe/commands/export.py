@@ -57,15 +57,16 @@ def main(argv: list[str] | None = None) -> Path:
     args.set = _parse_set(args.set)
     from vlmoe.models.export import convert, export_beit3, save_pretrained
 
-    model, report = convert(args)
+    model, report, preprocess = convert(args)
     if report is not None:
         print(report)
     if args.to == "beit3":
         out = export_beit3(model, args.out, overwrite=args.overwrite)
     else:
-        out = save_pretrained(model, args.out, overwrite=args.overwrite)
+        out = save_pretrained(model, args.out, preprocess=preprocess, overwrite=args.overwrite)
     n = sum(p.numel() for p in model.parameters())
-    print(f"wrote {out} ({model.config.name}, {n / 1e6:.1f}M parameters, layout {args.to})")
+    task = getattr(model, "task", "") or "backbone"
+    print(f"wrote {out} ({model.config.name}, {task}, {n / 1e6:.1f}M parameters, layout {args.to})")
     return out
 
 

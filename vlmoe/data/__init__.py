@@ -9,6 +9,7 @@ from vlmoe.data.collate import Collator, collate_detection
 from vlmoe.data.demo import DemoPaths, build_demo, default_demo_dir
 from vlmoe.data.errors import SampleErrors
 from vlmoe.data.masking import IGNORE_INDEX, BlockMaskingGenerator, mlm_mask
+from vlmoe.data.preprocess import Preprocess, preprocess_dict
 from vlmoe.data.pretrain import MultiStream, PretrainData, PretrainDataConfig, split_batch
 from vlmoe.data.shards import ShardWriter, count_samples, expand_shards, stream_pipeline
 from vlmoe.data.tokenizers import (
@@ -28,6 +29,7 @@ __all__ = [
     "DemoPaths",
     "HFTokenizer",
     "MultiStream",
+    "Preprocess",
     "PretrainData",
     "PretrainDataConfig",
     "SampleErrors",
@@ -42,6 +44,7 @@ __all__ = [
     "default_demo_dir",
     "expand_shards",
     "mlm_mask",
+    "preprocess_dict",
     "split_batch",
     "stream_pipeline",
 ]

@@ -20,22 +20,9 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from vlmoe.data._io import DataFormatError, load_image, load_jsonl, require
+from vlmoe.protocols.nlvr2 import consistency_group, image_prefix
 
 __all__ = ["NLVR2Dataset", "consistency_group", "image_prefix"]
-
-
-def image_prefix(identifier: str) -> str:
-    """``"dev-850-0-1"`` -> ``"dev-850-0"`` (the image file prefix)."""
-    return identifier.rsplit("-", 1)[0]
-
-
-def consistency_group(identifier: str) -> str:
-    """``"dev-850-0-1"`` -> ``"dev-850--1"`` (examples sharing a sentence over different image pairs)."""
-    parts = identifier.split("-")
-    if len(parts) != 4:
-        raise ValueError(f"NLVR2 identifier {identifier!r} does not have 4 dash-separated fields")
-    parts[2] = ""
-    return "-".join(parts)
 
 
 class NLVR2Dataset(Dataset):

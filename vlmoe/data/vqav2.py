@@ -11,7 +11,7 @@ Files (https://visualqa.org/download.html):
   the ``test2015`` images).
 
 Answer vocabulary (:class:`AnswerVocab`): the official normalisation
-(:func:`vlmoe.metrics.vqa.normalize_answer`) of each question's ``multiple_choice_answer`` over the
+(:func:`vlmoe.protocols.vqa.normalize_answer`) of each question's ``multiple_choice_answer`` over the
 given annotation files, kept when seen at least ``min_count`` times (9 over train+val gives BEiT-3's
 3,129 answers). Targets: every normalised answer among the 10 gets the VQA soft score of its count
 (0.3 / 0.6 / 0.9 / 1.0 for 1 / 2 / 3 / >= 4), scattered into a dense ``vqa_targets`` vector.
@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 
 from vlmoe.data._io import DataFormatError, load_image, load_json, load_jsonl, require
 from vlmoe.io import atomic_write
-from vlmoe.metrics.vqa import answer_scores, normalize_answer
+from vlmoe.protocols.vqa import answer_scores, normalize_answer
 
 __all__ = ["AnswerVocab", "VQAv2Dataset", "coco_image_path"]
 

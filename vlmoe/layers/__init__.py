@@ -17,9 +17,10 @@ from .embeddings import (
     resample_vision_positions,
 )
 from .ffn import FeedForward, GELUFp32
-from .multiway import Multiway, MultiwayDropPath, MultiwayFFN, Shared, Stream
+from .multiway import MODALITIES, Multiway, MultiwayDropPath, MultiwayFFN, Shared, Stream, check_modalities
 
 __all__ = [
+    "MODALITIES",
     "POSITION_OFFSET",
     "FeedForward",
     "GELUFp32",
@@ -33,5 +34,6 @@ __all__ = [
     "TextEmbedding",
     "VisionEmbedding",
     "build_attention_mask",
+    "check_modalities",
     "resample_vision_positions",
 ]

@@ -15,12 +15,14 @@ mask), ``key_padding_mask`` True = padding. :func:`build_attention_mask` turns t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from timm.layers import use_fused_attn
 from torch import Tensor, nn
 
-from .multiway import Multiway, Shared, Stream
+from .multiway import MODALITIES, Multiway, Shared, Stream
 
 
 def build_attention_mask(
@@ -68,6 +70,7 @@ class MultiwayAttention(nn.Module):
         attn_drop: dropout on the attention probabilities.
         proj_drop: dropout on the output.
         multiway: per-modality projections (BEiT-3 as released); False shares them (paper / VLMo).
+        modalities: the branches to build with ``multiway`` (a vision-only model has no text copies).
     """
 
     def __init__(
@@ -81,6 +84,7 @@ class MultiwayAttention(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         multiway: bool = True,
+        modalities: Sequence[str] = MODALITIES,
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -90,7 +94,7 @@ class MultiwayAttention(nn.Module):
         self.fused_attn = use_fused_attn()
 
         def ways(factory):
-            return Multiway.copies(factory) if multiway else Shared(factory())
+            return Multiway.copies(factory, modalities=modalities) if multiway else Shared(factory())
 
         self.qkv = ways(lambda: nn.Linear(dim, 3 * dim, bias=qkv_bias))
         self.norm = ways(lambda: nn.LayerNorm(dim, eps=eps)) if sub_ln else Shared(nn.Identity())

@@ -19,7 +19,7 @@ through text.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -27,36 +27,59 @@ from torch import Tensor, nn
 from vlmoe.moe import MoE, MoEAux
 
 Stream = Tensor | None
+MODALITIES = ("vision", "text")
 
 
-def _apply(module: nn.Module, x: Stream) -> Stream:
-    return None if x is None else module(x)
+def _apply(module: nn.Module | None, x: Stream, way: str = "") -> Stream:
+    if x is None:
+        return None
+    if module is None:
+        raise ValueError(f"this model has no {way} branch (built with modalities without {way!r}); give no {way} input")
+    return module(x)
+
+
+def check_modalities(modalities: Sequence[str]) -> tuple[str, ...]:
+    """Validate a modality list (a non-empty subset of :data:`MODALITIES`), in canonical order."""
+    bad = [m for m in modalities if m not in MODALITIES]
+    if bad or not modalities:
+        raise ValueError(f"modalities {list(modalities)}: choose a non-empty subset of {list(MODALITIES)}")
+    return tuple(m for m in MODALITIES if m in modalities)
 
 
 class Multiway(nn.Module):
     """Per-modality copies of a module (BEiT-3's decoupled multiway: ``A`` = vision, ``B`` = text).
 
     Args:
-        vision: applied to vision tokens.
-        text: applied to text tokens.
+        vision: applied to vision tokens (None: a text-only model).
+        text: applied to text tokens (None: a vision-only model).
         vl: optional module applied to *both* streams when both are present (paper-variant VL-FFN
             layers); single-modality inputs still use ``vision`` / ``text``.
     """
 
-    def __init__(self, vision: nn.Module, text: nn.Module, vl: nn.Module | None = None) -> None:
+    def __init__(self, vision: nn.Module | None, text: nn.Module | None, vl: nn.Module | None = None) -> None:
         super().__init__()
+        if vision is None and text is None:
+            raise ValueError("Multiway needs a vision or a text module")
         self.vision, self.text = vision, text
         self.vl = vl
 
     @classmethod
-    def copies(cls, factory: Callable[[], nn.Module], vl: bool = False) -> Multiway:
-        """Independent copies from ``factory`` (each freshly initialised)."""
-        return cls(factory(), factory(), factory() if vl else None)
+    def copies(
+        cls, factory: Callable[[], nn.Module], vl: bool = False, modalities: Sequence[str] = MODALITIES
+    ) -> Multiway:
+        """Independent copies from ``factory`` (each freshly initialised), one per modality built."""
+        mods = check_modalities(modalities)
+        both = len(mods) == 2
+        return cls(
+            factory() if "vision" in mods else None,
+            factory() if "text" in mods else None,
+            factory() if vl and both else None,
+        )
 
     def forward(self, xv: Stream, xt: Stream) -> tuple[Stream, Stream]:
         if self.vl is not None and xv is not None and xt is not None:
             return self.vl(xv), self.vl(xt)
-        return _apply(self.vision, xv), _apply(self.text, xt)
+        return _apply(self.vision, xv, "vision"), _apply(self.text, xt, "text")
 
     def forward_sequence(self, x: Tensor, num_vision: int) -> Tensor:
         """Apply to a concatenated ``(B, L, D)`` sequence whose first ``num_vision`` tokens are vision."""
@@ -156,8 +179,8 @@ class MultiwayFFN(nn.Module):
         super().__init__()
         if shared is not None and (vision is not None or text is not None or vl is not None):
             raise ValueError("MultiwayFFN: `shared` excludes `vision`, `text` and `vl`")
-        if shared is None and (vision is None or text is None):
-            raise ValueError("MultiwayFFN needs `vision` and `text`, or `shared`")
+        if shared is None and vision is None and text is None:
+            raise ValueError("MultiwayFFN needs `vision` and / or `text`, or `shared`")
         self.vision, self.text, self.shared, self.vl = vision, text, shared, vl
 
     def forward(
@@ -185,8 +208,12 @@ class MultiwayFFN(nn.Module):
         text = self.text if joint is None else joint
         yv = yt = aux = None
         if xv is not None:
+            if vision is None:
+                _apply(None, xv, "vision")
             yv, aux = _ffn(vision, xv, None, rv)
         if xt is not None:
+            if text is None:
+                _apply(None, xt, "text")
             yt, aux_t = _ffn(text, xt, text_padding_mask, rt)
             aux = _add_aux(aux, aux_t)
         return yv, yt, aux

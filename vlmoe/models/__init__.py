@@ -1,11 +1,12 @@
-"""Model configs and presets, the multiway (MoE) backbone, heads, checkpoint conversion and export.
+"""Model configs and presets, the multiway (MoE) backbone, task models and their heads, checkpoint
+conversion and export. Pure torch + timm (no Lightning).
 
-from vlmoe.models import create_model, load_beit3
+from vlmoe.models import create_model, load_beit3, VLMoEForPretraining
 model = create_model("base_xmoe8")                      # preset + keyword overrides
 model, report = load_beit3("beit3_base_patch16_224.pth", "base_xmoe8")   # dense -> MoE upcycling
 """
 
-from .backbone import BackboneOutput, VLMoE, create_model, list_models
+from .backbone import VLMoE, create_model, list_models
 from .block import MultiwayBlock
 from .checkpoint import (
     LoadReport,
@@ -21,22 +22,25 @@ from .checkpoint import (
 from .config import PRESETS, VLMoEConfig
 from .convert import beit3_to_vlmoe, detect_format, timm_vit_to_vlmoe, vlmoe_to_beit3
 from .export import export_beit3, load_pretrained, save_pretrained
-from .heads import Head, MIMHead, MLMHead, Pooler, build_head
+from .heads import Pooler, TwoLayerMLP, select_tokens, vqa_classifier
+from .output import BackboneOutput
+from .task_models import TASK_MODELS, TaskModel, VLMoEForPretraining, build_task_model, register_task_model
 
 __all__ = [
     "PRESETS",
     "BackboneOutput",
-    "Head",
+    "TASK_MODELS",
     "LoadReport",
-    "MIMHead",
-    "MLMHead",
     "MultiwayBlock",
     "Pooler",
+    "TaskModel",
+    "TwoLayerMLP",
+    "VLMoEForPretraining",
     "VLMoE",
     "VLMoEConfig",
     "beit3_config",
     "beit3_to_vlmoe",
-    "build_head",
+    "build_task_model",
     "create_model",
     "detect_format",
     "export_beit3",
@@ -47,9 +51,12 @@ __all__ = [
     "load_state_dict",
     "load_timm_vit",
     "read_state_dict",
+    "register_task_model",
     "save_pretrained",
+    "select_tokens",
     "timm_vit_config",
     "timm_vit_to_vlmoe",
     "upcycle",
     "vlmoe_to_beit3",
+    "vqa_classifier",
 ]

@@ -11,12 +11,15 @@ MH-MoE (Wu et al., arXiv 2404.15045). Reference code: torchscale ``model/BEiT3.p
     out = model(image=images, text_ids=ids, text_padding_mask=pad)   # BackboneOutput
     out.hidden_states  # (B, 1 + N + Lt, D): [vision CLS, patches, text]
     loss = task_loss + out.aux.loss
+
+The backbone has no heads: task models (:mod:`vlmoe.models.task_models`) put theirs on top of it.
+A config with ``modalities=["vision"]`` builds only the vision branch (no text embedding, no text
+copies of any layer), as ImageNet classification and detection need.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,66 +40,14 @@ from vlmoe.moe import MoE, MoEAux, MoEConfig
 
 from .block import MultiwayBlock
 from .config import VLMoEConfig
-from .heads import build_head
-
-
-@dataclass
-class BackboneOutput:
-    """What :meth:`VLMoE.forward_features` returns.
-
-    Attributes:
-        hidden_states: ``(B, Lv + Lt, D)``: vision tokens (CLS, patches) first, then text tokens.
-        split_position: number of vision tokens ``Lv`` (0 for text-only; ``L`` for image-only,
-            where torchscale reports -1).
-        padding_mask: ``(B, Lv + Lt)`` True = padding, or None when the input had none.
-        aux: MoE auxiliary losses and routing statistics summed over every MoE layer
-            (``aux.loss`` is 0 for a dense model).
-        layer_states: with ``return_layers=True``, the ``(B, L, D)`` output of every block
-            (before the final norm).
-    """
-
-    hidden_states: Tensor
-    split_position: int
-    padding_mask: Tensor | None
-    aux: MoEAux
-    layer_states: tuple[Tensor, ...] = ()
-
-    @property
-    def vision_tokens(self) -> Tensor | None:
-        """``(B, 1 + N, D)`` vision CLS + patches, or None."""
-        return self.hidden_states[:, : self.split_position] if self.split_position > 0 else None
-
-    @property
-    def vision_cls(self) -> Tensor | None:
-        return self.hidden_states[:, 0] if self.split_position > 0 else None
-
-    @property
-    def vision_patches(self) -> Tensor | None:
-        """``(B, N, D)`` patch tokens (no CLS), or None."""
-        return self.hidden_states[:, 1 : self.split_position] if self.split_position > 0 else None
-
-    @property
-    def text_tokens(self) -> Tensor | None:
-        """``(B, Lt, D)`` text tokens, or None."""
-        has_text = self.split_position < self.hidden_states.shape[1]
-        return self.hidden_states[:, self.split_position :] if has_text else None
-
-    @property
-    def text_cls(self) -> Tensor | None:
-        """``(B, D)`` first text token (``<s>``), as BEiT-3's NLVR2 / retrieval heads read it."""
-        has_text = self.split_position < self.hidden_states.shape[1]
-        return self.hidden_states[:, self.split_position] if has_text else None
-
-    @property
-    def text_padding_mask(self) -> Tensor | None:
-        return None if self.padding_mask is None else self.padding_mask[:, self.split_position :]
+from .output import BackboneOutput
 
 
 def _build_ffn(config: VLMoEConfig, index: int) -> MultiwayFFN:
     """The FFN slot of block ``index``: the single place that decides dense / MoE / shared / VL."""
     c = config
     is_moe = index in c.moe_layer_indices
-    vl = index >= c.depth - c.vl_ffn_layers
+    vl = index >= c.depth - c.vl_ffn_layers and c.has_vision and c.has_text
 
     def dense() -> nn.Module:
         return FeedForward(c.dim, c.mlp_dim, sub_ln=c.subln, eps=c.layernorm_eps, drop=c.dropout)
@@ -107,12 +58,17 @@ def _build_ffn(config: VLMoEConfig, index: int) -> MultiwayFFN:
     if is_moe and c.moe_multiway == "shared":
         return MultiwayFFN(shared=moe(c.moe))
     if not is_moe:
-        return MultiwayFFN(dense(), dense(), vl=dense() if vl else None)
-    return MultiwayFFN(moe(c.moe), moe(c.moe_text or c.moe), vl=moe(c.moe) if vl else None)
+        return MultiwayFFN(dense() if c.has_vision else None, dense() if c.has_text else None,
+                           vl=dense() if vl else None)
+    return MultiwayFFN(
+        moe(c.moe) if c.has_vision else None,
+        moe(c.moe_text or c.moe) if c.has_text else None,
+        vl=moe(c.moe) if vl else None,
+    )
 
 
 class VLMoE(nn.Module):
-    """Multiway transformer with optional MoE FFNs and pretraining heads.
+    """The multiway transformer backbone (optional MoE FFNs; no heads).
 
     Args:
         config: the :class:`VLMoEConfig` (see its presets).
@@ -121,8 +77,9 @@ class VLMoE(nn.Module):
     def __init__(self, config: VLMoEConfig) -> None:
         super().__init__()
         self.config = c = config
-        self.vision_embed = VisionEmbedding(c.img_size, c.patch_size, c.in_chans, c.dim)
-        self.text_embed = TextEmbedding(c.vocab_size, c.dim, c.max_text_positions)
+        mods = c.modalities
+        self.vision_embed = VisionEmbedding(c.img_size, c.patch_size, c.in_chans, c.dim) if c.has_vision else None
+        self.text_embed = TextEmbedding(c.vocab_size, c.dim, c.max_text_positions) if c.has_text else None
         dpr = torch.linspace(0, c.drop_path_rate, c.depth).tolist() if c.depth > 1 else [c.drop_path_rate]
         self.blocks = nn.ModuleList(
             MultiwayBlock(
@@ -137,14 +94,14 @@ class VLMoE(nn.Module):
                 proj_drop=c.dropout,
                 share_attention=c.share_attention,
                 vl_norm=i >= c.depth - c.vl_ffn_layers,
+                modalities=mods,
             )
             for i in range(c.depth)
         )
         if c.final_norm:
-            self.norm = Multiway.copies(lambda: nn.LayerNorm(c.dim, eps=c.layernorm_eps))
+            self.norm = Multiway.copies(lambda: nn.LayerNorm(c.dim, eps=c.layernorm_eps), modalities=mods)
         else:
             self.norm = Shared(nn.Identity())
-        self.heads = nn.ModuleDict({name: build_head(name, c) for name in c.heads})
         self.grad_checkpointing = c.grad_checkpointing
         for name, m in self.named_modules():
             if isinstance(m, MoE):
@@ -170,8 +127,10 @@ class VLMoE(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        self.vision_embed.init_weights(std)
-        self.text_embed.init_weights(std)
+        if self.vision_embed is not None:
+            self.vision_embed.init_weights(std)
+        if self.text_embed is not None:
+            self.text_embed.init_weights(std)
         if self.config.magneto_init:
             self._magneto_scale()
 
@@ -199,6 +158,8 @@ class VLMoE(nn.Module):
 
     def set_image_size(self, img_size: int) -> None:
         """Change the input resolution; vision positions are resized bicubically."""
+        if self.vision_embed is None:
+            raise ValueError("set_image_size: this model has no vision branch")
         self.vision_embed.set_image_size(img_size)
         self.config = self.config.replace(img_size=img_size)
 
@@ -239,7 +200,8 @@ class VLMoE(nn.Module):
     def layer_id(self, name: str) -> int:
         """Layer index of a parameter for layer-wise lr decay, as :meth:`group_matcher` groups it.
 
-        0 = embeddings, i + 1 = block i and the final norm with the last block, depth + 1 = heads.
+        0 = embeddings, i + 1 = block i and the final norm with the last block, depth + 1 = anything
+        else (the heads of a task model on top).
         """
         if name.startswith(("vision_embed.", "text_embed.")):
             return 0
@@ -278,6 +240,10 @@ class VLMoE(nn.Module):
             raise ValueError("forward_features needs an image, text_ids or both")
         if image_mask is not None and image is None:
             raise ValueError("image_mask given without an image")
+        if image is not None and self.vision_embed is None:
+            raise ValueError(f"this model has no vision branch (modalities={self.config.modalities}); pass no image")
+        if text_ids is not None and self.text_embed is None:
+            raise ValueError(f"this model has no text branch (modalities={self.config.modalities}); pass no text_ids")
         xv = None if image is None else self.vision_embed(image, image_mask)  # (B, 1 + N, D)
         xt, pad = None, None
         if text_ids is not None:
@@ -320,7 +286,7 @@ class VLMoE(nn.Module):
         return BackboneOutput(_cat(xv, xt), num_vision, padding_mask, aux, tuple(states))
 
     def forward(self, *args: Any, **kwargs: Any) -> BackboneOutput:
-        """Same as :meth:`forward_features`; heads are applied by the caller (``model.heads[name](out)``)."""
+        """Same as :meth:`forward_features` (task models apply their heads to the output)."""
         return self.forward_features(*args, **kwargs)
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import Tensor, nn
 
-from vlmoe.layers import Multiway, MultiwayAttention, MultiwayDropPath, MultiwayFFN, Shared, Stream
+from vlmoe.layers import MODALITIES, Multiway, MultiwayAttention, MultiwayDropPath, MultiwayFFN, Shared, Stream
 from vlmoe.moe import MoEAux
 
 
@@ -27,6 +29,7 @@ class MultiwayBlock(nn.Module):
         proj_drop: dropout on the attention output.
         share_attention: one attention and ``norm1`` for both modalities (paper variant).
         vl_norm: a third ``norm2`` for image+text inputs, paired with a VL-FFN in ``mlp``.
+        modalities: the branches to build (``("vision",)``: a vision-only block, no text copies).
     """
 
     def __init__(
@@ -43,13 +46,14 @@ class MultiwayBlock(nn.Module):
         proj_drop: float = 0.0,
         share_attention: bool = False,
         vl_norm: bool = False,
+        modalities: Sequence[str] = MODALITIES,
     ) -> None:
         super().__init__()
 
         def norm() -> nn.LayerNorm:
             return nn.LayerNorm(dim, eps=eps)
 
-        self.norm1 = Shared(norm()) if share_attention else Multiway.copies(norm)
+        self.norm1 = Shared(norm()) if share_attention else Multiway.copies(norm, modalities=modalities)
         self.attn = MultiwayAttention(
             dim,
             num_heads,
@@ -59,9 +63,10 @@ class MultiwayBlock(nn.Module):
             attn_drop=attn_drop,
             proj_drop=proj_drop,
             multiway=not share_attention,
+            modalities=modalities,
         )
         self.drop_path1 = MultiwayDropPath(drop_path)
-        self.norm2 = Multiway.copies(norm, vl=vl_norm)
+        self.norm2 = Multiway.copies(norm, vl=vl_norm, modalities=modalities)
         self.mlp = mlp
         self.drop_path2 = MultiwayDropPath(drop_path)
 

@@ -45,7 +45,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from vlmoe.io import torch_load
 from vlmoe.layers import POSITION_OFFSET, resample_vision_positions
@@ -53,7 +53,7 @@ from vlmoe.moe import GroupedExperts, MoE
 
 from .backbone import VLMoE, create_model
 from .config import VLMoEConfig
-from .convert import StateDict, beit3_to_vlmoe, detect_format, strip_prefix, timm_vit_to_vlmoe
+from .convert import StateDict, beit3_to_vlmoe, detect_format, legacy_head_keys, strip_prefix, timm_vit_to_vlmoe
 
 _CONTAINER_KEYS = ("model", "module", "state_dict", "model_state_dict")
 MIN_SHARE = 0.5
@@ -156,6 +156,8 @@ class LoadReport:
         resized: position tables resized or truncated, with a note.
         skipped: model parameters this checkpoint format cannot hold (the text branch for a timm
             ViT), left at their initialisation and not counted against the load.
+        branch_skipped: checkpoint keys of the branch a single-modality model does not build.
+        head_mismatch: head tensors of another shape than the model's (left at init).
         loaded_numel / expected_numel: parameter elements loaded / that the checkpoint was expected
             to provide (every parameter that is neither fresh by design nor skipped).
     """
@@ -168,6 +170,8 @@ class LoadReport:
     upcycled: list[str] = field(default_factory=list)
     resized: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    branch_skipped: list[str] = field(default_factory=list)
+    head_mismatch: list[str] = field(default_factory=list)
     loaded_numel: int = 0
     expected_numel: int = 0
 
@@ -190,6 +194,8 @@ class LoadReport:
             ("missing from the checkpoint (left at init)", _collapse(self.missing)),
             ("unused checkpoint keys", _collapse(self.unexpected)),
             (f"not in a {self.format} checkpoint (left at init)", _collapse(self.skipped)),
+            ("keys of a branch this single-modality model does not have (skipped)", _collapse(self.branch_skipped)),
+            ("head tensors of another shape", self.head_mismatch),
         ):
             if items:
                 lines.append(f"  {title}: {len(items)}")
@@ -211,31 +217,37 @@ def _describe(sd: StateDict) -> str:
 
 
 def load_state_dict(
-    model: VLMoE,
+    model: nn.Module,
     sd: StateDict,
     *,
     source: str = "<state dict>",
     format: str = "vlmoe",
     origin: dict[str, str] | None = None,
     unused: list[str] | None = None,
+    heads: StateDict | None = None,
     strict: bool = False,
     upcycle_noise: float = 0.0,
     min_share: float = MIN_SHARE,
     allow_partial: bool = False,
 ) -> LoadReport:
-    """Load a state dict in vlmoe naming into ``model``.
+    """Load backbone tensors in vlmoe naming (and head tensors) into a backbone or a task model.
 
     Handles what a plain ``load_state_dict`` cannot: a vision position table of another grid
     (bicubic resize), a longer text position table (truncated), dense FFNs loaded into MoE layers
-    (upcycling, see the module docstring). Any other shape difference is an error naming the key.
+    (upcycling, see the module docstring), the branch a single-modality model does not have
+    (skipped, reported). Any other backbone shape difference is an error naming the key; a head
+    tensor of another shape (another answer vocabulary, another number of classes) stays at its
+    initialisation and is reported, as BEiT-3's own loader does.
 
     Args:
-        model: the model to fill.
-        sd: tensors under vlmoe names.
+        model: a :class:`VLMoE` or a :class:`~vlmoe.models.task_models.TaskModel`.
+        sd: backbone tensors under vlmoe names (no ``backbone.`` prefix).
         source: description for messages.
         format: the layout the keys came from (for the report).
         origin: vlmoe key -> source key, for messages.
-        unused: source keys already known to be unused.
+        unused: source keys already known to have no backbone place.
+        heads: tensors for the task model's own (non-backbone) parameters, under their names
+            (BEiT-3's and timm's head names are the task models' own).
         strict: raise when parameters are missing or keys are unused.
         upcycle_noise: std of the noise added to each expert's copy of a dense FFN.
         min_share: raise when the checkpoint provides less than this fraction of the parameter
@@ -243,12 +255,17 @@ def load_state_dict(
             another layout, would otherwise leave the model at random init without a word.
         allow_partial: load whatever matches, however little (a partial load on purpose).
     """
+    from .task_models import TaskModel
+
     origin = origin or {}
-    report = LoadReport(source=source, format=format, unexpected=list(unused or []))
-    own = model.state_dict()
-    cfg = model.config
+    report = LoadReport(source=source, format=format)
+    backbone: VLMoE = model.backbone if isinstance(model, TaskModel) else model
+    prefix = "backbone." if backbone is not model else ""
+    own = backbone.state_dict()
+    cfg = backbone.config
     to_load: StateDict = {}
     dense_ffn: dict[tuple[int, str], dict[str, Tensor]] = defaultdict(dict)
+    other_branch = _other_branch(cfg)
 
     def shape_error(key: str, got: Tensor, want: Tensor, hint: str = "") -> ValueError:
         src = origin.get(key, key)
@@ -263,15 +280,17 @@ def load_state_dict(
     for key, value in sd.items():
         if key not in own:
             m = _DENSE_FFN.match(key)
-            if m and _moe_target(model, int(m.group(1)), m.group(2)) is not None:
+            if m and _moe_target(backbone, int(m.group(1)), m.group(2)) is not None:
                 dense_ffn[(int(m.group(1)), m.group(2))][f"{m.group(3)}.{m.group(4)}"] = value
+            elif other_branch is not None and other_branch(key):
+                report.branch_skipped.append(origin.get(key, key))
             else:
                 report.unexpected.append(origin.get(key, key))
             continue
         want = own[key]
         if value.shape != want.shape:
             if key == "vision_embed.pos_embed.weight" and value.shape[1:] == want.shape[1:]:
-                value = _resize_vision_positions(value, model, report, source)
+                value = _resize_vision_positions(value, backbone, report, source)
             elif key == "text_embed.pos_embed.weight" and value.shape[1:] == want.shape[1:]:
                 if value.shape[0] < want.shape[0]:
                     raise shape_error(
@@ -289,9 +308,9 @@ def load_state_dict(
 
     covered: set[str] = set()
     for (layer, way), parts in sorted(dense_ffn.items()):
-        covered |= _upcycle(model, layer, way, parts, upcycle_noise, report, source)
+        covered |= _upcycle(backbone, layer, way, parts, upcycle_noise, report, source)
 
-    result = model.load_state_dict(to_load, strict=False)
+    result = backbone.load_state_dict(to_load, strict=False)
     missing = [k for k in result.missing_keys if k not in covered]
     fresh = set(report.fresh)
     report.missing = [k for k in missing if k not in fresh]
@@ -299,9 +318,39 @@ def load_state_dict(
         # a ViT checkpoint has no language branch: that is the format, not a failed load
         report.skipped = [k for k in report.missing if _is_text_param(k)]
         report.missing = [k for k in report.missing if not _is_text_param(k)]
+
+    # the task model's own parameters (heads), under their own names
+    candidates = dict(heads or {})
+    leftover = list(unused or [])
+    if prefix:
+        head_state = {k: v for k, v in model.state_dict().items() if not k.startswith(prefix)}
+        loaded_heads: StateDict = {}
+        for k, v in candidates.items():
+            if k not in head_state:
+                continue
+            if tuple(v.shape) != tuple(head_state[k].shape):
+                report.head_mismatch.append(
+                    f"{k}: {tuple(v.shape)} in the checkpoint, {tuple(head_state[k].shape)} here (left at init)"
+                )
+            else:
+                loaded_heads[k] = v
+        model.load_state_dict(loaded_heads, strict=False)
+        used = set(loaded_heads) | {m.split(":")[0] for m in report.head_mismatch}
+        leftover = [k for k in leftover if k not in used]
+        report.unexpected += [k for k in candidates if k not in head_state and k not in leftover]
+        report.missing = [prefix + k for k in report.missing] + [k for k in head_state if k not in loaded_heads
+                                                                 and k in dict(model.named_parameters())]
+        report.skipped = [prefix + k for k in report.skipped]
+        report.fresh = [prefix + k for k in report.fresh]
+        fresh = set(report.fresh)
+    else:
+        report.unexpected += [k for k in candidates if k not in leftover]
+    report.unexpected = leftover + report.unexpected
+
     params = dict(model.named_parameters())
     absent = set(report.missing)
-    expected = [k for k in params if k not in fresh and k not in report.skipped]
+    skipped = set(report.skipped)
+    expected = [k for k in params if k not in fresh and k not in skipped]
     report.expected_numel = sum(params[k].numel() for k in expected)
     report.loaded_numel = sum(params[k].numel() for k in expected if k not in absent)
     if strict and not report.complete:
@@ -316,6 +365,15 @@ def load_state_dict(
             "on purpose pass allow_partial=True (CLI: --model.allow_partial_init true)."
         )
     return report
+
+
+def _other_branch(cfg: VLMoEConfig):
+    """A predicate for backbone keys of the branch a single-modality model does not build, or None."""
+    if cfg.has_vision and cfg.has_text:
+        return None
+    if cfg.has_vision:
+        return _is_text_param
+    return lambda k: k.startswith("vision_embed.") or ".vision." in k
 
 
 def _resize_vision_positions(value: Tensor, model: VLMoE, report: LoadReport, source: str) -> Tensor:
@@ -421,7 +479,7 @@ def _upcycle(
 
 
 def load_checkpoint(
-    model: VLMoE,
+    model: nn.Module,
     src: str | Path | dict[str, Any],
     *,
     format: str = "auto",
@@ -430,11 +488,18 @@ def load_checkpoint(
     upcycle_noise: float = 0.0,
     allow_partial: bool = False,
 ) -> LoadReport:
-    """Load a BEiT-3, timm ViT or vlmoe checkpoint into ``model`` (layout detected from the keys).
+    """Load a BEiT-3, timm ViT or vlmoe checkpoint into a backbone or a task model (layout detected
+    from the keys).
+
+    The checkpoint may hold a backbone alone or a task model (``backbone.*`` + heads, or BEiT-3's
+    ``beit3.*`` + heads): backbone weights go to the backbone, head weights to the task model's
+    heads of the same name (BEiT-3's names; a head of another shape stays at init and is reported).
+    Checkpoints of earlier vlmoe versions (pretraining heads under ``heads.*``) load too.
 
     Args:
-        model: the model to fill (its config decides dense / MoE, sizes and image size).
-        src: file path, directory with ``model.safetensors``, or a loaded mapping.
+        model: the model to fill (its config decides dense / MoE, sizes, modalities and image size).
+        src: file path (``.pth``, ``.safetensors``, a training ``.ckpt``), directory with
+            ``model.safetensors``, or a loaded mapping.
         format: ``auto``, ``beit3``, ``timm`` or ``vlmoe``.
         key: container key to unwrap (default: ``model`` / ``module`` / ``state_dict``).
         strict: raise unless every parameter is loaded and every key used.
@@ -443,14 +508,18 @@ def load_checkpoint(
             :func:`load_state_dict`).
     """
     sd, where = read_state_dict(src, key)
-    sd = strip_prefix(sd, ("module.",))
-    fmt = detect_format(sd) if format == "auto" else format
+    sd = legacy_head_keys(strip_prefix(sd, ("module.",)))
+    body, heads = split_task_state(sd)
+    fmt = detect_format(body) if format == "auto" else format
     if fmt == "beit3":
-        conv, origin, unused = beit3_to_vlmoe(sd)
+        conv, origin, unused = beit3_to_vlmoe(body)
     elif fmt == "timm":
-        conv, origin, unused = timm_vit_to_vlmoe(sd)
+        conv, origin, unused = timm_vit_to_vlmoe(body)
     elif fmt == "vlmoe":
-        conv, origin, unused = sd, {}, []
+        # a backbone's own keys start with its top-level modules; the rest are heads (mlm_head, ...)
+        conv = {k: v for k, v in body.items() if k.startswith(_BACKBONE_ROOTS)}
+        heads = {**{k: v for k, v in body.items() if not k.startswith(_BACKBONE_ROOTS)}, **heads}
+        origin, unused = {}, []
     else:
         raise ValueError(f"unknown checkpoint format {format!r}; choose from auto, beit3, timm, vlmoe")
     return load_state_dict(
@@ -460,10 +529,23 @@ def load_checkpoint(
         format=fmt,
         origin=origin,
         unused=unused,
+        heads={**{k: body[k] for k in unused if k in body}, **heads},
         strict=strict,
         upcycle_noise=upcycle_noise,
         allow_partial=allow_partial,
     )
+
+
+_BACKBONE_ROOTS = ("vision_embed.", "text_embed.", "blocks.", "norm.")
+
+
+def split_task_state(sd: StateDict) -> tuple[StateDict, StateDict]:
+    """``(backbone part, head part)`` of a task model's state dict (``backbone.*`` vs the rest); a
+    backbone's own state dict (no ``backbone.`` keys) is all backbone part."""
+    if not any(k.startswith("backbone.") for k in sd):
+        return sd, {}
+    body = {k[len("backbone.") :]: v for k, v in sd.items() if k.startswith("backbone.")}
+    return body, {k: v for k, v in sd.items() if not k.startswith("backbone.")}
 
 
 def resolve_config(
@@ -489,13 +571,14 @@ def load_beit3(
     key: str | None = None,
     **overrides: Any,
 ) -> tuple[VLMoE, LoadReport]:
-    """Build a model and load an official BEiT-3 checkpoint into it.
+    """Build a backbone and load an official BEiT-3 checkpoint into it.
 
     Accepts ``{'model': sd}``, ``{'module': sd}`` (DeepSpeed) or a bare state dict, keys with or
-    without ``beit3.``; ``A`` weights go to the vision branch, ``B`` to the language branch;
-    ``mim_head`` / ``mlm_head`` / ``pooler`` load when the config lists those heads. The vision
-    positions are resized (bicubic) when ``img_size`` differs from the checkpoint's. MoE presets are
-    upcycled from the dense FFNs (see the module docstring for what holds exactly).
+    without ``beit3.``; ``A`` weights go to the vision branch, ``B`` to the language branch; head
+    tensors are reported as unused (load the checkpoint into a task model, e.g.
+    ``load_checkpoint(VLMoEForPretraining(...), path)``, to keep them). The vision positions are
+    resized (bicubic) when ``img_size`` differs from the checkpoint's. MoE presets are upcycled from
+    the dense FFNs (see the module docstring for what holds exactly).
 
     Args:
         src: path or loaded checkpoint.
@@ -505,7 +588,7 @@ def load_beit3(
         strict: raise unless the checkpoint fits the model exactly.
         upcycle_noise: noise std for dense -> MoE copies.
         key: container key to unwrap.
-        overrides: config fields to change (``img_size=384``, ``heads=["mim"]`` ...).
+        overrides: config fields to change (``img_size=384``, ``modalities=["vision"]`` ...).
 
     Returns:
         ``(model, report)``.
@@ -528,11 +611,11 @@ def load_beit3(
 
 
 def beit3_config(sd: StateDict, **overrides: Any) -> VLMoEConfig:
-    """A dense :class:`VLMoEConfig` with the shapes of a BEiT-3 state dict.
+    """A dense :class:`VLMoEConfig` with the backbone shapes of a BEiT-3 state dict.
 
-    Width, depth, FFN width, vocabulary, patch and image size, text positions, the final norm and
-    the pretraining heads are read off the tensors; ``num_heads`` = width / 64 (BEiT-3 base and
-    large). The name is ``base`` / ``large`` when the shapes are those presets'.
+    Width, depth, FFN width, vocabulary, patch and image size, text positions, sub-LN and the final
+    norm are read off the tensors; ``num_heads`` = width / 64 (BEiT-3 base and large). The name is
+    ``base`` / ``large`` when the shapes are those presets'.
     """
     sd = strip_prefix(sd, ("module.", "beit3."))
     try:
@@ -546,15 +629,6 @@ def beit3_config(sd: StateDict, **overrides: Any) -> VLMoEConfig:
     dim, p = patch.shape[0], patch.shape[-1]
     side = math.isqrt(vpos.shape[0] - POSITION_OFFSET - 1)
     depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"^encoder\.layers\.(\d+)\.", k)))
-    heads = [
-        h
-        for h, k in (
-            ("mlm", "mlm_head.weight"),
-            ("mim", "mim_head.weight"),
-            ("pooler", "pooler.dense.weight"),
-        )
-        if k in sd
-    ]
     fields: dict[str, Any] = dict(
         img_size=side * p,
         patch_size=p,
@@ -566,11 +640,8 @@ def beit3_config(sd: StateDict, **overrides: Any) -> VLMoEConfig:
         num_heads=max(dim // 64, 1),
         mlp_dim=mlp,
         final_norm="encoder.layer_norm.A.weight" in sd,
-        heads=heads,
         subln="encoder.layers.0.self_attn.inner_attn_ln.A.weight" in sd,
     )
-    if "mim_head.weight" in sd:
-        fields["codebook_size"] = sd["mim_head.weight"].shape[0]
     name = "custom"
     for preset in ("base", "large"):
         ref = VLMoEConfig.from_name(preset)
@@ -612,7 +683,7 @@ def load_timm_vit(
 
 
 def _is_text_param(key: str) -> bool:
-    return key.startswith(("text_embed.", "heads.")) or ".text." in key
+    return key.startswith("text_embed.") or ".text." in key
 
 
 def timm_vit_config(sd: StateDict, **overrides: Any) -> VLMoEConfig:

@@ -22,8 +22,10 @@ from vlmoe.io import atomic_write_text
 from vlmoe.moe import MoEConfig
 
 MOE_MULTIWAY = ("per_modality", "shared")
+MODALITIES = ("vision", "text")
 _FLOAT_FIELDS = ("layernorm_eps", "drop_path_rate", "dropout", "attn_drop", "init_std")
-HEAD_NAMES = ("mlm", "mim", "pooler")
+LEGACY_HEAD_FIELDS = ("heads", "codebook_size")
+"""Fields of configs written before heads moved out of the backbone (read by the export loader)."""
 
 
 @dataclass
@@ -38,6 +40,11 @@ class VLMoEConfig:
 
     name: str = "custom"
     """Preset the config came from (informational)."""
+
+    # --- modalities ---
+    modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
+    """Branches to build: ``["vision", "text"]`` (multimodal), ``["vision"]`` (ImageNet, detection:
+    no text embedding or text copies at all) or ``["text"]``."""
 
     # --- embeddings ---
     img_size: int = 224
@@ -83,12 +90,6 @@ class VLMoEConfig:
     """Every n-th block is MoE (blocks n-1, 2n-1, ... as torchscale's ``moe_freq``); 0 = none."""
     moe_multiway: str = "per_modality"
 
-    # --- heads ---
-    heads: list[str] = field(default_factory=list)
-    """Pretraining heads to build: any of ``mlm``, ``mim``, ``pooler``."""
-    codebook_size: int = 8192
-    """MIM head classes (visual tokenizer codebook; BEiT v2 VQ-KD has 8192)."""
-
     # --- runtime ---
     grad_checkpointing: bool = False
     """Recompute each block's activations in backward (saves memory, costs one more forward)."""
@@ -100,7 +101,10 @@ class VLMoEConfig:
             self.moe_text = MoEConfig.from_dict(self.moe_text)
         if self.moe_layers is not None:
             self.moe_layers = sorted(int(i) for i in self.moe_layers)
-        self.heads = list(self.heads)
+        mods = list(self.modalities) if isinstance(self.modalities, list | tuple) else [self.modalities]
+        if not mods or any(m not in MODALITIES for m in mods) or len(set(mods)) != len(mods):
+            raise ValueError(f"VLMoEConfig.modalities={self.modalities!r}: choose a non-empty subset of {MODALITIES}")
+        self.modalities = [m for m in MODALITIES if m in mods]
         for name in _FLOAT_FIELDS:
             # YAML 1.1 reads `1e-5` (no dot) as a string; accept it as the number it means
             value = getattr(self, name)
@@ -149,9 +153,8 @@ class VLMoEConfig:
             c = getattr(self, name)
             if c is not None and self.dim % c.heads:
                 raise bad(name, f"MoE heads={c.heads} must divide dim={self.dim}")
-        unknown = [h for h in self.heads if h not in HEAD_NAMES]
-        if unknown:
-            raise bad("heads", f"unknown head(s) {unknown}; choose from {HEAD_NAMES}")
+        if len(self.modalities) < 2 and (self.vl_ffn_layers or self.moe_multiway == "shared" or self.moe_text):
+            raise bad("modalities", "a single-modality model has no VL-FFN, shared pool or language pool")
         for name in ("drop_path_rate", "dropout", "attn_drop"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise bad(name, "must be in [0, 1)")
@@ -180,6 +183,14 @@ class VLMoEConfig:
     @property
     def is_moe(self) -> bool:
         return bool(self.moe_layer_indices)
+
+    @property
+    def has_vision(self) -> bool:
+        return "vision" in self.modalities
+
+    @property
+    def has_text(self) -> bool:
+        return "text" in self.modalities
 
     # ------------------------------------------------------------------ construction / IO
     @classmethod
@@ -220,6 +231,9 @@ class VLMoEConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VLMoEConfig:
+        """A config from :meth:`to_dict` output (configs written before heads left the backbone may
+        carry ``heads`` / ``codebook_size``; they describe a task model and are ignored here)."""
+        d = {k: v for k, v in d.items() if k not in LEGACY_HEAD_FIELDS}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -241,7 +255,7 @@ class VLMoEConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> VLMoEConfig:
-        """Read a YAML or JSON config (a bare mapping, or ``{model: mapping}``)."""
+        """Read a YAML or JSON config (a bare mapping, or ``{model: mapping, ...}`` as exports write)."""
         path = Path(path)
         try:
             text = path.read_text()
@@ -250,7 +264,7 @@ class VLMoEConfig:
             raise ValueError(f"{path}: not valid JSON: {e}") from None
         except yaml.YAMLError as e:
             raise ValueError(f"{path}: not valid YAML/JSON: {e}") from None
-        if isinstance(data, dict) and set(data) == {"model"}:
+        if isinstance(data, dict) and isinstance(data.get("model"), dict):
             data = data["model"]
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of VLMoEConfig fields, got {type(data).__name__}")
@@ -276,8 +290,6 @@ _TINY = VLMoEConfig(
     depth=2,
     num_heads=2,
     mlp_dim=128,
-    heads=["mlm", "mim", "pooler"],
-    codebook_size=64,
 )
 _BASE = VLMoEConfig(name="base")
 _LARGE = VLMoEConfig(name="large", dim=1024, depth=24, num_heads=16, mlp_dim=4096)

@@ -13,7 +13,11 @@ BEiT-3 (``A`` = vision, ``B`` = language, optional ``beit3.``) -> vlmoe (``W`` =
 - ``encoder.layers.i.{self_attn_layer_norm,final_layer_norm}.{A,B}.*`` -> ``blocks.i.{norm1,norm2}.W.*``
 - ``encoder.layers.i.ffn.{A,B}.{fc1,ffn_layernorm,fc2}.*`` -> ``blocks.i.mlp.W.{fc1,norm,fc2}.*``
 - ``encoder.layer_norm.{A,B}.*`` -> ``norm.W.*``
-- ``mim_head.*``, ``mlm_head.*``, ``pooler.{norm,dense}.*`` -> ``heads.{mim,mlm}.proj.*``, ``heads.pooler.*``
+
+Heads (``mim_head``, ``mlm_head``, ``pooler``, ``head``, ``fc_norm``, ...) keep their BEiT-3 names:
+vlmoe's task models use the same ones next to their ``backbone``, so ``beit3.`` <-> ``backbone.`` is
+the whole difference. State dicts of earlier vlmoe versions kept the pretraining heads inside the
+backbone as ``heads.{mlm,mim}.proj.*`` / ``heads.pooler.*``; :func:`legacy_head_keys` renames them.
 """
 
 from __future__ import annotations
@@ -45,11 +49,26 @@ _BEIT3_RULES: list[tuple[re.Pattern[str], str]] = [
         (_L + r"ffn\.([AB])\.(fc1|fc2)\.(weight|bias)$", r"blocks.\1.mlp.{\2}.\3.\4"),
         (_L + r"ffn\.([AB])\.ffn_layernorm\.(weight|bias)$", r"blocks.\1.mlp.{\2}.norm.\3"),
         (r"^encoder\.layer_norm\.([AB])\.(weight|bias)$", r"norm.{\1}.\2"),
-        (r"^mim_head\.(weight|bias)$", r"heads.mim.proj.\1"),
-        (r"^mlm_head\.(weight|bias)$", r"heads.mlm.proj.\1"),
-        (r"^pooler\.(norm|dense)\.(weight|bias)$", r"heads.pooler.\1.\2"),
     ]
 ]
+_LEGACY_HEADS = [
+    (re.compile(r"^heads\.mim\.proj\."), "mim_head."),
+    (re.compile(r"^heads\.mlm\.proj\."), "mlm_head."),
+    (re.compile(r"^heads\.pooler\."), "pooler."),
+]
+
+
+def legacy_head_keys(sd: StateDict) -> StateDict:
+    """Rename the pretraining-head keys of earlier vlmoe versions (``heads.mlm.proj.*`` ...) to
+    today's task-model names (``mlm_head.*``, ``mim_head.*``, ``pooler.*``); other keys unchanged."""
+    out = {}
+    for k, v in sd.items():
+        for pat, new in _LEGACY_HEADS:
+            if pat.match(k):
+                k = pat.sub(new, k, count=1)
+                break
+        out[k] = v
+    return out
 _BEIT3_QKV = re.compile(_L + r"self_attn\.([qkv])_proj\.([AB])\.(weight|bias)$")
 
 
@@ -140,9 +159,6 @@ _VLMOE_TO_BEIT3: list[tuple[re.Pattern[str], str]] = [
             r"encoder.layers.\1.ffn.{\2}.ffn_layernorm.\3",
         ),
         (r"^norm\.(vision|text)\.(weight|bias)$", r"encoder.layer_norm.{\1}.\2"),
-        (r"^heads\.mim\.proj\.(weight|bias)$", r"mim_head.\1"),
-        (r"^heads\.mlm\.proj\.(weight|bias)$", r"mlm_head.\1"),
-        (r"^heads\.pooler\.(norm|dense)\.(weight|bias)$", r"pooler.\1.\2"),
     ]
 ]
 _VLMOE_QKV = re.compile(r"^blocks\.(\d+)\.attn\.qkv\.(vision|text)\.(weight|bias)$")
@@ -151,12 +167,25 @@ _VLMOE_QKV = re.compile(r"^blocks\.(\d+)\.attn\.qkv\.(vision|text)\.(weight|bias
 def vlmoe_to_beit3(sd: StateDict, prefix: str = "beit3.") -> StateDict:
     """Map a *dense, decoupled* vlmoe state dict to the BEiT-3 layout (backbone keys get ``prefix``).
 
+    ``sd`` is a backbone's state dict or a task model's (``backbone.*`` + heads, whose names are
+    BEiT-3's already and pass through unchanged).
+
     Raises:
         ValueError: for keys BEiT-3 has no place for (MoE experts, shared attention, VL-FFN).
     """
+    sd = legacy_head_keys(sd)
+    task = any(k.startswith("backbone.") for k in sd)
     out: StateDict = {}
     bad = []
     for k, v in sd.items():
+        if task:
+            if not k.startswith("backbone."):
+                out[k] = v  # a head, already under its BEiT-3 name
+                continue
+            k = k[len("backbone.") :]
+        elif k.startswith(("mim_head.", "mlm_head.", "pooler.")):
+            out[k] = v
+            continue
         m = _VLMOE_QKV.match(k)
         if m:
             layer, way, kind = m.groups()
@@ -166,8 +195,7 @@ def vlmoe_to_beit3(sd: StateDict, prefix: str = "beit3.") -> StateDict:
         for pat, template in _VLMOE_TO_BEIT3:
             m = pat.match(k)
             if m:
-                new = m.expand(template).replace("{vision}", "A").replace("{text}", "B")
-                out[new if new.startswith(("mim_head", "mlm_head", "pooler")) else prefix + new] = v
+                out[prefix + m.expand(template).replace("{vision}", "A").replace("{text}", "B")] = v
                 break
         else:
             bad.append(k)

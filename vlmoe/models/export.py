@@ -1,12 +1,25 @@
-"""Export / import of a model alone: ``model.safetensors`` + ``config.json`` (``vlmoe export``).
+"""Self-describing model folders: ``model.safetensors`` + ``config.json`` (``vlmoe export``).
 
-    save_pretrained(model, "out/base_xmoe8")        # out/base_xmoe8/{model.safetensors, config.json}
-    model = load_pretrained("out/base_xmoe8")
+    save_pretrained(model, "out/vqa", preprocess={...})   # out/vqa/{model.safetensors, config.json, ...}
+    model = load_pretrained("out/vqa")                    # the same task model, heads included
+    model.preprocess                                      # {"image_size": 480, "mean": [...], ...}
+
+``config.json`` (in the spirit of timm's ``pretrained_cfg``)::
+
+    {"format": "vlmoe", "version": 2,
+     "model": {...VLMoEConfig...},                    # the backbone
+     "task": {"type": "vqa", "answers": [...]} | null,  # what build_task_model rebuilds (heads, labels)
+     "preprocess": {"image_size": 480, "mean": [...], "std": [...], "interpolation": "bicubic",
+                    "resize": "squash", "tokenizer": "clip", "max_len": 64} | null}
+
+A tokenizer given as a file (SentencePiece model, ``tokenizer.json``) is copied into the folder and
+named relative to it, so a folder needs nothing else to predict. Folders written by earlier vlmoe
+versions (a flat model config, pretraining heads listed under ``heads``) load as before.
 
     vlmoe export beit3_base_patch16_224.pth out/beit3_base                 # official BEiT-3 -> vlmoe
     vlmoe export beit3_base_patch16_224.pth out/xmoe8 --config base_xmoe8  # ... upcycled to MoE
     vlmoe export out/beit3_base beit3_base.safetensors --to beit3           # vlmoe -> BEiT-3 layout
-    vlmoe export runs/pretrain/demo/checkpoints/last.ckpt out/demo          # a `vlmoe pretrain` checkpoint
+    vlmoe export runs/pretrain/demo/checkpoints/last.ckpt out/demo          # a training checkpoint
 
 Files are written atomically (a temporary file renamed into place) and existing files are never
 replaced unless ``overwrite`` is asked for.
@@ -15,8 +28,12 @@ replaced unless ``overwrite`` is asked for.
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from torch import nn
 
 from vlmoe.io import atomic_torch_save, atomic_write, atomic_write_text, torch_load
 
@@ -31,24 +48,66 @@ from .checkpoint import (
     resolve_config,
     task_state_dict,
 )
-from .config import VLMoEConfig
+from .config import LEGACY_HEAD_FIELDS, VLMoEConfig
 from .convert import detect_format, strip_prefix, vlmoe_to_beit3
+from .task_models import TaskModel, build_task_model
+
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "ExportInfo",
+    "export_beit3",
+    "legacy_task",
+    "load_pretrained",
+    "read_export",
+    "save_pretrained",
+]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+FORMAT_VERSION = 2
 
 
-def _state_dict(model: VLMoE) -> dict[str, Any]:
+def _state_dict(model: nn.Module) -> dict[str, Any]:
     # safetensors refuses views that share storage; every parameter is its own contiguous tensor
     return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
 
 
-def save_pretrained(model: VLMoE, out_dir: str | Path, *, overwrite: bool = False) -> Path:
-    """Write ``model.safetensors`` and ``config.json`` into ``out_dir``.
+def _backbone(model: nn.Module) -> VLMoE:
+    return model.backbone if isinstance(model, TaskModel) else model
+
+
+def _bundle_tokenizer(preprocess: dict[str, Any] | None, out: Path, overwrite: bool) -> dict[str, Any] | None:
+    """Copy a tokenizer *file* into the folder and name it relative to it (names like ``clip`` stay)."""
+    if not preprocess or not preprocess.get("tokenizer"):
+        return preprocess
+    tok = Path(str(preprocess["tokenizer"])).expanduser()
+    if not tok.is_file():
+        return preprocess
+    target = out / tok.name
+    if target.resolve() != tok.resolve():
+        if target.exists() and not overwrite:
+            raise FileExistsError(f"{target} exists; pass overwrite=True (--overwrite) to replace it")
+        with atomic_write(target) as f, open(tok, "rb") as src:
+            shutil.copyfileobj(src, f)
+    return {**preprocess, "tokenizer": tok.name}
+
+
+def save_pretrained(
+    model: nn.Module,
+    out_dir: str | Path,
+    *,
+    preprocess: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a self-describing model folder: ``model.safetensors`` + ``config.json`` (+ tokenizer file).
 
     Args:
-        model: the model.
+        model: a backbone (:class:`VLMoE`) or a task model (its task block is written too).
         out_dir: target directory (created if needed).
+        preprocess: how inputs are prepared (image size, normalisation, resize, tokenizer, text
+            length); for a model trained with vlmoe the training run's, see
+            :func:`vlmoe.data.preprocess_config`.
         overwrite: replace existing files.
 
     Returns:
@@ -57,49 +116,114 @@ def save_pretrained(model: VLMoE, out_dir: str | Path, *, overwrite: bool = Fals
     from safetensors.torch import save
 
     out = Path(out_dir)
-    config_text = model.config.to_json()
     for name in (WEIGHTS_NAME, CONFIG_NAME):
         if (out / name).exists() and not overwrite:
             raise FileExistsError(f"{out / name} exists; pass overwrite=True (--overwrite) to replace it")
-    sd = _state_dict(model)
-    meta = {"format": "pt", "vlmoe_config": config_text}
+    out.mkdir(parents=True, exist_ok=True)
+    config = {
+        "format": "vlmoe",
+        "version": FORMAT_VERSION,
+        "model": _backbone(model).config.to_dict(),
+        "task": model.task_config() if isinstance(model, TaskModel) else None,
+        "preprocess": _bundle_tokenizer(preprocess, out, overwrite),
+    }
+    config_text = json.dumps(config, indent=2)
     with atomic_write(out / WEIGHTS_NAME, overwrite=overwrite) as f:
-        f.write(save(sd, metadata=meta))
+        f.write(save(_state_dict(model), metadata={"format": "pt", "vlmoe_config": config_text}))
     atomic_write_text(out / CONFIG_NAME, config_text + "\n", overwrite=overwrite)
     return out
 
 
-def load_pretrained(path: str | Path, *, strict: bool = True, **overrides: Any) -> VLMoE:
-    """Load a model written by :func:`save_pretrained`.
+def legacy_task(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The task block implied by a config of an earlier vlmoe version (pretraining heads inside the
+    backbone config: ``heads`` = some of ``mlm``, ``mim``, ``pooler``, and ``codebook_size``)."""
+    heads = config.get("heads") or []
+    if not heads:
+        return None
+    return {
+        "type": "pretraining",
+        "codebook_size": int(config.get("codebook_size", 8192)) if "mim" in heads else None,
+        "pooler": "pooler" in heads,
+    }
+
+
+@dataclass
+class ExportInfo:
+    """What a model folder holds: the backbone config, the task block, the preprocessing, the weights."""
+
+    config: VLMoEConfig
+    task: dict[str, Any] | None
+    preprocess: dict[str, Any] | None
+    weights: Path
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], weights: Path, where: str) -> ExportInfo:
+        if isinstance(data.get("model"), dict):  # version 2
+            model, task, pre = data["model"], data.get("task"), data.get("preprocess")
+        else:  # a flat model config (version 1)
+            model, task, pre = data, legacy_task(data), None
+        if not task and any(k in model for k in LEGACY_HEAD_FIELDS):
+            task = legacy_task(model)
+        try:
+            config = VLMoEConfig.from_dict(model)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: {e}") from None
+        if pre and pre.get("tokenizer") and (weights.parent / str(pre["tokenizer"])).is_file():
+            pre = {**pre, "tokenizer": str(weights.parent / str(pre["tokenizer"]))}
+        return cls(config, task or None, pre or None, weights)
+
+
+def read_export(path: str | Path) -> ExportInfo:
+    """Read a model folder's description (``config.json``, else the config in the weights' metadata).
 
     Args:
-        path: the directory, or its ``model.safetensors`` (``config.json`` next to it, else the
-            config stored in the file's metadata).
-        strict: raise unless every parameter is in the file and every tensor is used.
-        overrides: config fields to change (e.g. ``img_size=384`` resizes the vision positions).
+        path: the folder, or its ``model.safetensors``.
     """
     from safetensors import safe_open
 
     path = Path(path)
     weights = path / WEIGHTS_NAME if path.is_dir() else path
     if not weights.exists():
-        raise FileNotFoundError(f"{weights} does not exist")
+        raise FileNotFoundError(f"{weights} does not exist" + ("" if path.exists() else f" ({path} neither)"))
     config_file = weights.parent / CONFIG_NAME
     if config_file.exists():
-        config = VLMoEConfig.from_file(config_file)
+        try:
+            data = json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_file}: not valid JSON: {e}") from None
+        where = str(config_file)
     else:
         with safe_open(str(weights), "pt") as f:
             meta = f.metadata() or {}
         if "vlmoe_config" not in meta:
             raise ValueError(f"{weights}: no {CONFIG_NAME} next to it and no vlmoe_config in its metadata")
-        config = VLMoEConfig.from_dict(json.loads(meta["vlmoe_config"]))
-    model = VLMoE(config.replace(**overrides) if overrides else config)
-    load_checkpoint(model, str(weights), format="vlmoe", strict=strict)
+        data, where = json.loads(meta["vlmoe_config"]), f"{weights} (metadata)"
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a JSON object")
+    return ExportInfo.from_dict(data, weights, where)
+
+
+def load_pretrained(path: str | Path, *, strict: bool = True, **overrides: Any) -> nn.Module:
+    """Load a model folder written by :func:`save_pretrained` (or an earlier vlmoe version).
+
+    Returns the task model the folder describes (the backbone alone when it has no task), with the
+    folder's preprocessing as ``model.preprocess`` (a dict, or None).
+
+    Args:
+        path: the folder, or its ``model.safetensors``.
+        strict: raise unless every parameter is in the file and every tensor is used.
+        overrides: backbone config fields to change (e.g. ``img_size=384`` resizes the positions).
+    """
+    info = read_export(path)
+    config = info.config.replace(**overrides) if overrides else info.config
+    model = build_task_model(VLMoE(config), info.task)
+    load_checkpoint(model, str(info.weights), format="vlmoe", strict=strict)
+    model.preprocess = info.preprocess
     return model
 
 
-def export_beit3(model: VLMoE, path: str | Path, *, overwrite: bool = False) -> Path:
-    """Write a dense decoupled model in the BEiT-3 key layout.
+def export_beit3(model: nn.Module, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write a dense decoupled model (backbone or task model) in the BEiT-3 key layout.
 
     ``.safetensors`` paths get a safetensors file, others a ``torch.save({'model': sd})`` file.
     """
@@ -115,32 +239,37 @@ def export_beit3(model: VLMoE, path: str | Path, *, overwrite: bool = False) -> 
     return path
 
 
-def _training_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """``(model state dict, config dict)`` of a vlmoe training checkpoint (the ``.ckpt`` of ``vlmoe
-    pretrain``: the task's ``state_dict`` with the model under ``model.`` and its config under
-    ``vlmoe_config``), or None for any other file."""
+def _training_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The parts of a vlmoe training checkpoint (``.ckpt`` of ``vlmoe pretrain`` / ``finetune``):
+    ``{"state_dict", "config", "task", "preprocess"}``, or None for any other file."""
     if not path.is_file() or path.suffix != ".ckpt":
         return None
     obj = torch_load(path)
     if not is_training_checkpoint(obj) or "vlmoe_config" not in obj:
         return None
-    return task_state_dict(obj), obj["vlmoe_config"]
+    config = obj["vlmoe_config"]
+    task = obj.get("vlmoe_task", legacy_task(config))
+    return {"state_dict": task_state_dict(obj), "config": config, "task": task,
+            "preprocess": obj.get("vlmoe_preprocess")}
 
 
-def convert(args: Any) -> tuple[VLMoE, LoadReport | None]:
-    """Build and fill the model ``vlmoe export``'s arguments describe (``args.set``: the config overrides)."""
+def convert(args: Any) -> tuple[nn.Module, LoadReport | None, dict[str, Any] | None]:
+    """Build and fill the model ``vlmoe export``'s arguments describe (``args.set``: the config
+    overrides). Returns ``(model, load report or None, preprocessing or None)``."""
     overrides = dict(args.set)
     src = Path(args.src)
     if src.is_dir() and (src / CONFIG_NAME).exists() and args.config is None:
-        return load_pretrained(src, strict=args.strict, **overrides), None
+        model = load_pretrained(src, strict=args.strict, **overrides)
+        return model, None, model.preprocess
     trained = _training_checkpoint(src)
     if trained is not None:
-        sd, config = trained
-        base = VLMoEConfig.from_dict(config) if args.config is None else args.config
-        model = VLMoE(resolve_config(base, overrides))
-        report = load_checkpoint(model, sd, format="vlmoe", strict=args.strict, upcycle_noise=args.upcycle_noise)
+        base = VLMoEConfig.from_dict(trained["config"]) if args.config is None else args.config
+        model = build_task_model(VLMoE(resolve_config(base, overrides)), trained["task"])
+        report = load_checkpoint(
+            model, trained["state_dict"], format="vlmoe", strict=args.strict, upcycle_noise=args.upcycle_noise
+        )
         report.source = str(src)
-        return model, report
+        return model, report, trained["preprocess"]
     sd, where = read_state_dict(src, args.key)
     fmt = detect_format(strip_prefix(sd, ("module.",))) if args.format == "auto" else args.format
     if fmt == "beit3":
@@ -154,4 +283,4 @@ def convert(args: Any) -> tuple[VLMoE, LoadReport | None]:
         noise = args.upcycle_noise
         report = load_checkpoint(model, sd, format="vlmoe", strict=args.strict, upcycle_noise=noise)
     report.source = where
-    return model, report
+    return model, report, None

@@ -1,80 +1,33 @@
-"""Heads read a :class:`~vlmoe.models.backbone.BackboneOutput`; the backbone never knows about tasks.
+"""Head building blocks; the backbone has none, task models (:mod:`vlmoe.models.task_models`) own them.
 
-A head is an ``nn.Module`` whose ``forward(out, ...)`` takes the backbone output first, so a task
-head is a few lines: pick tokens with ``out.vision_cls`` / ``out.text_cls`` / ``out.vision_patches``
-/ ``out.text_tokens`` and map them. The pretraining heads here keep BEiT-3's parameter names
-(``mlm_head``, ``mim_head``, ``pooler.{norm,dense}`` map to ``heads.{mlm,mim,pooler}``).
+Parameter names follow BEiT-3 (``unilm/beit3/modeling_finetune.py``) so that released finetuned
+checkpoints load their heads: a task model keeps e.g. ``pooler.{norm,dense}`` and ``head.{0,1,3}``
+(VQA), ``head.{norm1,dense1,norm2,dense2}`` (NLVR2), ``fc_norm`` + ``head`` (classification),
+``mlm_head`` / ``mim_head`` (pretraining, captioning) at its top level, next to ``backbone``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from .backbone import BackboneOutput
-    from .config import VLMoEConfig
+__all__ = ["Pooler", "TwoLayerMLP", "select_tokens", "vqa_classifier"]
 
 
-class Head(nn.Module):
-    """Base class of heads: ``forward(out: BackboneOutput, ...) -> Tensor``."""
+def select_tokens(x: Tensor, mask: Tensor | None, what: str = "token") -> Tensor:
+    """Tokens ``(B, L, D)`` -> the ``mask``-True ones ``(M, D)`` (all of them, ``(B, L, D)``, for None).
 
-    def forward(self, out: BackboneOutput, *args, **kwargs) -> Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
-
-
-def _select(x: Tensor, mask: Tensor | None, what: str) -> Tensor:
-    """Tokens ``(B, L, D)`` -> the masked ones ``(M, D)`` (or all, ``(B, L, D)``)."""
+    Only the selected positions then reach a (large) output projection, e.g. the MLM head.
+    """
     if mask is None:
         return x
     if mask.shape != x.shape[:2]:
         raise ValueError(f"{what} mask has shape {tuple(mask.shape)}; expected {tuple(x.shape[:2])}")
-    # only the masked positions reach the (large) output projection
     return x[mask.bool()]
 
 
-class MLMHead(Head):
-    """Masked language modelling: text tokens -> vocabulary logits.
-
-    Args:
-        dim: token width.
-        vocab_size: output classes.
-    """
-
-    def __init__(self, dim: int, vocab_size: int) -> None:
-        super().__init__()
-        self.proj = nn.Linear(dim, vocab_size)
-
-    def forward(self, out: BackboneOutput, mask: Tensor | None = None) -> Tensor:
-        """``(B, Lt, V)`` logits, or ``(M, V)`` for the ``mask`` (B, Lt) True positions."""
-        if out.text_tokens is None:
-            raise ValueError("MLMHead needs text tokens; the backbone was run without text_ids")
-        return self.proj(_select(out.text_tokens, mask, "MLM"))
-
-
-class MIMHead(Head):
-    """Masked image modelling: patch tokens -> visual-tokenizer codebook logits.
-
-    Args:
-        dim: token width.
-        codebook_size: output classes (8192 for BEiT v2's VQ-KD).
-    """
-
-    def __init__(self, dim: int, codebook_size: int = 8192) -> None:
-        super().__init__()
-        self.proj = nn.Linear(dim, codebook_size)
-
-    def forward(self, out: BackboneOutput, mask: Tensor | None = None) -> Tensor:
-        """``(B, N, K)`` logits over patches (no CLS), or ``(M, K)`` at the ``mask`` (B, N) positions."""
-        if out.vision_patches is None:
-            raise ValueError("MIMHead needs vision tokens; the backbone was run without an image")
-        return self.proj(_select(out.vision_patches, mask, "MIM"))
-
-
-class Pooler(Head):
-    """``tanh(dense(norm(cls)))`` over the vision CLS token (BEiT-3's VQA pooler) or the first text token.
+class Pooler(nn.Module):
+    """``tanh(dense(norm(x)))`` of one token (BEiT-3's VQA pooler, applied to the vision CLS).
 
     Args:
         dim: token width.
@@ -86,22 +39,38 @@ class Pooler(Head):
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.dense = nn.Linear(dim, dim)
 
-    def forward(self, out: BackboneOutput, token: str = "vision") -> Tensor:
-        """``(B, D)`` pooled feature of the ``vision`` CLS or the first ``text`` token."""
-        if token not in ("vision", "text"):
-            raise ValueError(f"Pooler token={token!r}: choose 'vision' or 'text'")
-        x = out.vision_cls if token == "vision" else out.text_cls
-        if x is None:
-            raise ValueError(f"Pooler(token={token!r}): the backbone output has no {token} tokens")
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, D)`` -> ``(B, D)``."""
         return torch.tanh(self.dense(self.norm(x)))
 
 
-def build_head(name: str, config: VLMoEConfig) -> Head:
-    """The pretraining head ``name`` (``mlm``, ``mim`` or ``pooler``) sized for ``config``."""
-    if name == "mlm":
-        return MLMHead(config.dim, config.vocab_size)
-    if name == "mim":
-        return MIMHead(config.dim, config.codebook_size)
-    if name == "pooler":
-        return Pooler(config.dim, config.layernorm_eps)
-    raise ValueError(f"unknown head {name!r}; choose from ['mim', 'mlm', 'pooler']")
+def vqa_classifier(dim: int, num_answers: int, eps: float = 1e-5) -> nn.Sequential:
+    """BEiT-3's VQA head ``Linear(D, 2D) -> LayerNorm -> GELU -> Linear(2D, A)`` (keys ``0, 1, 3``)."""
+    return nn.Sequential(
+        nn.Linear(dim, 2 * dim), nn.LayerNorm(2 * dim, eps=eps), nn.GELU(), nn.Linear(2 * dim, num_answers)
+    )
+
+
+class TwoLayerMLP(nn.Module):
+    """``dense2(gelu(norm2(dense1(norm1(x)))))`` (BEiT-3's NLVR2 head; ``norm1`` optional).
+
+    Args:
+        in_features: input width (``4 D`` for NLVR2).
+        hidden_features: hidden width.
+        out_features: classes.
+        norm_input: LayerNorm the input first.
+        eps: LayerNorm epsilon.
+    """
+
+    def __init__(
+        self, in_features: int, hidden_features: int, out_features: int, norm_input: bool = True, eps: float = 1e-5
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(in_features, eps=eps) if norm_input else nn.Identity()
+        self.dense1 = nn.Linear(in_features, hidden_features)
+        self.norm2 = nn.LayerNorm(hidden_features, eps=eps)
+        self.act = nn.GELU()
+        self.dense2 = nn.Linear(hidden_features, out_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dense2(self.act(self.norm2(self.dense1(self.norm1(x)))))

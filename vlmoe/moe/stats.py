@@ -19,6 +19,7 @@ of the loosely defined figure in the MH-MoE paper.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -164,7 +165,11 @@ class MoEAux:
 
 
 class RoutingStatsAccumulator:
-    """Sums per-layer expert counts over batches; reports per-layer and model-level metrics."""
+    """Sums per-layer expert counts over batches; reports per-layer and model-level metrics.
+
+    Counts stay on the device they come from (no host sync per update); :meth:`all_reduce` sums
+    them over processes, and the metrics read them once.
+    """
 
     def __init__(self, tau: float = 0.1) -> None:
         self.tau = tau
@@ -176,10 +181,32 @@ class RoutingStatsAccumulator:
         items = aux.stats if isinstance(aux, MoEAux) else ([aux] if isinstance(aux, RoutingStats) else aux)
         for i, s in enumerate(items):
             name = s.name or f"layer{i}"
-            c = s.tokens_per_expert.detach().to("cpu", torch.long)
-            self.counts[name] = self.counts[name] + c if name in self.counts else c.clone()
-            self.dropped[name] = self.dropped.get(name, 0) + int(s.dropped)
+            c = s.tokens_per_expert.detach().long()
+            prev = self.counts.get(name)
+            self.counts[name] = c.clone() if prev is None or prev.shape != c.shape else prev + c.to(prev.device)
+            self.dropped[name] = self.dropped.get(name, 0) + int(s.dropped)  # a CPU scalar: no device sync
             self.routed[name] = self.routed.get(name, 0) + int(s.routed_tokens)
+
+    def all_reduce(self, reduce: Callable[[Tensor], Tensor]) -> None:
+        """Sum every layer's counts over processes with ``reduce`` (e.g. ``lambda t: strategy.reduce(t,
+        reduce_op="sum")``); every process must hold the same layers (it does: they run one model)."""
+        names = sorted(self.counts)
+        if not names:
+            return
+        device = self.counts[names[0]].device
+        flat = torch.cat(
+            [torch.cat([self.counts[n].to(device, torch.float64),
+                        torch.tensor([self.dropped[n], self.routed[n]], dtype=torch.float64, device=device)])
+             for n in names]
+        )
+        flat = reduce(flat)
+        offset = 0
+        for n in names:
+            e = self.counts[n].numel()
+            self.counts[n] = flat[offset : offset + e].round().long()
+            self.dropped[n] = int(flat[offset + e].round())
+            self.routed[n] = int(flat[offset + e + 1].round())
+            offset += e + 2
 
     def reset(self) -> None:
         self.counts.clear()
@@ -189,6 +216,7 @@ class RoutingStatsAccumulator:
     def per_layer(self) -> dict[str, dict[str, float]]:
         out = {}
         for name, c in self.counts.items():
+            c = c.cpu()
             out[name] = {
                 "activation_ratio": activation_ratio(c, self.tau),
                 "load_entropy": load_entropy(c),

@@ -1,22 +1,27 @@
-"""What every vlmoe LightningModule shares: the optimizer, the schedule, and MoE bookkeeping.
+"""What every vlmoe LightningModule shares: the optimizer, the schedule, the MoE bookkeeping.
 
 - :func:`param_groups`: AdamW parameter groups with layer-wise lr decay (BEiT / BEiT-3
   ``optim_factory``: ``scale = decay ** (num_layers + 1 - layer_id)``, the layer id read off the
-  model's :meth:`~vlmoe.models.VLMoE.layer_id`) and no weight decay for 1-D parameters, biases and
+  backbone's :meth:`~vlmoe.models.VLMoE.layer_id`) and no weight decay for 1-D parameters, biases and
   the names the model lists in ``no_weight_decay()``.
 - :func:`warmup_cosine`: linear warmup from 0, then cosine down to ``min_lr`` (BEiT-3
   ``cosine_scheduler``), stepped every optimizer step.
-- :class:`VLMoETask`: ``configure_optimizers`` from the above, the MoE auxiliary losses logged term by
-  term, per-layer routing statistics (activation ratio, load entropy, load CV, dropped assignments)
-  accumulated on the device and logged every ``stats_every`` steps, samples/s and tokens/s, and a
-  finiteness check that names the step and the offending loss term.
+- :class:`VLMoETask`: a task is a LightningModule with a ``model`` (a task model: backbone + heads,
+  or anything that holds a :class:`~vlmoe.models.VLMoE` somewhere, e.g. a detector). The base gives
+  it ``configure_optimizers`` from the above (layer ids and no-decay names found through the
+  :attr:`~VLMoETask.backbone`, wherever it sits), the MoE auxiliary losses term by term, a
+  finiteness check naming the step, the term and the first bad MoE layer, a check that a resumed
+  checkpoint fits, bias balancing once per step and expert parallelism. Routing statistics,
+  throughput and the CPU thread policy are callbacks (:mod:`vlmoe.tasks.callbacks`) that
+  :meth:`~VLMoETask.configure_callbacks` adds, usable with any LightningModule.
+
+A subclass declares only its own arguments and passes the rest on (``**kwargs``): LightningCLI (and
+jsonargparse) read the base's arguments through ``super().__init__(**kwargs)``.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -24,16 +29,9 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from vlmoe.moe import (
-    MoEAux,
-    RoutingStats,
-    RoutingStatsAccumulator,
-    apply_bias_updates,
-    defer_bias_updates,
-    defer_finite_checks,
-)
+from vlmoe.moe import MoEAux, RoutingStats, apply_bias_updates, defer_bias_updates, defer_finite_checks
 
-__all__ = ["NonFiniteLossError", "VLMoETask", "param_groups", "warmup_cosine"]
+__all__ = ["NonFiniteLossError", "VLMoETask", "batch_size_and_tokens", "param_groups", "warmup_cosine"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -116,7 +114,7 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -
 
 
 class VLMoETask(pl.LightningModule):
-    """Base LightningModule of vlmoe tasks. Subclasses set ``self.model`` (a :class:`~vlmoe.models.VLMoE`).
+    """Base LightningModule of vlmoe tasks. Subclasses set ``self.model``: a task model (backbone + heads).
 
     Args:
         lr: peak learning rate.
@@ -129,7 +127,8 @@ class VLMoETask(pl.LightningModule):
         max_steps: schedule length; None: the trainer's ``max_steps`` (or its estimated total steps).
         aux_loss_weight: multiplier on the MoE auxiliary losses (whose own coefficients live in the
             model's MoE config: ``balance_coef``, ``z_loss_coef``, ``entropy_coef``).
-        stats_every: log routing statistics every this many optimizer steps (0: never).
+        stats_every: log routing statistics every this many optimizer steps (0: never); see
+            :class:`~vlmoe.tasks.callbacks.RoutingStatistics`.
         activation_tau: threshold of the expert activation ratio (see :mod:`vlmoe.moe.stats`).
         check_finite: raise :class:`NonFiniteLossError` when a loss term is NaN / inf.
         expert_parallel: shard the experts of every MoE layer over the data-parallel ranks (DDP;
@@ -170,28 +169,51 @@ class VLMoETask(pl.LightningModule):
         self.activation_tau = activation_tau
         self.check_finite = check_finite
         self.expert_parallel = expert_parallel
-        # routing counts summed on the device between logging steps (no host sync per step)
-        self._route_counts: dict[str, dict[str, dict[str, Tensor]]] = {"train": {}, "val": {}}
-        self._last_step_end: float | None = None
 
     @property
     def backbone(self) -> nn.Module:
-        """The multiway backbone (``self.model``, or the ``backbone`` of a composed task model)."""
+        """The :class:`~vlmoe.models.VLMoE` this task trains: ``self.model`` itself, its
+        ``backbone``, or the first ``VLMoE`` found inside it (a wrapped backbone, e.g. a detector's)."""
+        from vlmoe.models import VLMoE
+
         model = self.model
-        return getattr(model, "backbone", model)
+        if isinstance(model, VLMoE):
+            return model
+        inner = getattr(model, "backbone", None)
+        if isinstance(inner, VLMoE):
+            return inner
+        found = next((m for m in model.modules() if isinstance(m, VLMoE)), None)
+        if found is None:
+            raise AttributeError(f"{type(self).__name__}.model ({type(model).__name__}) holds no VLMoE backbone")
+        return found
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """Routing statistics (every ``stats_every`` steps), throughput and the CPU thread policy."""
+        from .callbacks import CPUThreads, RoutingStatistics, Throughput
+
+        callbacks: list[pl.Callback] = [Throughput(), CPUThreads()]
+        if self.stats_every > 0:
+            callbacks.insert(0, RoutingStatistics(every_n_steps=self.stats_every, tau=self.activation_tau))
+        return callbacks
+
+    def batch_size_and_tokens(self, batch: Any) -> tuple[int, int]:
+        """``(samples, tokens)`` of a training batch, for :class:`~vlmoe.tasks.callbacks.Throughput`.
+
+        The default counts a batch dict's ``image`` rows (CLS + patches each) and non-padding
+        ``text_ids``; tasks with other batches override it.
+        """
+        return batch_size_and_tokens(batch, self.backbone.config)
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
         # several forwards (streams) run before one backward: bias-balanced routers update once per
         # step, after backward (on_train_batch_end), never between a forward and its recomputation
-        defer_bias_updates(self.model)
+        defer_bias_updates(self.backbone)
         if self.check_finite:
             # MoE layers record NaN router logits for check_terms instead of raising mid-forward
-            defer_finite_checks(self.model)
-        if self._trainer is not None:
-            self._set_cpu_threads()
-            if self.expert_parallel:
-                self._shard_experts()
+            defer_finite_checks(self.backbone)
+        if self._trainer is not None and self.expert_parallel:
+            self._shard_experts()
 
     def _shard_experts(self) -> None:
         """Shard experts over the ranks before DDP wraps the module (setup runs before the wrap)."""
@@ -209,30 +231,10 @@ class VLMoETask(pl.LightningModule):
         # building the local expert modules initialises (then overwrites) weights: keep the global RNG
         # where it was, so sharding does not change the data stream or any later random draw
         with torch.random.fork_rng(devices=[]):
-            shard_experts(self.model)
+            shard_experts(self.backbone)
         # expert weights differ per rank: DDP must not average them (their gradients already sum over
         # every rank's tokens, scaled by 1 / world)
         ddp_ignore_expert_params(self)
-
-    def _set_cpu_threads(self) -> None:
-        """On CPU, leave one core per DataLoader worker (and per process on the node).
-
-        PyTorch's intra-op threads busy-wait; with more threads than free cores (data workers, other
-        ranks) every small GEMM waits for a descheduled thread, which was measured to slow the demo
-        run ~4x on 2 cores. An explicit ``OMP_NUM_THREADS`` / ``torch.set_num_threads`` choice wins.
-        """
-        trainer = self.trainer
-        if trainer.strategy.root_device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
-            return
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:  # not on Linux
-            cores = os.cpu_count() or 1
-        procs = max(1, int(getattr(trainer, "num_devices", 1) or 1))
-        workers = int(getattr(trainer.datamodule, "num_workers", 0) or 0) if trainer.datamodule else 0
-        threads = max(1, cores // procs - workers)
-        if threads < torch.get_num_threads():
-            torch.set_num_threads(threads)
 
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
@@ -266,15 +268,21 @@ class VLMoETask(pl.LightningModule):
         raise ValueError("cannot tell the schedule length: set model max_steps or trainer.max_steps")
 
     def _param_groups(self) -> list[dict[str, Any]]:
-        backbone = self.model
+        backbone = self.backbone
+        # names as the backbone knows them, whatever the backbone sits under in this task
+        inner = {id(p): n for n, p in backbone.named_parameters()}
+        names = {n: inner.get(id(p)) for n, p in self.named_parameters()}
+        top = backbone.num_layers + 1
+
+        def layer_id(name: str) -> int:
+            return backbone.layer_id(names[name]) if names.get(name) is not None else top
+
+        skip = {n for n, p in self.named_parameters() if inner.get(id(p)) in backbone.no_weight_decay()}
+        if self.model is not backbone and hasattr(self.model, "no_weight_decay"):
+            skip |= {f"model.{n}" for n in self.model.no_weight_decay()}
         return param_groups(
-            self,
-            self.weight_decay,
-            self.layer_decay,
-            layer_id=getattr(backbone, "layer_id", None),
-            num_layers=getattr(backbone, "num_layers", None),
-            no_weight_decay=backbone.no_weight_decay() if hasattr(backbone, "no_weight_decay") else (),
-            prefix="model.",
+            self, self.weight_decay, self.layer_decay, layer_id=layer_id, num_layers=backbone.num_layers,
+            no_weight_decay=skip,
         )
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -293,6 +301,16 @@ class VLMoETask(pl.LightningModule):
         return any(getattr(p, "expert_parallel", False) for p in self.parameters())
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # plain data, so `vlmoe export run.ckpt out/` rebuilds the model (heads, preprocessing)
+        # without this class: the backbone config, the task block, the data's preprocessing
+        checkpoint["vlmoe_config"] = self.backbone.config.to_dict()
+        task_config = getattr(self.model, "task_config", None)
+        if callable(task_config):
+            checkpoint["vlmoe_task"] = task_config()
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        preprocess = getattr(dm, "preprocess_config", None)
+        if callable(preprocess):
+            checkpoint["vlmoe_preprocess"] = preprocess()
         if self._sharded():
             from .expert_parallel import gather_expert_state
 
@@ -300,6 +318,7 @@ class VLMoETask(pl.LightningModule):
             gather_expert_state(self, checkpoint, params)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.migrate_checkpoint(checkpoint)
         self.check_checkpoint_fits(checkpoint)
         if self._sharded():
             from .expert_parallel import slice_expert_state
@@ -307,6 +326,10 @@ class VLMoETask(pl.LightningModule):
             # the optimizer does not exist yet; its parameter order is that of configure_optimizers
             params = [[p for g in self._param_groups() for p in g["params"]]]
             slice_expert_state(self, checkpoint, params)
+
+    def migrate_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Rename what earlier versions of this task wrote (called before the checkpoint is checked
+        and loaded; the base has nothing to migrate)."""
 
     def check_checkpoint_fits(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, in one message, a training checkpoint whose weights do not fit this task's model.
@@ -394,96 +417,25 @@ class VLMoETask(pl.LightningModule):
         named = ", ".join(f"{k}={v}" for k, v in bad.items()) or "every loss term finite"
         raise NonFiniteLossError(f"non-finite loss {where}: {named}{routing} (finite terms: {good}).{ckpt}")
 
-    # ------------------------------------------------------------------ routing statistics
-    def update_routing(self, aux: MoEAux, key: str = "train") -> None:
-        """Add one forward's routing counts to the running per-layer sums (on the device).
-
-        Args:
-            aux: the forward's MoE aux output.
-            key: which running sum (``train`` or ``val``).
-        """
-        if self.stats_every <= 0 and key == "train":
-            return
-        store = self._route_counts.setdefault(key, {})
-        for i, s in enumerate(aux.stats):
-            name = s.name or f"layer{i}"
-            slot = store.get(name)
-            counts = s.tokens_per_expert.detach().to(torch.float64)
-            # `dropped` may live on the CPU (a layer without capacity limit makes a constant zero)
-            dropped = s.dropped.detach().to(counts.device, torch.float64).reshape(())
-            if slot is None or slot["counts"].shape != counts.shape:
-                store[name] = {"counts": counts.clone(), "dropped": dropped.clone()}
-            else:
-                slot["counts"] += counts
-                slot["dropped"] += dropped
-
-    def routing_summary(self, key: str = "train", reset: bool = True, sync: bool = True) -> dict[str, float]:
-        """Per-layer and mean routing metrics of the counts gathered since the last call.
-
-        Args:
-            key: which running sum (``train`` or ``val``).
-            reset: clear the running counts.
-            sync: sum the counts over data-parallel ranks first (every rank must call it).
-
-        Returns:
-            ``{"routing/<layer>/<metric>": value, ..., "routing/mean/<metric>": value}``.
-        """
-        acc = RoutingStatsAccumulator(tau=self.activation_tau)
-        store = self._route_counts.setdefault(key, {})
-        names = sorted(store)
-        if names:
-            flat = torch.cat(
-                [torch.cat([store[n]["counts"], store[n]["dropped"].reshape(1)]) for n in names]
-            )
-            if sync and self._trainer is not None and self.trainer.world_size > 1:
-                flat = self.trainer.strategy.reduce(flat, reduce_op="sum")
-            flat = flat.cpu()
-            offset = 0
-            for n in names:
-                e = store[n]["counts"].numel()
-                acc.counts[n] = flat[offset : offset + e].round().long()
-                acc.dropped[n] = int(flat[offset + e].round())
-                acc.routed[n] = 0
-                offset += e + 1
-        if reset:
-            store.clear()
-        out: dict[str, float] = {}
-        for layer, metrics in acc.per_layer().items():
-            for k in ("activation_ratio", "load_entropy", "load_cv", "dropped"):
-                out[f"routing/{layer}/{k}"] = metrics[k]
-        for k, v in acc.summary().items():
-            out[f"routing/mean/{k}"] = v
-        return out
-
-    def maybe_log_routing(self) -> None:
-        """Log routing statistics every ``stats_every`` optimizer steps (call at train batch end)."""
-        if self.stats_every <= 0 or not self._route_counts.get("train"):
-            return
-        step = self.trainer.global_step
-        if step % self.stats_every != 0:
-            return
-        stats = self.routing_summary()
-        if stats and self.loggers:
-            # straight to the loggers: these are already aggregated over the window (and ranks)
-            for logger in self.loggers:
-                logger.log_metrics(stats, step=step)
-
-    # ------------------------------------------------------------------ throughput
-    def log_throughput(self, samples: int, tokens: int) -> None:
-        """Log samples/s and tokens/s of this rank, timed from the previous batch end to this one
-        (data loading included, as a user measures it)."""
-        now = time.perf_counter()
-        last, self._last_step_end = self._last_step_end, now
-        if last is None:
-            return
-        dt = max(now - last, 1e-9)
-        self.log("perf/samples_per_s", samples / dt, on_step=True, on_epoch=False)
-        self.log("perf/tokens_per_s", tokens / dt, on_step=True, on_epoch=False)
-        self.log("samples/s", samples / dt, on_step=True, on_epoch=False, prog_bar=True, logger=False)
-
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # after this batch's backward: apply the bias-balancing load it recorded (summed over ranks)
-        apply_bias_updates(self.model)
+        apply_bias_updates(self.backbone)
 
-    def on_train_epoch_start(self) -> None:
-        self._last_step_end = None  # the gap across an epoch boundary is not a training step
+
+def batch_size_and_tokens(batch: Any, config: Any) -> tuple[int, int]:
+    """``(samples, tokens)`` of a batch dict (``image`` / ``text_ids`` / ``text_padding_mask``), or
+    of a dict of such dicts (one per stream); images count CLS + patches."""
+    if isinstance(batch, Mapping) and batch and all(isinstance(v, Mapping) for v in batch.values()):
+        pairs = [batch_size_and_tokens(b, config) for b in batch.values()]
+        return sum(s for s, _ in pairs), sum(t for _, t in pairs)
+    if not isinstance(batch, Mapping):
+        return 0, 0
+    image, ids, pad = batch.get("image"), batch.get("text_ids"), batch.get("text_padding_mask")
+    n, tokens = 0, 0
+    if isinstance(image, Tensor):
+        n = image.shape[0]
+        tokens += n * (1 + (image.shape[-2] // config.patch_size) * (image.shape[-1] // config.patch_size))
+    if isinstance(ids, Tensor):
+        n = n or ids.shape[0]
+        tokens += int(ids.numel() if pad is None else (~pad.bool()).sum())
+    return n, tokens

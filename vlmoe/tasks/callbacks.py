@@ -216,3 +216,139 @@ class SkippedSamples(pl.Callback):
             print("skipped samples: " + "; ".join(f"{s}: {', '.join(r)}" for s, r in by_stream.items()))
         else:
             print("skipped samples: none")
+
+
+class RoutingStatistics(pl.Callback):
+    """Per-layer routing statistics of every MoE layer in any LightningModule, logged as
+    ``routing/<layer>/<metric>`` and ``routing/mean/<metric>`` (activation ratio, load entropy, load
+    CV, dropped assignments; see :mod:`vlmoe.moe.stats`).
+
+    Counts are collected by forward hooks on the :class:`~vlmoe.moe.MoE` modules (no cooperation of
+    the module needed), summed on the device, and summed over data-parallel ranks before each log:
+    training every ``every_n_steps`` optimizer steps over the steps since the last log, validation
+    once per validation run (under ``val/``). A recomputation during backward (activation
+    checkpointing) is not counted twice.
+
+    Args:
+        every_n_steps: training log interval in optimizer steps.
+        tau: activation-ratio threshold.
+    """
+
+    def __init__(self, every_n_steps: int = 50, tau: float = 0.1) -> None:
+        from vlmoe.moe import RoutingStatsAccumulator
+
+        self.every_n_steps, self.tau = every_n_steps, tau
+        self.accumulators = {"train": RoutingStatsAccumulator(tau), "val": RoutingStatsAccumulator(tau)}
+        self._stage: str | None = None
+        self._handles: list[Any] = []
+
+    # ------------------------------------------------------------------ hooks on the MoE layers
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from vlmoe.moe import MoE
+
+        if not self._handles:
+            self._handles = [m.register_forward_hook(self._record) for m in pl_module.modules() if isinstance(m, MoE)]
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _record(self, module: Any, inputs: Any, output: Any) -> None:
+        from vlmoe.moe.routers import _in_backward
+
+        if self._stage is not None and not _in_backward():
+            self.accumulators[self._stage].update(output[1])
+
+    def summary(self, stage: str, trainer: pl.Trainer | None = None) -> dict[str, float]:
+        """The metrics of the counts gathered for ``stage`` since the last call (then reset); summed
+        over ranks when a ``trainer`` with several is given (every rank must call it)."""
+        acc = self.accumulators[stage]
+        if trainer is not None and trainer.world_size > 1:
+            acc.all_reduce(lambda t: trainer.strategy.reduce(t, reduce_op="sum"))
+        out: dict[str, float] = {}
+        for layer, metrics in acc.per_layer().items():
+            for k in ("activation_ratio", "load_entropy", "load_cv", "dropped"):
+                out[f"routing/{layer}/{k}"] = metrics[k]
+        for k, v in acc.summary().items():
+            out[f"routing/mean/{k}"] = v
+        acc.reset()
+        return out
+
+    # ------------------------------------------------------------------ training
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._stage = "train"
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._stage = None
+        if self.every_n_steps <= 0 or trainer.global_step % self.every_n_steps or not self.accumulators["train"].counts:
+            return
+        stats = self.summary("train", trainer)
+        # straight to the loggers: already aggregated over the window and the ranks
+        for logger in trainer.loggers:
+            logger.log_metrics(stats, step=trainer.global_step)
+
+    # ------------------------------------------------------------------ validation
+    def on_validation_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._stage = "val"
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._stage = None
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.accumulators["val"].counts:
+            return
+        stats = self.summary("val", trainer)
+        if stats and not trainer.sanity_checking:
+            pl_module.log_dict({f"val/{k}": v for k, v in stats.items()}, sync_dist=False)
+
+
+class Throughput(pl.Callback):
+    """``perf/samples_per_s`` and ``perf/tokens_per_s`` of this rank (and ``samples/s`` on the progress
+    bar), timed from one training batch end to the next, data loading included, as a user measures it.
+
+    The counts come from ``pl_module.batch_size_and_tokens(batch)`` when the module has it (vlmoe's
+    tasks do), else from :func:`vlmoe.tasks.base.batch_size_and_tokens` on the batch. Lightning's
+    ``ThroughputMonitor`` averages over a window and needs per-batch size functions; this one reports
+    each step, which is what the demo's progress bar shows.
+    """
+
+    def __init__(self) -> None:
+        self._last: float | None = None
+
+    def on_train_epoch_start(self, *args: Any) -> None:
+        self._last = None  # the gap across an epoch boundary is not a training step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        import time
+
+        now = time.perf_counter()
+        last, self._last = self._last, now
+        if last is None:
+            return
+        count = getattr(pl_module, "batch_size_and_tokens", None)
+        if callable(count):
+            samples, tokens = count(batch)
+        else:
+            from .base import batch_size_and_tokens
+
+            samples, tokens = batch_size_and_tokens(batch, getattr(pl_module, "config", None))
+        dt = max(now - last, 1e-9)
+        log = dict(on_step=True, on_epoch=False, batch_size=max(1, samples))
+        pl_module.log("perf/samples_per_s", samples / dt, **log)
+        pl_module.log("perf/tokens_per_s", tokens / dt, **log)
+        pl_module.log("samples/s", samples / dt, prog_bar=True, logger=False, **log)
+
+
+class CPUThreads(pl.Callback):
+    """On CPU, the thread policy of :func:`vlmoe.runtime.set_cpu_threads`: one core left per
+    DataLoader worker (``trainer.datamodule.num_workers``) and per training process."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.strategy.root_device.type != "cpu":
+            return
+        from vlmoe.runtime import set_cpu_threads
+
+        workers = int(getattr(trainer.datamodule, "num_workers", 0) or 0) if trainer.datamodule else 0
+        set_cpu_threads(int(getattr(trainer, "num_devices", 1) or 1), workers)

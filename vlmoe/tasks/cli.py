@@ -238,6 +238,11 @@ class VLMoECLI(LightningCLI):
 
         from .callbacks import ModelSummary, SkippedSamples
 
+        if config.get("enable_progress_bar") is False:
+            # the default callbacks carry a progress bar; Lightning refuses one when asked for none
+            from lightning.pytorch.callbacks.progress import ProgressBar
+
+            config["callbacks"] = [c for c in (config.get("callbacks") or []) if not isinstance(c, ProgressBar)]
         given = list(config.get("callbacks") or []) + list(callbacks)
         extra = []
         if config.get("enable_model_summary") is not False and not any(isinstance(c, LightningSummary) for c in given):

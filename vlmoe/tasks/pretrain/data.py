@@ -19,6 +19,7 @@ batches), ``resume="reseed"`` (default) starts the stream afresh with a seed der
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ from typing import Any
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vlmoe.data import PretrainData, PretrainDataConfig, build_demo, build_tokenizer, expand_shards
+from vlmoe.data import PretrainData, PretrainDataConfig, build_demo, build_tokenizer, expand_shards, preprocess_dict
 from vlmoe.data.shards import STREAM_KINDS as STREAMS
 
 log = logging.getLogger("vlmoe.tasks")
@@ -58,6 +59,11 @@ class _Skip(IterableDataset):
 class PretrainDataModule(pl.LightningDataModule):
     """Image-text pairs, images and texts for :class:`~vlmoe.tasks.PretrainTask`.
 
+    The data options proper (batch size, text length, tokenizer, masking ratios, normalisation,
+    crop scale, shuffling, workers, seed, stream weights) are the fields of
+    :class:`vlmoe.data.PretrainDataConfig`, given as keyword arguments (``--data.batch_size``, ...);
+    this module adds where the shards are, validation, the demo data and resuming.
+
     Args:
         pair_shards: training shards of image-text pairs: a brace pattern
             (``pairs-{000000..000099}.tar``), a folder, a list, or ``demo`` (the demo shards); None:
@@ -69,29 +75,17 @@ class PretrainDataModule(pl.LightningDataModule):
         val_text_shards: validation shards of texts (None: none).
         demo_dir: where the demo data lives / is built (default ``$VLMOE_DATA/demo`` or
             ``~/.cache/vlmoe/demo``).
-        weights: stream -> share of each step's batch, e.g. ``{"pair": 2, "image": 1, "text": 1}``
-            (default equal shares); every stream with shards needs a weight (0 turns it off).
-        batch_size: samples per step and rank, all streams together.
         val_batch_size: validation batch size (default ``batch_size``).
+        val_samples: validation samples per rank and pass (default: one pass over the val shards).
         image_size: image side (default: the model's ``img_size``).
         patch_size: the MIM grid's patch size (default: the model's).
-        max_len: text length, special tokens included.
-        tokenizer: ``clip``, a SentencePiece model or a ``tokenizer.json`` (see
-            :func:`vlmoe.data.build_tokenizer`).
-        mim_ratio: fraction of patches masked block-wise in pairs and images (BEiT-3: 0.4).
         min_mask_patches: smallest masking block (default: BEiT v2's 16 on a 14 x 14 grid, scaled to
             the grid, at least 2).
-        mlm_ratio_pair: fraction of text tokens masked in pairs (BEiT-3: 0.5).
-        mlm_ratio_text: fraction of text tokens masked in texts (BEiT-3: 0.15).
-        mean_std: image normalisation (``inception``: BEiT-3's).
-        scale: random resized crop area range.
-        shuffle: shuffle buffer in samples (0: deterministic order).
-        resampled: draw shards with replacement forever (multi-node).
-        samples_per_epoch: epoch size (default: the pair shards' sample count).
-        val_samples: validation samples per rank and pass (default: one pass over the val shards).
-        num_workers: DataLoader workers.
-        seed: base seed of shard order, shuffling and masking.
         resume: ``reseed`` or ``skip`` (see the module docstring).
+        **options: :class:`~vlmoe.data.PretrainDataConfig` fields (``batch_size``, ``max_len``,
+            ``tokenizer``, ``weights``, ``mim_ratio``, ``mlm_ratio_pair``, ``mlm_ratio_text``,
+            ``mean_std``, ``scale``, ``shuffle``, ``resampled``, ``samples_per_epoch``,
+            ``num_workers``, ``seed``, ...).
     """
 
     def __init__(
@@ -103,51 +97,59 @@ class PretrainDataModule(pl.LightningDataModule):
         val_image_shards: str | list[str] | None = DEMO,
         val_text_shards: str | list[str] | None = DEMO,
         demo_dir: str | None = None,
-        weights: dict[str, float] | None = None,
-        batch_size: int = 48,
         val_batch_size: int | None = None,
+        val_samples: int | None = None,
         image_size: int | None = None,
         patch_size: int | None = None,
-        max_len: int = 40,
-        tokenizer: str = "clip",
-        mim_ratio: float = 0.4,
         min_mask_patches: int | None = None,
-        mlm_ratio_pair: float = 0.5,
-        mlm_ratio_text: float = 0.15,
-        mean_std: str = "inception",
-        scale: tuple[float, float] = (0.5, 1.0),
-        shuffle: int = 1000,
-        resampled: bool = False,
-        samples_per_epoch: int | None = None,
-        val_samples: int | None = None,
-        num_workers: int = 1,
-        seed: int = 0,
         resume: str = "reseed",
+        **options: Any,
     ) -> None:
         super().__init__()
         if resume not in ("reseed", "skip"):
-            raise ValueError(f"resume={resume!r}: choose 'reseed' or 'skip'")
+            raise ValueError(f"data.resume={resume!r}: choose 'reseed' or 'skip'")
         self.save_hyperparameters()
+        try:
+            # the options template; shards, geometry and train / val settings are filled in per split
+            self.options = PretrainDataConfig(
+                pair_shards=None, image_shards=None, text_shards=None, augment=True, **options
+            )
+        except TypeError as e:
+            raise ValueError(f"data: {e} (the options are PretrainDataConfig's fields)") from None
         self.shards = {"pair": pair_shards, "image": image_shards, "text": text_shards}
         self.val_shards = {"pair": val_pair_shards, "image": val_image_shards, "text": val_text_shards}
         self.demo_dir = demo_dir
-        self.weights = dict(weights) if weights else {"pair": 1.0, "image": 1.0, "text": 1.0}
-        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.weights = dict(self.options.weights)
+        self.batch_size = self.options.batch_size
+        self.val_batch_size = val_batch_size or self.batch_size
+        self.val_samples = val_samples
+        self.image_size, self.patch_size, self.min_mask_patches = image_size, patch_size, min_mask_patches
+        self.resume = resume
         self._check_weights()
-        self.image_size, self.patch_size = image_size, patch_size
-        self.max_len = max_len
-        self.mim_ratio, self.min_mask_patches = mim_ratio, min_mask_patches
-        self.mlm_ratio_pair, self.mlm_ratio_text = mlm_ratio_pair, mlm_ratio_text
-        self.mean_std, self.scale = mean_std, tuple(scale)
-        self.shuffle, self.resampled = shuffle, resampled
-        self.samples_per_epoch, self.val_samples = samples_per_epoch, val_samples
-        self.num_workers, self.seed, self.resume = num_workers, seed, resume
         # built now: the model's embedding size is linked to it
-        self.tokenizer = build_tokenizer(tokenizer)
+        self.tokenizer = build_tokenizer(self.options.tokenizer)
         self.train_data: PretrainData | None = None
         self.val_data: PretrainData | None = None
-        self._resume_step: int | None = None
-        self._batches_done = 0
+
+    # ------------------------------------------------------------------ the data-module protocol
+    @property
+    def num_workers(self) -> int:
+        """DataLoader workers asked for (the CPU thread policy leaves a core to each)."""
+        return self.options.num_workers
+
+    @property
+    def mean_std(self) -> str:
+        """The image normalisation (the model's MIM targets undo it)."""
+        return self.options.mean_std
+
+    def preprocess_config(self) -> dict[str, Any]:
+        """How an evaluation image / text is prepared (stored in checkpoints and exports)."""
+        return preprocess_dict(
+            image_size=self._model_geometry()[0] if self._geometry_known() else self.image_size,
+            mean_std=self.options.mean_std,
+            tokenizer=self.options.tokenizer,
+            max_len=self.options.max_len,
+        )
 
     def _check_weights(self) -> None:
         unknown = sorted(set(self.weights) - set(STREAMS))
@@ -192,27 +194,35 @@ class PretrainDataModule(pl.LightningDataModule):
         }[split]
         return {k: demo[k] if v == DEMO else v for k, v in shards.items()}
 
+    def _task_geometry(self) -> dict[str, int] | None:
+        """The attached task's ``data_geometry()`` (its model's image and patch size), if it has one."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        geometry = getattr(module, "data_geometry", None)
+        return geometry() if callable(geometry) else None
+
+    def _geometry_known(self) -> bool:
+        return (self.image_size is not None and self.patch_size is not None) or self._task_geometry() is not None
+
     def _model_geometry(self) -> tuple[int, int]:
         image_size, patch_size = self.image_size, self.patch_size
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        config = getattr(getattr(module, "model", None), "config", None)
-        if config is not None:
-            if image_size is not None and image_size != config.img_size:
+        geometry = self._task_geometry()
+        if geometry is not None:
+            if image_size is not None and image_size != geometry["image_size"]:
                 raise ValueError(
-                    f"data image_size={image_size} but the model's img_size={config.img_size}; "
+                    f"data.image_size={image_size} but the model's img_size={geometry['image_size']}; "
                     "leave data.image_size unset to follow the model"
                 )
-            if patch_size is not None and patch_size != config.patch_size:
-                raise ValueError(f"data patch_size={patch_size} but the model's patch_size={config.patch_size}")
-            image_size, patch_size = config.img_size, config.patch_size
+            if patch_size is not None and patch_size != geometry["patch_size"]:
+                raise ValueError(f"data.patch_size={patch_size} but the model's patch_size={geometry['patch_size']}")
+            image_size, patch_size = geometry["image_size"], geometry["patch_size"]
         if image_size is None or patch_size is None:
-            raise ValueError("image_size / patch_size unknown: set them, or attach the data to a trainer and model")
+            raise ValueError("image_size / patch_size unknown: set them, or attach the data to a trainer and a task")
         return image_size, patch_size
 
     def _workers(self, shards: dict[str, Any]) -> int:
         """DataLoader workers, at most as many as the smallest stream has shards per rank: a worker
         without a shard would have nothing to read (resampled streams have no such limit)."""
-        if self.resampled:
+        if self.options.resampled:
             return self.num_workers
         world = self.trainer.world_size if self.trainer is not None else 1
         counts = [len(expand_shards(v)) for v in shards.values() if v is not None]
@@ -229,34 +239,28 @@ class PretrainDataModule(pl.LightningDataModule):
         if min_block is None:
             # BEiT v2: blocks of >= 16 patches on 196; keep the same share on small grids
             min_block = max(2, round(16 * grid / 196)) if grid < 196 else 16
-        return PretrainDataConfig(
+        o = self.options
+        return dataclasses.replace(
+            o,
             pair_shards=shards["pair"],
             image_shards=shards["image"],
             text_shards=shards["text"],
-            weights=self.weights,
             batch_size=batch_size,
             image_size=image_size,
             patch_size=patch_size,
-            max_len=self.max_len,
-            mim_ratio=self.mim_ratio,
             min_mask_patches=min_block,
-            mlm_ratio_pair=self.mlm_ratio_pair,
-            mlm_ratio_text=self.mlm_ratio_text,
-            mean_std=self.mean_std,
             # validation: the whole image, resized (no random crop or flip), fixed order
-            scale=self.scale,
             augment=train,
-            shuffle=self.shuffle if train else 0,
-            resampled=self.resampled if train else False,
+            shuffle=o.shuffle if train else 0,
+            resampled=o.resampled if train else False,
             samples_per_epoch=samples,
             num_workers=self._workers(shards),
-            seed=self.seed,
         )
 
     def setup(self, stage: str | None = None) -> None:
         if stage in ("fit", None) and self.train_data is None:
             shards = self._check_shards(self._resolve(self.shards, "train"), "")
-            cfg = self._config(shards, self.batch_size, self.samples_per_epoch, train=True)
+            cfg = self._config(shards, self.batch_size, self.options.samples_per_epoch, train=True)
             self.train_data = PretrainData(cfg, tokenizer=self.tokenizer)
         if stage in ("fit", "validate", None) and self.val_data is None and any(self.val_shards.values()):
             shards = self._check_shards(self._resolve(self.val_shards, "val"), "val_")
@@ -315,7 +319,7 @@ class PretrainDataModule(pl.LightningDataModule):
         return self.val_data.loader() if self.val_data is not None else []
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "skipped_samples": self.error_counts()}
+        return {"seed": self.options.seed, "skipped_samples": self.error_counts()}
 
     def error_counts(self) -> dict[str, dict[str, int]]:
         """Samples skipped so far per stream and reason (unreadable images, empty texts, ...)."""

@@ -30,7 +30,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from vlmoe.data.masking import IGNORE_INDEX
-from vlmoe.models import VLMoE, VLMoEConfig, create_model, load_checkpoint
+from vlmoe.models import Pooler, VLMoE, VLMoEConfig, VLMoEForPretraining, load_checkpoint
+from vlmoe.models.checkpoint import resolve_config
+from vlmoe.models.convert import legacy_head_keys
 from vlmoe.moe import MoEAux
 
 from ..base import VLMoETask
@@ -72,53 +74,21 @@ class PretrainTask(VLMoETask):
         allow_partial_init: bool = False,
         mlm_weight: float = 1.0,
         mim_weight: float = 1.0,
-        lr: float = 1e-3,
-        min_lr: float = 1e-5,
-        weight_decay: float = 0.05,
-        layer_decay: float = 1.0,
-        betas: tuple[float, float] = (0.9, 0.98),
-        eps: float = 1e-6,
-        warmup_steps: int = 50,
-        max_steps: int | None = None,
-        aux_loss_weight: float = 1.0,
-        stats_every: int = 50,
-        activation_tau: float = 0.1,
-        check_finite: bool = True,
-        expert_parallel: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            lr=lr,
-            min_lr=min_lr,
-            weight_decay=weight_decay,
-            layer_decay=layer_decay,
-            betas=betas,
-            eps=eps,
-            warmup_steps=warmup_steps,
-            max_steps=max_steps,
-            aux_loss_weight=aux_loss_weight,
-            stats_every=stats_every,
-            activation_tau=activation_tau,
-            check_finite=check_finite,
-            expert_parallel=expert_parallel,
-        )
+        super().__init__(**kwargs)
         self.save_hyperparameters(ignore=["mim_target"])
         target = mim_target if mim_target is not None else PixelTarget()
         overrides = dict(model_overrides or {})
         if vocab_size is not None:
             overrides["vocab_size"] = vocab_size
         try:
-            probe = VLMoEConfig.from_file(model) if model.endswith((".yaml", ".yml", ".json")) else None
-            base = probe or VLMoEConfig.from_name(model)
+            config = resolve_config(model, overrides)
         except (ValueError, FileNotFoundError) as e:
             raise type(e)(f"model.model: {e}") from None
-        patch = overrides.get("patch_size", base.patch_size)
-        chans = overrides.get("in_chans", base.in_chans)
-        heads = list(overrides.get("heads", base.heads))
-        heads += [h for h in ("mlm", "mim") if h not in heads]
-        overrides["heads"] = heads
         # the MIM head predicts the target: codebook ids (vqkd), patch pixels, or teacher features
-        overrides["codebook_size"] = target.out_dim(patch, chans)
-        self.model: VLMoE = create_model(base, **overrides)
+        codebook = target.out_dim(config.patch_size, config.in_chans)
+        self.model = VLMoEForPretraining(VLMoE(config), codebook_size=codebook)
         if init_checkpoint:
             report = load_checkpoint(self.model, init_checkpoint, allow_partial=allow_partial_init)
             rank_zero_info(str(report))
@@ -128,12 +98,15 @@ class PretrainTask(VLMoETask):
         self._target_device: torch.device | None = None
         self.mean_std = mean_std
         self.mlm_weight, self.mim_weight = mlm_weight, mim_weight
-        self._step_size: tuple[int, int] = (0, 0)
 
     # ------------------------------------------------------------------ helpers
     @property
     def config(self) -> VLMoEConfig:
         return self.model.config
+
+    def data_geometry(self) -> dict[str, int]:
+        """What the data module must match: the model's image size and patch size (the MIM grid)."""
+        return {"image_size": self.config.img_size, "patch_size": self.config.patch_size}
 
     def _ensure_target(self) -> None:
         if self._target_device != self.device:
@@ -145,7 +118,7 @@ class PretrainTask(VLMoETask):
         mask = labels != IGNORE_INDEX  # (B, Lt)
         if not bool(mask.any()):
             return None  # nothing masked in this sub-batch (very short texts)
-        logits = self.model.heads["mlm"](out, mask)  # (M, V): only masked positions reach the head
+        logits = self.model.mlm_logits(out, mask)  # (M, V): only masked positions reach the head
         target = labels[mask]
         loss = F.cross_entropy(logits.float(), target)
         acc = (logits.detach().argmax(-1) == target).float().mean()
@@ -157,7 +130,7 @@ class PretrainTask(VLMoETask):
             return None
         self._ensure_target()
         targets = self.mim_target(batch["image"], self.config.patch_size, self.mean_std)  # (B, N[, C])
-        pred = self.model.heads["mim"](out, mask)  # (M, C)
+        pred = self.model.mim_logits(out, mask)  # (M, C)
         target = targets[mask]
         loss = self.mim_target.loss(pred, target)
         acc = None
@@ -167,17 +140,17 @@ class PretrainTask(VLMoETask):
 
     def forward_streams(
         self, batch: dict[str, dict[str, Any]]
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor], MoEAux, list[MoEAux], tuple[int, int]]:
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], MoEAux, int]:
         """Run every stream of a pretraining batch.
 
         Returns:
-            ``(loss terms, accuracies, mean MoE aux, per-forward aux, (samples, tokens))``; terms are
+            ``(loss terms, accuracies, MoE aux averaged over the forwards, samples)``; terms are
             ``mlm_<stream>`` / ``mim_<stream>``.
         """
         terms: dict[str, Tensor] = {}
         accs: dict[str, Tensor] = {}
         auxes: list[MoEAux] = []
-        samples = tokens = 0
+        samples = 0
         for stream in STREAMS:
             b = batch.get(stream)
             if b is None:
@@ -196,12 +169,7 @@ class PretrainTask(VLMoETask):
                     terms[f"mim_{stream}"] = r[0]
                     if r[1] is not None:
                         accs[f"mim_{stream}"] = r[1]
-            n = (image if image is not None else ids).shape[0]
-            samples += n
-            if image is not None:
-                tokens += n * (self.config.num_patches + 1)
-            if ids is not None:
-                tokens += int(ids.numel() if pad is None else (~pad.bool()).sum())
+            samples += (image if image is not None else ids).shape[0]
         if not auxes:
             raise ValueError(f"pretraining batch has none of the streams {STREAMS}: keys {sorted(batch)}")
         aux = sum(auxes[1:], auxes[0])
@@ -209,7 +177,7 @@ class PretrainTask(VLMoETask):
         # do not triple the balance pressure.
         k = 1.0 / len(auxes)
         mean_aux = MoEAux(loss=aux.loss * k, losses={n: v * k for n, v in aux.losses.items()}, stats=aux.stats)
-        return terms, accs, mean_aux, auxes, (samples, tokens)
+        return terms, accs, mean_aux, samples
 
     def total_loss(self, terms: dict[str, Tensor], aux: MoEAux) -> Tensor:
         """Weighted MDM terms plus the (weighted) MoE aux loss."""
@@ -220,15 +188,12 @@ class PretrainTask(VLMoETask):
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict[str, dict[str, Any]], batch_idx: int) -> Tensor:
-        terms, accs, aux, auxes, (samples, tokens) = self.forward_streams(batch)
+        terms, accs, aux, samples = self.forward_streams(batch)
         loss = self.total_loss(terms, aux)
         named = {f"loss/{k}": v for k, v in terms.items()}
         named.update(self.aux_terms(aux))
         # before backward: a NaN must never reach the weights (or a checkpoint)
         self.check_terms({**named, "loss": loss}, stats=aux.stats)
-        for a in auxes:
-            self.update_routing(a)
-        self._step_size = (samples, tokens)
         log = dict(batch_size=samples, on_step=True, on_epoch=False)
         self.log("loss", loss.detach(), prog_bar=True, **log)
         self.log_dict({k: v.detach() for k, v in named.items()}, **log)
@@ -238,29 +203,31 @@ class PretrainTask(VLMoETask):
                 self.log(short, terms[short].detach(), prog_bar=True, logger=False, **log)
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        super().on_train_batch_end(outputs, batch, batch_idx)
-        self.log_throughput(*self._step_size)
-        self.maybe_log_routing()
-
     def validation_step(self, batch: dict[str, dict[str, Any]], batch_idx: int) -> None:
-        terms, accs, aux, auxes, (samples, _) = self.forward_streams(batch)
+        terms, accs, aux, samples = self.forward_streams(batch)
         loss = self.total_loss(terms, aux)
         self.check_terms({**terms, "loss": loss}, stage="validation", stats=aux.stats)
-        for a in auxes:
-            self.update_routing(a, key="val")
         log = dict(batch_size=samples, on_step=False, on_epoch=True, sync_dist=True)
         self.log("val/loss", loss, prog_bar=True, **log)
         self.log_dict({f"val/{k}": v for k, v in terms.items()}, **log)
         self.log_dict({f"val/acc_{k}": v for k, v in accs.items()}, **log)
 
-    def on_validation_epoch_end(self) -> None:
-        stats = self.routing_summary(key="val")
-        if stats and not self.trainer.sanity_checking:
-            self.log_dict({f"val/{k}": v for k, v in stats.items()}, sync_dist=False)
-
     # ------------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        # plain data, so `vlmoe export run.ckpt out/` rebuilds the model without this class
-        checkpoint["vlmoe_config"] = self.model.config.to_dict()
+    def migrate_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints of earlier vlmoe versions: the backbone under ``model.`` (now
+        ``model.backbone.``) and the heads under ``model.heads.{mlm,mim}.proj`` / ``model.heads.pooler``
+        (now ``model.mlm_head`` / ``model.mim_head`` / ``model.pooler``). A pooler in the checkpoint is
+        added to the model (its optimizer state is in the checkpoint too), so such runs resume."""
+        sd = checkpoint.get("state_dict")
+        if not isinstance(sd, dict) or any(k.startswith("model.backbone.") for k in sd):
+            return
+        renamed = {}
+        for k, v in sd.items():
+            if k.startswith("model."):
+                (name,) = legacy_head_keys({k[len("model.") :]: v})
+                head = name.startswith(("mlm_head.", "mim_head.", "pooler."))
+                k = f"model.{name}" if head else f"model.backbone.{name}"
+            renamed[k] = v
+        checkpoint["state_dict"] = renamed
+        if any(k.startswith("model.pooler.") for k in renamed) and self.model.pooler is None:
+            self.model.pooler = Pooler(self.config.dim, self.config.layernorm_eps).to(self.device)
