@@ -73,8 +73,14 @@ def test_model_config_parses_as_the_pretraining_model(path: Path) -> None:
     VLMoEConfig.from_file(path)  # what PretrainTask does with it
 
 
-def _plain(ns) -> dict:
-    return ns.as_dict() if hasattr(ns, "as_dict") else ns
+def _plain(ns):
+    """Namespaces as dicts, tuples as lists (a YAML list and a default tuple mean the same)."""
+    ns = ns.as_dict() if hasattr(ns, "as_dict") else ns
+    if isinstance(ns, dict):
+        return {k: _plain(v) for k, v in ns.items()}
+    if isinstance(ns, list | tuple):
+        return [_plain(v) for v in ns]
+    return ns
 
 
 def test_demo_yaml_is_the_default_run() -> None:
@@ -96,3 +102,57 @@ def test_demo_config_instantiates(tmp_path: Path, monkeypatch) -> None:
     assert cli.trainer.max_steps == 600
     assert type(cli.trainer.strategy.checkpoint_io).__name__ == "AtomicCheckpointIO"
     assert cli.trainer.checkpoint_callback.dirpath.endswith("runs/pretrain/demo/checkpoints")
+
+
+# ---------------------------------------------------------------------------------------------- finetuning
+FINETUNE_CONFIGS = sorted((ROOT / "finetune").glob("*/*.yaml"))
+
+
+def parse_finetune(task: str, *args: str):
+    from vlmoe.tasks.finetune.cli import _cli_class, build_cli
+
+    def skip(self):
+        self.config_init = None
+
+    cls = type("ParseOnly", (_cli_class(task),), {"instantiate_classes": skip})
+    return build_cli(task, list(args), run=False, cli_class=cls).config
+
+
+def test_finetune_configs_exist() -> None:
+    names = {p.relative_to(ROOT).as_posix() for p in FINETUNE_CONFIGS}
+    for task in ("vqav2", "nlvr2", "imagenet"):
+        assert {f"finetune/{task}/{n}.yaml" for n in ("demo", "beit3_base", "beit3_large")} <= names
+
+
+@pytest.mark.parametrize("path", FINETUNE_CONFIGS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_finetune_config_parses(path: Path) -> None:
+    cfg = parse_finetune(path.parent.name, "--config", str(path))
+    assert cfg.model is not None and cfg.data is not None
+    if path.stem.startswith("beit3"):
+        cfg = parse_finetune(path.parent.name, "--config", str(path), "--config", str(ROOT / "trainer" / "ddp.yaml"))
+        assert cfg.trainer.strategy == "ddp_find_unused_parameters_true"
+
+
+@pytest.mark.parametrize("task", ["vqav2", "nlvr2", "imagenet"])
+def test_finetune_demo_yaml_is_the_default_run(task: str) -> None:
+    default = _plain(parse_finetune(task))
+    demo = _plain(parse_finetune(task, "--config", str(ROOT / "finetune" / task / "demo.yaml")))
+    for section in ("trainer", "model", "data", "checkpoint", "seed_everything"):
+        assert demo[section] == default[section], section
+
+
+def test_published_recipes_carry_the_reference_hyperparameters() -> None:
+    """BEiT-3's documented finetuning settings (resolution, lr, layer decay, drop path, weight decay)."""
+    want = {
+        ("vqav2", "beit3_base"): (480, 3e-5, 1.0, 0.1, 0.01),
+        ("vqav2", "beit3_large"): (480, 2e-5, 1.0, 0.15, 0.01),
+        ("nlvr2", "beit3_base"): (224, 7e-4, 0.65, 0.2, 0.2),
+        ("nlvr2", "beit3_large"): (224, 3e-4, 0.85, 0.2, 0.2),
+        ("imagenet", "beit3_base"): (224, 7e-4, 0.65, 0.15, 0.05),
+        ("imagenet", "beit3_large"): (224, 2e-4, 0.8, 0.25, 0.05),
+    }
+    for (task, name), (res, lr, ld, dp, wd) in want.items():
+        m = parse_finetune(task, "--config", str(ROOT / "finetune" / task / f"{name}.yaml")).model
+        assert (m.image_size, m.lr, m.layer_decay, m.drop_path_rate, m.weight_decay) == (res, lr, ld, dp, wd), name
+    vqa = parse_finetune("vqav2", "--config", str(ROOT / "finetune" / "vqav2" / "beit3_base.yaml"))
+    assert vqa.model.task_head_lr_weight == 20.0 and vqa.data.split == "beit3" and list(vqa.model.betas) == [0.9, 0.98]

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("vlmoe.bench.cli", "benchmarks: `vlmoe bench moe` (MoE layer vs ideal and peers)"),
     "data": ("vlmoe.commands.data", "`vlmoe data demo` (offline demo data), `vlmoe data shards` (write shards)"),
     "pretrain": ("vlmoe.tasks.pretrain.cli", "masked multimodal pretraining (LightningCLI); no arguments: the demo"),
+    "finetune": ("vlmoe.tasks.finetune.cli", "finetune TASK (vqav2, nlvr2, imagenet) and score it; no options: demo"),
     "export": ("vlmoe.commands.export", "checkpoints (BEiT-3, timm, vlmoe) -> safetensors + config.json"),
 }
 
@@ -53,8 +54,12 @@ def debug_enabled(argv: list[str] | None = None) -> bool:
 
 
 def _message(e: BaseException) -> str:
-    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-    return str(text).strip() or type(e).__name__
+    text = str(e.args[0] if isinstance(e, KeyError) and e.args else e).strip()
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        # re-raised from a DataLoader worker: the message is the worker's traceback; keep its last line
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text or type(e).__name__
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -138,3 +138,75 @@ def test_exports_of_earlier_versions_still_load(perturb, tiny_batch, tmp_path) -
     assert type(loaded) is VLMoEForPretraining and loaded.pooler is not None
     for k, v in new.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
+
+
+# ---------------------------------------------------------------------------------------------- finetuning heads
+def test_vqa_head_is_beit3s(perturb, tiny_batch) -> None:
+    from vlmoe.models import VLMoEForVQA
+
+    model = VLMoEForVQA(create_model("tiny", final_norm=False), ["yes", "no", "red"]).eval()
+    image, ids, pad = tiny_batch
+    logits = model(image, ids, pad)
+    out = model.backbone(image=image, text_ids=ids, text_padding_mask=pad)
+    pooled = torch.tanh(model.pooler.dense(model.pooler.norm(out.hidden_states[:, 0])))  # the vision CLS
+    h = model.head
+    ref = h[3](torch.nn.functional.gelu(h[1](h[0](pooled))))
+    torch.testing.assert_close(logits, ref)
+    assert logits.shape == (2, 3) and [type(m).__name__ for m in h] == ["Linear", "LayerNorm", "GELU", "Linear"]
+    assert h[0].out_features == 128 and model.task_config() == {"type": "vqa", "answers": ["yes", "no", "red"]}
+
+
+def test_nlvr2_head_reads_cls_and_first_text_token_of_both_images(tiny_batch) -> None:
+    from vlmoe.models import VLMoEForNLVR2
+
+    model = VLMoEForNLVR2(create_model("tiny")).eval()
+    # the head's linears start at 1e-3 x BEiT-3's trunc-normal(0.02) init
+    assert model.head.dense1.weight.std() < 1e-3 * 0.03 and model.head.dense2.weight.abs().max() < 1e-3 * 0.1
+    image, ids, pad = tiny_batch
+    image2 = torch.randn_like(image)
+    feats, _ = model.features(image, image2, ids, pad)
+    a = model.backbone(image=image, text_ids=ids, text_padding_mask=pad).hidden_states
+    b = model.backbone(image=image2, text_ids=ids, text_padding_mask=pad).hidden_states
+    ref = torch.cat([a[:, 0], a[:, 17], b[:, 0], b[:, 17]], dim=-1)  # vision CLS, first text token
+    torch.testing.assert_close(feats, ref, atol=1e-5, rtol=1e-5)
+    assert model(image, image2, ids, pad).shape == (2, 2)
+
+
+def test_classifier_head_pools_patches_not_cls() -> None:
+    from vlmoe.models import VLMoEForImageClassification
+
+    model = VLMoEForImageClassification(create_model("tiny", modalities=["vision"], final_norm=False),
+                                        class_names=["circle", "rectangle", "triangle"]).eval()
+    assert model.head.weight.abs().max() < 1e-3 * 0.1  # scaled by 1e-3 at init
+    image = torch.randn(2, 3, 32, 32)
+    out = model.backbone(image=image).hidden_states
+    torch.testing.assert_close(model(image), model.head(model.fc_norm(out[:, 1:].mean(1))))
+    assert model.num_classes == 3 and model.task_config()["class_names"] == ["circle", "rectangle", "triangle"]
+
+
+@pytest.mark.parametrize("task", ["vqa", "nlvr2", "image_classification"])
+def test_official_beit3_layout_loads_into_each_task_cleanly(task, perturb) -> None:
+    """A state dict in the published BEiT-3 key layout (``beit3.*`` + the task's head under BEiT-3's
+    names) loads into the task model with every parameter accounted for."""
+    from vlmoe.models import VLMoEForImageClassification, VLMoEForNLVR2, VLMoEForVQA, vlmoe_to_beit3
+
+    def build():
+        if task == "vqa":
+            return VLMoEForVQA(create_model("tiny", final_norm=False), ["a", "b", "c", "d"])
+        if task == "nlvr2":
+            return VLMoEForNLVR2(create_model("tiny"))
+        return VLMoEForImageClassification(create_model("tiny", final_norm=False), num_classes=5)
+
+    src = perturb(build())
+    sd = vlmoe_to_beit3(src.state_dict())
+    heads = {k for k in sd if not k.startswith("beit3.")}
+    assert heads and all(k.split(".")[0] in ("pooler", "head", "fc_norm") for k in heads)
+    dst = build()
+    report = load_checkpoint(dst, {"model": sd})
+    assert report.complete, str(report)
+    for k, v in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[k], v), k
+    if task == "image_classification":  # and into a vision-only classifier: the text branch is skipped
+        vision = VLMoEForImageClassification(create_model("tiny", final_norm=False, modalities=["vision"]), 5)
+        report = load_checkpoint(vision, {"model": sd})
+        assert not report.missing and not report.unexpected and report.branch_skipped

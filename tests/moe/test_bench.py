@@ -40,3 +40,13 @@ def test_bench_prints_each_table_line_once(capsys):
     assert out.count(next(line for line in out if line.startswith("| case |"))) == 1
     rows = [line for line in out if line.startswith("| E=")]
     assert len(rows) == len(set(rows)) and {r.split("|")[1].strip() for r in rows} == {"E=4, T=64", "E=8, T=64"}
+
+
+def test_bench_finetune_runs_every_task_head(capsys):
+    from vlmoe.bench import finetune
+
+    table = finetune.main(["--model", "tiny", "--batch", "2", "--image", "32", "--text", "8", "--answers", "13",
+                           "--classes", "3", "--repeats", "1"])
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "overhead" not in line]
+    assert [r.split("|")[1].strip().split(" ")[0] for r in rows] == ["VQA", "NLVR2", "ImageNet"]
+    assert all(r.rstrip(" |").endswith("%") for r in rows)

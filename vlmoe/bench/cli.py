@@ -9,6 +9,7 @@ BENCHMARKS = {
     "moe": "vlmoe.bench.moe",
     "data": "vlmoe.bench.data",
     "model": "vlmoe.bench.model",
+    "finetune": "vlmoe.bench.finetune",
 }
 
 

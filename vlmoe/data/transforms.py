@@ -51,6 +51,30 @@ __all__ = [
 
 MeanStd = tuple[Sequence[float], Sequence[float]]
 
+
+def _posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's posterize, with the 0-bit case Pillow >= 13 refuses done as older Pillow did it (keep no
+    bit: a black image). timm's ``rand-...-inc1`` RandAugment reaches 0 bits at magnitude 10, which
+    magnitude noise (``mstd``) hits, so BEiT-3's ImageNet recipe crashed a DataLoader worker."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _patch_timm_posterize() -> None:
+    from timm.data import auto_augment
+
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        if name in auto_augment.NAME_TO_OP:
+            auto_augment.NAME_TO_OP[name] = _posterize
+
+
+_patch_timm_posterize()
+
 NORMALIZATION: dict[str, MeanStd] = {
     "inception": (IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD),
     "imagenet": (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
@@ -127,6 +151,8 @@ def build_transform(
     crop_pct: float = 1.0,
     interpolation: str = "bicubic",
     output: str = "float",
+    imagenet_scale: tuple[float, float] | None = None,
+    re_prob: float = 0.25,
 ) -> Callable[[Image.Image], Tensor]:
     """A PIL image -> normalised ``(3, size, size)`` float tensor transform.
 
@@ -141,6 +167,9 @@ def build_transform(
             recipe's (``"rand-n2-m7"`` / ``"rand-m9-mstd0.5-inc1"``), ``""`` disables it.
         crop_pct: ``"imagenet_eval"`` resizes to ``size / crop_pct`` before the centre crop.
         interpolation: ``"bicubic"`` or ``"bilinear"``.
+        imagenet_scale: the random resized crop area range of ``"imagenet_train"`` (default timm's
+            ``(0.08, 1)``).
+        re_prob: random erasing probability of ``"imagenet_train"`` (BEiT-3: 0.25).
         output: ``"float"``: a normalised float tensor; ``"uint8"``: an unnormalised ``(3, H, W)``
             uint8 tensor, for loaders that normalise whole batches in the collate step
             (:class:`~vlmoe.data.collate.Collator` with ``mean_std``): 4x less data per sample and
@@ -170,14 +199,14 @@ def build_transform(
         return create_transform(
             size,
             is_training=True,
-            scale=(0.08, 1.0),
+            scale=imagenet_scale if imagenet_scale is not None else (0.08, 1.0),
             hflip=hflip,
             color_jitter=0.4,
             auto_augment=randaug or None,
             interpolation=interpolation,
             mean=mean,
             std=std,
-            re_prob=0.25,
+            re_prob=re_prob,
             re_mode="pixel",
             re_count=1,
         )

@@ -24,7 +24,16 @@ from .convert import beit3_to_vlmoe, detect_format, timm_vit_to_vlmoe, vlmoe_to_
 from .export import export_beit3, load_pretrained, save_pretrained
 from .heads import Pooler, TwoLayerMLP, select_tokens, vqa_classifier
 from .output import BackboneOutput
-from .task_models import TASK_MODELS, TaskModel, VLMoEForPretraining, build_task_model, register_task_model
+from .task_models import (
+    TASK_MODELS,
+    TaskModel,
+    VLMoEForImageClassification,
+    VLMoEForNLVR2,
+    VLMoEForPretraining,
+    VLMoEForVQA,
+    build_task_model,
+    register_task_model,
+)
 
 __all__ = [
     "PRESETS",
@@ -35,7 +44,10 @@ __all__ = [
     "Pooler",
     "TaskModel",
     "TwoLayerMLP",
+    "VLMoEForImageClassification",
+    "VLMoEForNLVR2",
     "VLMoEForPretraining",
+    "VLMoEForVQA",
     "VLMoE",
     "VLMoEConfig",
     "beit3_config",

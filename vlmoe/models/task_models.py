@@ -19,14 +19,26 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import torch
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
+from vlmoe.moe import MoEAux
+
 from .backbone import VLMoE
-from .heads import Pooler, select_tokens
+from .heads import Pooler, TwoLayerMLP, select_tokens, vqa_classifier
 from .output import BackboneOutput
 
-__all__ = ["TASK_MODELS", "TaskModel", "VLMoEForPretraining", "build_task_model", "register_task_model"]
+__all__ = [
+    "TASK_MODELS",
+    "TaskModel",
+    "VLMoEForImageClassification",
+    "VLMoEForNLVR2",
+    "VLMoEForPretraining",
+    "VLMoEForVQA",
+    "build_task_model",
+    "register_task_model",
+]
 
 TASK_MODELS: dict[str, type[TaskModel]] = {}
 
@@ -166,3 +178,126 @@ class VLMoEForPretraining(TaskModel):
         if self.mim_head is None or out.vision_patches is None:
             raise ValueError("mim_logits needs vision tokens and a MIM head")
         return self.mim_head(select_tokens(out.vision_patches, mask, "MIM"))
+
+
+@register_task_model
+class VLMoEForVQA(TaskModel):
+    """BEiT-3's VQA model: ``pooler`` over the vision CLS, then ``head`` = ``Linear(D, 2D) -> LN ->
+    GELU -> Linear(2D, A)`` over the answer vocabulary (``BEiT3ForVisualQuestionAnswering``).
+
+    Args:
+        backbone: the backbone (BEiT-3 builds it with ``final_norm=False`` for VQA).
+        answers: the answer vocabulary, in label order (stored in exports; predictions are strings).
+    """
+
+    task = "vqa"
+
+    def __init__(self, backbone: VLMoE, answers: list[str]) -> None:
+        super().__init__(backbone)
+        if not answers:
+            raise ValueError("VLMoEForVQA needs a non-empty answer vocabulary")
+        c = backbone.config
+        self.answers = list(answers)
+        self.pooler = Pooler(c.dim, c.layernorm_eps)
+        self.head = vqa_classifier(c.dim, len(self.answers), c.layernorm_eps)
+        self.init_head(self.pooler, self.head, std=c.init_std)
+
+    def head_config(self) -> dict[str, Any]:
+        return {"answers": self.answers}
+
+    def forward(
+        self, image: Tensor, text_ids: Tensor, text_padding_mask: Tensor | None = None, return_aux: bool = False
+    ) -> Tensor | tuple[Tensor, MoEAux]:
+        """``(B, A)`` answer logits (and the backbone's MoE aux with ``return_aux``)."""
+        out = self.backbone(image=image, text_ids=text_ids, text_padding_mask=text_padding_mask)
+        logits = self.head(self.pooler(out.vision_cls))
+        return (logits, out.aux) if return_aux else logits
+
+
+@register_task_model
+class VLMoEForNLVR2(TaskModel):
+    """BEiT-3's NLVR2 model (``BEiT3ForVisualReasoning``): both images through the backbone with the
+    sentence (one batch of ``2B``), ``cat(vision CLS, first text token)`` per image, the two images'
+    features side by side (``4D``) into ``head`` = :class:`TwoLayerMLP` (``4D -> 2D -> 2``) whose
+    linears are scaled by ``1e-3`` at init."""
+
+    task = "nlvr2"
+
+    def __init__(self, backbone: VLMoE, init_scale: float = 1e-3) -> None:
+        super().__init__(backbone)
+        c = backbone.config
+        self.init_scale = init_scale
+        self.head = TwoLayerMLP(4 * c.dim, 2 * c.dim, 2, norm_input=True, eps=c.layernorm_eps)
+        self.init_head(self.head, std=c.init_std)
+        with torch.no_grad():
+            for lin in (self.head.dense1, self.head.dense2):
+                lin.weight.mul_(init_scale)
+                lin.bias.mul_(init_scale)
+
+    def head_config(self) -> dict[str, Any]:
+        return {"init_scale": self.init_scale}
+
+    def features(
+        self, image: Tensor, image2: Tensor, text_ids: Tensor, text_padding_mask: Tensor | None = None
+    ) -> tuple[Tensor, MoEAux]:
+        """``(B, 4D)`` ``[cls(a), text(a), cls(b), text(b)]`` for the left (a) and right (b) image, and the
+        MoE aux of the joint forward."""
+        B = image.shape[0]
+        ids = torch.cat([text_ids, text_ids])  # (2B, L): the sentence once per image
+        pad = None if text_padding_mask is None else torch.cat([text_padding_mask, text_padding_mask])
+        out = self.backbone(image=torch.cat([image, image2]), text_ids=ids, text_padding_mask=pad)
+        rep = torch.cat([out.vision_cls, out.text_cls], dim=-1)  # (2B, 2D)
+        return torch.cat([rep[:B], rep[B:]], dim=-1), out.aux  # (B, 4D)
+
+    def forward(
+        self, image: Tensor, image2: Tensor, text_ids: Tensor, text_padding_mask: Tensor | None = None,
+        return_aux: bool = False,
+    ) -> Tensor | tuple[Tensor, MoEAux]:
+        """``(B, 2)`` logits (class 1 = the statement is true)."""
+        feats, aux = self.features(image, image2, text_ids, text_padding_mask)
+        logits = self.head(feats)
+        return (logits, aux) if return_aux else logits
+
+
+@register_task_model
+class VLMoEForImageClassification(TaskModel):
+    """BEiT-3's classifier (``BEiT3ForImageClassification``): ``fc_norm`` of the mean patch token
+    (CLS left out), then a linear ``head`` scaled by ``1e-3`` at init. Vision branch only.
+
+    Args:
+        backbone: a backbone (ideally built with ``modalities=["vision"]`` and ``final_norm=False``).
+        num_classes: classes (taken from ``class_names`` when those are given).
+        class_names: readable class names (stored in exports; predictions carry them).
+        init_scale: the head's init scale.
+    """
+
+    task = "image_classification"
+
+    def __init__(
+        self, backbone: VLMoE, num_classes: int | None = None, class_names: list[str] | None = None,
+        init_scale: float = 1e-3,
+    ) -> None:
+        super().__init__(backbone)
+        if class_names is not None:
+            if num_classes is not None and num_classes != len(class_names):
+                raise ValueError(f"num_classes={num_classes} but {len(class_names)} class names")
+            num_classes = len(class_names)
+        if not num_classes:
+            raise ValueError("VLMoEForImageClassification needs num_classes or class_names")
+        c = backbone.config
+        self.num_classes, self.class_names, self.init_scale = num_classes, class_names, init_scale
+        self.fc_norm = nn.LayerNorm(c.dim, eps=c.layernorm_eps)
+        self.head = nn.Linear(c.dim, num_classes)
+        self.init_head(self.fc_norm, self.head, std=c.init_std)
+        with torch.no_grad():
+            self.head.weight.mul_(init_scale)
+            self.head.bias.mul_(init_scale)
+
+    def head_config(self) -> dict[str, Any]:
+        return {"num_classes": self.num_classes, "class_names": self.class_names, "init_scale": self.init_scale}
+
+    def forward(self, image: Tensor, return_aux: bool = False) -> Tensor | tuple[Tensor, MoEAux]:
+        """``(B, C)`` class logits."""
+        out = self.backbone(image=image)
+        logits = self.head(self.fc_norm(out.vision_patches.mean(dim=1)))
+        return (logits, out.aux) if return_aux else logits

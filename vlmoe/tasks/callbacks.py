@@ -66,7 +66,8 @@ class VLMoECheckpoint(ModelCheckpoint):
             and not trainer.sanity_checking
         ):
             candidates = self._monitor_candidates(trainer)
-            self._save_topk_checkpoint(trainer, candidates)
+            if self.monitor is None or self.monitor in candidates:  # no validation since: nothing to rank
+                self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
         super().on_train_end(trainer, pl_module)
         self._report(trainer)

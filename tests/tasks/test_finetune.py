@@ -1,0 +1,125 @@
+"""Finetuning tasks (VQAv2, NLVR2, ImageNet) under a real Trainer on the demo data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.utils import VARIANTS, trainer
+from vlmoe.tasks.finetune import (
+    ImageNetDataModule,
+    ImageNetTask,
+    NLVR2DataModule,
+    NLVR2Task,
+    VQADataModule,
+    VQATask,
+    vqa_loss,
+)
+
+_COMMON = dict(randaug="", scale=(1.0, 1.0), num_workers=0, batch_size=4, val_batch_size=8, max_len=16)
+
+
+def _data(kind: str, demo, tokenizer, **kw):
+    kw = {**_COMMON, "demo_dir": str(demo.root), **kw}
+    if kind == "vqa":
+        dm = VQADataModule(limit_train_samples=8, **kw)
+    elif kind == "nlvr2":
+        dm = NLVR2DataModule(limit_train_samples=8, **kw)
+    else:
+        kw.pop("max_len")
+        dm = ImageNetDataModule(limit_train_samples=8, **{k: v for k, v in kw.items() if k != "scale"})
+    if getattr(dm, "tokenizer", None) is not None:
+        dm.tokenizer = tokenizer
+    return dm
+
+
+def _task(kind: str, dm, variant: str = "dense", **kw):
+    preset, overrides = VARIANTS[variant]
+    kw = dict(model=preset, model_overrides=overrides, init_checkpoint=None, warmup_steps=0, stats_every=1, **kw)
+    if kind == "vqa":
+        return VQATask(answers=dm.answers, vocab_size=dm.vocab_size, **kw)
+    if kind == "nlvr2":
+        return NLVR2Task(vocab_size=dm.vocab_size, **kw)
+    return ImageNetTask(class_names=dm.class_names, **kw)
+
+
+def test_vqa_loss_is_beit3s_formula() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 3.0, -2.0]])
+    targets = torch.tensor([[1.0, 0.0, 0.3], [0.0, 0.6, 0.9]])  # VQA soft scores
+    bce = -(targets * torch.log(torch.sigmoid(logits)) + (1 - targets) * torch.log(1 - torch.sigmoid(logits)))
+    ref = bce.sum(1).mean()  # BCEWithLogits(mean) * num_answers == summed over answers, mean over the batch
+    torch.testing.assert_close(vqa_loss(logits, targets), ref)
+
+
+@pytest.mark.parametrize("kind", ["vqa", "nlvr2", "imagenet"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fast_dev_run_every_task_and_moe_variant(kind, variant, demo, tokenizer, tmp_path) -> None:
+    dm = _data(kind, demo, tokenizer)
+    task = _task(kind, dm, variant, output_dir=str(tmp_path / "pred"))
+    t = trainer(tmp_path, fast_dev_run=True)
+    t.fit(task, datamodule=dm)
+    assert t.global_step == 1
+    metric = {"vqa": "val/accuracy", "nlvr2": "val/accuracy", "imagenet": "val/top1"}[kind]
+    assert metric in t.callback_metrics and 0.0 <= float(t.callback_metrics[metric]) <= 1.0
+    if VARIANTS[variant][0] != "tiny":
+        assert {"aux/balance", "aux/z", "aux/entropy"} & set(t.callback_metrics)  # MoE losses logged
+    if kind == "imagenet":  # the vision branch only
+        assert not any(".text." in n or "text_embed" in n for n, _ in task.named_parameters())
+
+
+def test_validate_scores_the_whole_split_and_writes_predictions(demo, tokenizer, tmp_path) -> None:
+    dm = _data("vqa", demo, tokenizer, val_batch_size=256)
+    task = _task("vqa", dm, output_dir=str(tmp_path / "pred"))
+    t = trainer(tmp_path, limit_val_batches=None)
+    metrics = t.validate(task, datamodule=dm)[0]
+    n = len(dm.ground_truth("val"))
+    assert metrics["val/num_questions"] == n == 9673 and metrics["val/coverage"] == 1.0
+    preds = json.loads((tmp_path / "pred" / "val_predictions.json").read_text())
+    assert len(preds) == n and {p["question_id"] for p in preds} == set(dm.ground_truth("val"))
+    sub = json.loads((tmp_path / "pred" / "val_vqa_submission.json").read_text())
+    assert sub[0].keys() == {"question_id", "answer"} and len(sub) == n
+    assert {"val/accuracy/yes/no", "val/accuracy/other"} <= set(metrics)
+
+
+def test_linear_probe_trains_the_head_only(demo, tokenizer, tmp_path) -> None:
+    dm = _data("nlvr2", demo, tokenizer)
+    task = _task("nlvr2", dm, linear_probe=True, lr=1e-2)
+    before = {k: v.clone() for k, v in task.model.state_dict().items()}
+    trainer(tmp_path, max_steps=2, limit_val_batches=0).fit(task, datamodule=dm)
+    after = task.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("backbone."))
+    assert not torch.equal(before["head.dense2.weight"], after["head.dense2.weight"])
+
+
+def test_task_head_lr_weight_scales_the_head_only(demo, tokenizer) -> None:
+    dm = _data("vqa", demo, tokenizer)
+    task = _task("vqa", dm, task_head_lr_weight=20.0, layer_decay=0.5)
+    scale = {n: g["lr_scale"] for g in task._param_groups() for n in g["names"]}
+    top = task.backbone.num_layers + 1
+    assert scale["model.head.3.weight"] == 20.0 and scale["model.pooler.dense.weight"] == 1.0  # BEiT-3: `head` only
+    assert scale["model.backbone.blocks.1.attn.qkv.vision.weight"] == 0.5 ** (top - 2)
+
+
+def test_imagenet_starts_from_a_timm_vit(demo, tmp_path) -> None:
+    import timm
+
+    vit = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2,
+                                                           num_heads=2, mlp_ratio=2, num_classes=0)
+    torch.save(vit.state_dict(), tmp_path / "vit.pth")
+    dm = _data("imagenet", demo, None)
+    task = ImageNetTask(class_names=dm.class_names, init_checkpoint=str(tmp_path / "vit.pth"),
+                        model_overrides={"num_heads": 2})
+    assert task.config.dim == 64 and task.config.modalities == ["vision"] and not task.config.subln
+    sd = vit.state_dict()
+    torch.testing.assert_close(task.model.backbone.blocks[1].mlp.vision.fc2.weight, sd["blocks.1.mlp.fc2.weight"])
+
+
+def test_a_checkpoint_of_another_architecture_names_keys_and_shapes(demo, tokenizer, tmp_path) -> None:
+    from vlmoe.models import create_model
+
+    torch.save({"model": create_model("tiny", dim=32, num_heads=2, mlp_dim=64).state_dict()}, tmp_path / "w.pth")
+    dm = _data("vqa", demo, tokenizer)
+    with pytest.raises(ValueError, match=r"w\.pth: checkpoint key '.*' has shape \(.*32.*\) but the model expects"):
+        VQATask(answers=dm.answers, vocab_size=128, model="tiny", init_checkpoint=str(tmp_path / "w.pth"))

@@ -1,0 +1,182 @@
+"""``vlmoe finetune TASK``: the command as users type it (demo defaults, recipes, DDP metrics, resume,
+bad input)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vlmoe.cli import main as vlmoe_main
+from vlmoe.tasks.finetune.cli import TASKS, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, shards) -> Path:
+    """A short ``vlmoe pretrain`` run (the demo's model, tiny data): its last.ckpt."""
+    from tests.test_cli_pretrain import _run_args
+    from vlmoe.tasks.pretrain.cli import main as pretrain
+
+    out = tmp_path_factory.mktemp("pre")
+    pretrain(["fit", *_run_args(shards, out, "--trainer.max_steps=2", "--trainer.limit_val_batches=0")])
+    return out / "checkpoints" / "last.ckpt"
+
+
+def _args(demo, out: Path, ckpt: Path, *extra: str) -> list[str]:
+    return [
+        f"--data.demo_dir={demo.root}",
+        f"--model.init_checkpoint={ckpt}",
+        "--data.num_workers=0",
+        "--data.batch_size=8",
+        "--data.val_batch_size=64",
+        "--data.limit_train_samples=32",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.log_every_n_steps=1",
+        f"--run_dir={out}",
+        *extra,
+    ]
+
+
+def test_registered_and_lists_its_tasks(capsys) -> None:
+    vlmoe_main(["finetune", "--help"])
+    out = capsys.readouterr().out
+    assert all(t in out for t in ("vqav2", "nlvr2", "imagenet"))
+    with pytest.raises(SystemExit) as e:
+        vlmoe_main(["finetune", "vqa3"])
+    assert e.value.code == 2 and "unknown finetuning task 'vqa3'; choose from ['imagenet', 'nlvr2', 'vqav2']" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_short_run_then_validate_the_checkpoint(task, demo, pretrained, tmp_path) -> None:
+    """A fit that logs the task metric and keeps the best checkpoint, then `validate --ckpt_path` on it
+    gives the same metric."""
+    metric = f"val/{TASKS[task].metric}"
+    args = _args(demo, tmp_path, pretrained, "--trainer.max_steps=2", "--trainer.limit_val_batches=2",
+                 "--trainer.val_check_interval=2")
+    cli = main([task, "fit", *args])
+    fitted = float(cli.trainer.callback_metrics[metric])
+    ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert "last.ckpt" in ckpts and any(n.startswith("step=") for n in ckpts), ckpts
+    assert (tmp_path / "predictions" / "val_metrics.json").is_file()
+    again = main([task, "validate", *args, f"--ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}"])
+    assert float(again.trainer.callback_metrics[metric]) == pytest.approx(fitted)
+
+
+def test_finetuned_vqa_exports_with_its_answers_and_preprocessing(demo, pretrained, tmp_path) -> None:
+    from vlmoe.models import VLMoEForVQA, load_pretrained
+
+    main(["vqav2", "fit", *_args(demo, tmp_path, pretrained, "--trainer.max_steps=1", "--trainer.limit_val_batches=0")])
+    vlmoe_main(["export", str(tmp_path / "checkpoints" / "last.ckpt"), str(tmp_path / "export"), "--strict"])
+    model = load_pretrained(tmp_path / "export")
+    assert type(model) is VLMoEForVQA and len(model.answers) == 13 and "circle" in model.answers
+    assert model.preprocess["image_size"] == 64 and model.preprocess["tokenizer"] == "clip"
+    assert model.preprocess["mean"] == [0.5, 0.5, 0.5] and model.config.img_size == 64
+
+
+def test_ddp_metric_equals_the_single_process_metric(demo, pretrained, tmp_path) -> None:
+    """2 gloo ranks: the distributed sampler pads the split with duplicates; the evaluator gathers and
+    deduplicates by question id, so the metric equals one process's on the same model."""
+    base = _args(demo, tmp_path / "one", pretrained, "--trainer.limit_val_batches=null", "--data.val_batch_size=125")
+    main(["vqav2", "validate", *base])
+    want = json.loads((tmp_path / "one" / "predictions" / "val_metrics.json").read_text())
+    args = _args(demo, tmp_path / "two", pretrained, "--trainer.limit_val_batches=null", "--data.val_batch_size=125",
+                 "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("LOCAL_RANK", None)
+    cmd = [sys.executable, "-m", "vlmoe.cli", "finetune", "vqav2", "validate", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads((tmp_path / "two" / "predictions" / "val_metrics.json").read_text())
+    assert got["num_questions"] == 9673 and got["coverage"] == 1.0  # 9,673 = 2 x 4,837 - 1 duplicate
+    assert want["num_questions"] == 9673
+    for k, v in want.items():
+        if k != "step":
+            assert got[k] == v, k  # the same records scored: bit-identical
+
+
+def test_resume_after_kill_gives_the_uninterrupted_next_step_loss(demo, pretrained, tmp_path) -> None:
+    from tests.tasks.helpers import read_losses
+    from tests.test_cli_pretrain import _callbacks
+
+    common = ["--trainer.max_steps=6", "--trainer.limit_val_batches=0", "--checkpoint.every_n_train_steps=3",
+              "--checkpoint.monitor=null", "--data.shuffle=false"]
+    ref = _args(demo, tmp_path / "ref", pretrained, *common)
+    main(["nlvr2", "fit", *ref, _callbacks(("LossRecorder", {"path": str(tmp_path / "ref.txt")}))])
+    run = _args(demo, tmp_path / "run", pretrained, *common)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    kill = _callbacks(("LossRecorder", {"path": str(tmp_path / "run1.txt")}), ("KillAt", {"step": 4}))
+    cmd = [sys.executable, "-m", "vlmoe.cli", "finetune", "nlvr2", "fit", *run, kill]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    main(["nlvr2", "fit", *run, "--ckpt_path=last", _callbacks(("LossRecorder", {"path": str(tmp_path / "run2.txt")}))])
+    want, got = read_losses(tmp_path / "ref.txt"), read_losses(tmp_path / "run2.txt")
+    assert sorted(got) == [3, 4, 5] and got[3] == want[3], (got, want)
+
+
+def _user_error(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as e:
+        vlmoe_main(argv)
+    assert e.value.code == 2, capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and "Traceback" not in "\n".join(err), err
+    return err[-1]
+
+
+def test_bad_input_gets_one_line_naming_the_file(demo, pretrained, tmp_path, capsys, monkeypatch) -> None:
+    import shutil
+
+    args = _args(demo, tmp_path / "r", pretrained, "--trainer.max_steps=1")
+    # a question whose image is missing
+    root = tmp_path / "coco"
+    shutil.copytree(demo.coco_images / "val2014", root / "val2014")
+    shutil.copytree(demo.coco_images / "train2014", root / "train2014")
+    victim = sorted((root / "val2014").iterdir())[7]
+    victim.unlink()
+    msg = _user_error(capsys, ["finetune", "vqav2", "validate", *args, f"--data.image_root={root}"])
+    assert f"image not found: {victim}" in msg and "v2_OpenEnded_mscoco_val2014_questions.json: question_id" in msg
+    # annotations that do not match the questions
+    msg = _user_error(capsys, ["finetune", "vqav2", *args, f"--data.train_annotations={demo.vqa_val_annotations}"])
+    assert "no annotation for" in msg and "v2_mscoco_val2014_annotations.json" in msg
+    # an NLVR2 label that is neither True nor False
+    bad = tmp_path / "dev.json"
+    lines = demo.nlvr2_dev.read_text().splitlines()
+    row = json.loads(lines[1]) | {"label": "maybe"}
+    bad.write_text("\n".join([lines[0], json.dumps(row), *lines[2:]]) + "\n")
+    msg = _user_error(capsys, ["finetune", "nlvr2", *args, f"--data.val={bad}"])
+    assert "dev.json: line 2: label must be 'True' or 'False', got 'maybe'" in msg
+    # an image folder with no images
+    empty = tmp_path / "empty" / "cls"
+    empty.mkdir(parents=True)
+    msg = _user_error(capsys, ["finetune", "imagenet", *args, f"--data.train={empty.parent}"])
+    assert "no images" in msg and str(empty.parent) in msg
+    # no demo pretraining checkpoint
+    monkeypatch.chdir(tmp_path)
+    msg = _user_error(capsys, ["finetune", "vqav2", *args, "--model.init_checkpoint=demo"])
+    assert "no demo pretraining checkpoint" in msg and "vlmoe pretrain" in msg
+
+
+def test_a_checkpoint_of_another_answer_vocabulary_is_refused(demo, pretrained, tmp_path) -> None:
+    """Resuming / scoring a VQA checkpoint with another dataset's vocabulary names the head shapes."""
+    args = _args(demo, tmp_path, pretrained, "--trainer.max_steps=1", "--trainer.limit_val_batches=0")
+    main(["vqav2", "fit", *args])
+    vocab = tmp_path / "answers.txt"
+    vocab.write_text("\n".join(json.dumps({"answer": a, "label": i}) for i, a in enumerate(["yes", "no", "blue"])))
+    with pytest.raises(ValueError, match=r"head\.3\.weight: \(13, 128\) in the checkpoint, \(3, 128\) here"):
+        main(["vqav2", "validate", *args, f"--data.answer_vocab={vocab}",
+              f"--ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}"])
+
+
+def test_an_error_in_a_dataloader_worker_is_one_line_too() -> None:
+    from vlmoe.cli import _message
+
+    err = FileNotFoundError("Caught FileNotFoundError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+                            "call last):\n  File \"x.py\", line 1\nFileNotFoundError: image not found: /a/b.jpg")
+    assert _message(err) == "image not found: /a/b.jpg"

@@ -1,0 +1,436 @@
+"""What every finetuning task shares: the model from a checkpoint, the data modules' common parts, and
+evaluation over whole splits.
+
+:class:`FinetuneTask` builds its task model (a :class:`~vlmoe.models.TaskModel`) on a backbone whose
+architecture comes from ``model`` (a preset or config file) or, by default, from the checkpoint it
+starts from (``init_checkpoint``: a ``vlmoe pretrain`` / ``finetune`` ``.ckpt``, a ``vlmoe export``
+folder, an official BEiT-3 ``.pth`` - dense -> MoE upcycling included - or a timm ViT). The vision
+positions are resized when the finetuning resolution (``image_size``) differs from the checkpoint's;
+the load report (loaded share, missing / unused / resized keys) is printed on rank 0, and a
+checkpoint that provides under half of the model's weights is an error. ``init_checkpoint: demo``
+is the demo pretraining run's checkpoint (``runs/pretrain/demo/checkpoints/last.ckpt``).
+
+Evaluation: every ``validation`` / ``test`` batch adds records to an evaluator
+(:mod:`vlmoe.metrics`), keyed by the sample id, so the padding duplicates of a distributed sampler
+never count twice; at the end of the split the records of every rank are gathered, scored once, logged
+as ``val/<metric>`` (``test/<metric>``), and written atomically to ``output_dir`` (rank 0).
+
+:class:`FinetuneDataModule` is the data side: tokenizer, normalisation, transforms (the BEiT-3
+recipes: random resized crop + flip + RandAugment for training, a whole-image resize for evaluation),
+map-style datasets (Lightning's distributed sampler shards them), the demo data built on first use.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from vlmoe.data import Collator, build_demo, build_tokenizer, build_transform, preprocess_dict
+from vlmoe.io import atomic_write_json
+from vlmoe.metrics import Evaluator
+from vlmoe.models import VLMoE, VLMoEConfig, load_checkpoint
+from vlmoe.models.checkpoint import beit3_config, read_state_dict, resolve_config, timm_vit_config
+from vlmoe.models.convert import detect_format, strip_prefix
+from vlmoe.models.export import CONFIG_NAME, read_export
+
+from ..base import VLMoETask
+
+log = logging.getLogger("vlmoe.tasks")
+
+__all__ = ["DEMO", "DEMO_PRETRAIN_CHECKPOINT", "FinetuneDataModule", "FinetuneTask", "checkpoint_config"]
+
+DEMO = "demo"
+DEMO_PRETRAIN_CHECKPOINT = "runs/pretrain/demo/checkpoints/last.ckpt"
+
+
+def resolve_init(init_checkpoint: str | None) -> str | None:
+    """``demo`` -> the demo pretraining checkpoint (an error saying how to make it when absent)."""
+    if init_checkpoint != DEMO:
+        return init_checkpoint
+    path = Path(DEMO_PRETRAIN_CHECKPOINT)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"model.init_checkpoint=demo: no demo pretraining checkpoint at {path.resolve()}. Run `vlmoe pretrain` "
+            "first (about 2 minutes on a CPU), or pass --model.init_checkpoint PATH (a vlmoe .ckpt, an export "
+            "folder, a BEiT-3 .pth) or --model.init_checkpoint null with --model.model PRESET (random init)"
+        )
+    return str(path)
+
+
+def checkpoint_config(path: str) -> VLMoEConfig:
+    """The backbone architecture a checkpoint holds (vlmoe training checkpoint or export: its config;
+    BEiT-3 / timm: read off the tensors)."""
+    from vlmoe.io import torch_load
+    from vlmoe.models.checkpoint import is_training_checkpoint
+
+    p = Path(path)
+    if p.is_dir() and (p / CONFIG_NAME).exists():
+        return read_export(p).config
+    if p.suffix == ".ckpt":
+        obj = torch_load(p)
+        if is_training_checkpoint(obj) and "vlmoe_config" in obj:
+            return VLMoEConfig.from_dict(obj["vlmoe_config"])
+    sd, _ = read_state_dict(p)
+    sd = strip_prefix(sd, ("module.",))
+    fmt = detect_format(sd)
+    if fmt == "beit3":
+        return beit3_config(sd)
+    if fmt == "timm":
+        return timm_vit_config(sd)
+    raise ValueError(f"{path}: a bare vlmoe state dict carries no architecture; give --model.model PRESET")
+
+
+class FinetuneTask(VLMoETask):
+    """Base of the finetuning tasks.
+
+    Args:
+        model: preset name or YAML / JSON config of the backbone; None: the architecture of
+            ``init_checkpoint``.
+        model_overrides: backbone config fields to change (``{"drop_path_rate": 0.1}``; the task's
+            own defaults, e.g. ``final_norm: false`` for VQA as BEiT-3, come first).
+        init_checkpoint: the weights to start from (see the module docstring); ``demo``: the demo
+            pretraining run's; None: random initialisation (with a warning).
+        allow_partial_init: accept an ``init_checkpoint`` that provides under half of the weights.
+        vocab_size: the tokenizer's vocabulary (linked from the data module by the CLI); must match
+            the checkpoint's text embedding.
+        image_size: finetuning resolution (None: the checkpoint's); positions are resized.
+        drop_path_rate: stochastic depth of the finetuning run (None: the config's).
+        linear_probe: freeze the backbone (train the head only).
+        task_head_lr_weight: lr multiplier of the ``head`` parameters (BEiT-3's ``task_head_lr_weight``).
+        output_dir: where predictions and metrics are written (the CLI: ``<run_dir>/predictions``).
+        **kwargs: optimizer / schedule / MoE options of :class:`~vlmoe.tasks.VLMoETask`.
+    """
+
+    default_overrides: ClassVar[dict[str, Any]] = {}
+    metric_key: ClassVar[str] = "accuracy"
+
+    def __init__(
+        self,
+        model: str | None = None,
+        model_overrides: dict[str, Any] | None = None,
+        init_checkpoint: str | None = DEMO,
+        allow_partial_init: bool = False,
+        vocab_size: int | None = None,
+        image_size: int | None = None,
+        drop_path_rate: float | None = None,
+        linear_probe: bool = False,
+        task_head_lr_weight: float = 1.0,
+        output_dir: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if task_head_lr_weight <= 0:
+            raise ValueError(f"model.task_head_lr_weight must be > 0, got {task_head_lr_weight}")
+        self.linear_probe, self.task_head_lr_weight = linear_probe, task_head_lr_weight
+        self.output_dir = output_dir
+        init = resolve_init(init_checkpoint)
+        overrides = {**self.default_overrides, **(model_overrides or {})}
+        if image_size is not None:
+            overrides["img_size"] = image_size
+        if drop_path_rate is not None:
+            overrides["drop_path_rate"] = drop_path_rate
+        try:
+            if model is not None:
+                base = resolve_config(model)
+            elif init is not None:
+                base = checkpoint_config(init)
+            else:
+                raise ValueError("give model.model (a preset) or model.init_checkpoint (weights to start from)")
+            config = base.replace(**overrides)
+        except (ValueError, FileNotFoundError) as e:
+            raise type(e)(f"model: {e}") from None
+        if vocab_size is not None and config.has_text and config.vocab_size != vocab_size:
+            if init is not None and model is None:
+                raise ValueError(
+                    f"the tokenizer has {vocab_size} ids but {init} embeds {config.vocab_size}: give the checkpoint's "
+                    "tokenizer (data.tokenizer, e.g. beit3.spm for BEiT-3's 64010)"
+                )
+            config = config.replace(vocab_size=vocab_size)
+        self.model = self.build_model(VLMoE(config))
+        if init is not None:
+            report = load_checkpoint(self.model, init, allow_partial=allow_partial_init)
+            rank_zero_info(str(report))
+        else:
+            rank_zero_warn("model.init_checkpoint is null: finetuning from random initialisation")
+        if linear_probe:
+            for p in self.model.backbone.parameters():
+                p.requires_grad_(False)
+        self.evaluators: dict[str, Evaluator] = {}
+
+    # ------------------------------------------------------------------ subclass interface
+    def build_model(self, backbone: VLMoE) -> nn.Module:
+        """The task model on ``backbone``."""
+        raise NotImplementedError
+
+    def make_evaluator(self, stage: str) -> Evaluator:
+        """The evaluator of a ``val`` / ``test`` pass (the data module knows the ground truth)."""
+        raise NotImplementedError
+
+    def eval_step(self, batch: dict[str, Any]) -> tuple[Tensor | None, list[dict[str, Any]]]:
+        """``(loss or None, prediction records)`` of an evaluation batch."""
+        raise NotImplementedError
+
+    @property
+    def config(self) -> VLMoEConfig:
+        return self.backbone.config
+
+    def data_geometry(self) -> dict[str, int]:
+        """The resolution the data module must deliver (the model's)."""
+        return {"image_size": self.config.img_size, "patch_size": self.config.patch_size}
+
+    # ------------------------------------------------------------------ optimisation
+    def _param_groups(self) -> list[dict[str, Any]]:
+        groups = super()._param_groups()
+        if self.task_head_lr_weight == 1.0:
+            return groups
+        out = []
+        for g in groups:  # split each group into its head and non-head parameters
+            head = [i for i, n in enumerate(g["names"]) if n.startswith("model.head.")]
+            rest = [i for i in range(len(g["names"])) if i not in head]
+            for idx, scale in ((rest, 1.0), (head, self.task_head_lr_weight)):
+                if idx:
+                    out.append({**g, "params": [g["params"][i] for i in idx], "names": [g["names"][i] for i in idx],
+                                "lr_scale": g["lr_scale"] * scale})
+        return out
+
+    def train(self, mode: bool = True) -> FinetuneTask:
+        super().train(mode)
+        if self.linear_probe:
+            self.model.backbone.eval()  # a frozen backbone: no drop path, dropout or bias updates
+        return self
+
+    def loss_with_aux(self, loss: Tensor, aux: Any, stage: str = "train") -> Tensor:
+        """``loss + aux_loss_weight * MoE aux`` with every term checked (and logged in training)."""
+        total = loss + self.aux_loss_weight * aux.loss
+        terms = {"loss/task": loss, **self.aux_terms(aux), "loss": total}
+        self.check_terms(terms, stage="train" if stage == "train" else "validation", stats=aux.stats)
+        if stage == "train":
+            self.log("loss", total.detach(), prog_bar=True, on_step=True, on_epoch=False)
+            self.log_dict({k: v.detach() for k, v in terms.items() if k != "loss"}, on_step=True, on_epoch=False)
+        return total
+
+    # ------------------------------------------------------------------ evaluation
+    def _start(self, stage: str) -> None:
+        self.evaluators[stage] = self.make_evaluator(stage)
+
+    def _step(self, stage: str, batch: dict[str, Any]) -> None:
+        loss, records = self.eval_step(batch)
+        self.evaluators[stage].update(records)
+        if loss is not None:
+            self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(records))
+
+    def _end(self, stage: str) -> dict[str, float]:
+        ev = self.evaluators[stage]
+        ev.gather()
+        if self.trainer.sanity_checking:
+            return {}
+        metrics = self.score(ev)
+        if metrics:
+            self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, sync_dist=False)
+        if self.trainer.is_global_zero and self.output_dir:
+            self.write_outputs(stage, ev, metrics)
+        return metrics
+
+    def score(self, evaluator: Evaluator) -> dict[str, float]:
+        """The metrics of a gathered evaluator (a test split without labels has none)."""
+        return evaluator.compute()
+
+    def write_outputs(self, stage: str, evaluator: Evaluator, metrics: dict[str, float]) -> None:
+        """``<output_dir>/<stage>_predictions.json`` and ``<stage>_metrics.json`` (atomic writes)."""
+        out = Path(self.output_dir)
+        atomic_write_json(out / f"{stage}_predictions.json", evaluator.records)
+        if metrics:
+            atomic_write_json(out / f"{stage}_metrics.json", {"step": self.trainer.global_step, **metrics}, indent=1)
+
+    def on_validation_epoch_start(self) -> None:
+        self._start("val")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step("val", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._end("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._start("test")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step("test", batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._end("test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        return self.eval_step(batch)[1]
+
+
+class _EpochSampler(torch.utils.data.Sampler[int]):
+    """Sample indices in a permutation seeded by ``seed`` and the epoch (or in order), skipping the
+    first ``skip`` of the first epoch it serves (the part a resumed run already trained on)."""
+
+    def __init__(self, n: int, shuffle: bool, seed: int, skip: int = 0) -> None:
+        self.n, self.shuffle, self.seed, self.skip, self.epoch = n, shuffle, seed, skip, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return max(0, self.n - self.skip)
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + 1_000_003 * self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        skip, self.skip = self.skip, 0
+        return iter(order[skip:])
+
+
+class FinetuneDataModule(pl.LightningDataModule):
+    """Common parts of the finetuning data modules.
+
+    Args:
+        batch_size: training samples per step and rank.
+        val_batch_size: evaluation batch size (default ``2 * batch_size``).
+        num_workers: DataLoader workers.
+        tokenizer: ``clip``, a SentencePiece model or a ``tokenizer.json`` (texts of VL tasks).
+        max_len: text length, special tokens included.
+        mean_std: image normalisation (``inception``: BEiT-3's VL tasks; ``imagenet``: its ImageNet).
+        image_size: image side (None: the model's, read from the task).
+        randaug: timm RandAugment of training images (``rand-n2-m7``: BEiT-3's ``RandomAugment(2, 7)``;
+            empty: none).
+        scale: random resized crop area range of training images (``[1, 1]``: whole images).
+        hflip: horizontal flip probability of training images.
+        demo_dir: where the demo data lives / is built (default ``$VLMOE_DATA/demo``).
+        limit_train_samples: use only the first N training samples (quick runs).
+        shuffle: shuffle the training samples (a permutation seeded by ``seed`` and the epoch, so a
+            resumed run continues the epoch where the checkpoint left it).
+        seed: the shuffling seed.
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 32,
+        val_batch_size: int | None = None,
+        num_workers: int = 1,
+        tokenizer: str | None = "clip",
+        max_len: int = 64,
+        mean_std: str = "inception",
+        image_size: int | None = None,
+        randaug: str = "rand-n2-m7",
+        scale: tuple[float, float] = (0.5, 1.0),
+        hflip: float = 0.5,
+        demo_dir: str | None = None,
+        limit_train_samples: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.shuffle, self.seed = shuffle, seed
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size or 2 * batch_size
+        self._num_workers = num_workers
+        self.tokenizer_name, self.max_len, self._mean_std = tokenizer, max_len, mean_std
+        self.image_size, self.randaug, self.scale, self.hflip = image_size, randaug, tuple(scale), hflip
+        self.demo_dir, self.limit_train_samples = demo_dir, limit_train_samples
+        self.tokenizer = build_tokenizer(tokenizer) if tokenizer else None
+        self.datasets: dict[str, Dataset] = {}
+
+    # ------------------------------------------------------------------ the data-module protocol
+    @property
+    def vocab_size(self) -> int | None:
+        return self.tokenizer.vocab_size if self.tokenizer is not None else None
+
+    @property
+    def mean_std(self) -> str:
+        return self._mean_std
+
+    @property
+    def num_workers(self) -> int:
+        return self._num_workers
+
+    def preprocess_config(self) -> dict[str, Any]:
+        return preprocess_dict(self.resolved_image_size(), self._mean_std, self.tokenizer_name, self.max_len,
+                               **self.eval_resize())
+
+    def eval_resize(self) -> dict[str, Any]:
+        """How evaluation images are resized (``squash``: the whole image to the square, BEiT-3's VL tasks)."""
+        return {"resize": "squash"}
+
+    # ------------------------------------------------------------------ pieces
+    def resolved_image_size(self) -> int:
+        if self.image_size is not None:
+            return self.image_size
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        geometry = getattr(module, "data_geometry", None)
+        if callable(geometry):
+            return geometry()["image_size"]
+        raise ValueError("data.image_size unknown: set it, or attach the data module to a trainer and a task")
+
+    def demo(self) -> Any:
+        return build_demo(self.demo_dir)
+
+    def uses_demo(self) -> bool:
+        return False
+
+    def prepare_data(self) -> None:
+        if self.uses_demo():
+            build_demo(self.demo_dir, verbose=True)
+
+    def transform(self, train: bool) -> Any:
+        size = self.resolved_image_size()
+        if train:
+            return build_transform("train", size, mean_std=self._mean_std, scale=self.scale, hflip=self.hflip,
+                                   randaug=self.randaug, output="uint8")
+        return build_transform("eval", size, mean_std=self._mean_std, output="uint8")
+
+    def collator(self) -> Collator:
+        return Collator(self.tokenizer, self.max_len, mean_std=self._mean_std)
+
+    def _loader(self, name: str, train: bool) -> DataLoader:
+        if name not in self.datasets:
+            self.setup("fit" if train else "validate")
+        data = self.datasets.get(name)
+        if data is None:
+            raise ValueError(f"this data module has no {name} split configured")
+        if train and self.limit_train_samples:
+            data = torch.utils.data.Subset(data, range(min(self.limit_train_samples, len(data))))
+        w = self._num_workers
+        sampler = _EpochSampler(len(data), self.shuffle, self.seed, skip=self._resumed_samples()) if train else None
+        return DataLoader(
+            data,
+            batch_size=self.batch_size if train else self.val_batch_size,
+            sampler=sampler,
+            drop_last=train,
+            num_workers=w,
+            collate_fn=self.collator(),
+            persistent_workers=w > 0,
+            prefetch_factor=4 if w > 0 else None,
+        )
+
+    def _resumed_samples(self) -> int:
+        """Training samples of the current epoch a resumed run has already trained on (0 otherwise)."""
+        trainer = self.trainer
+        if trainer is None or not trainer.fit_loop.restarting:
+            return 0
+        done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        return done * self.batch_size * max(1, trainer.world_size)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test" if "test" in self.datasets else "val", train=False)
