@@ -47,10 +47,11 @@ def _args(demo, out: Path, ckpt: Path, *extra: str) -> list[str]:
 def test_registered_and_lists_its_tasks(capsys) -> None:
     vlmoe_main(["finetune", "--help"])
     out = capsys.readouterr().out
-    assert all(t in out for t in ("vqav2", "nlvr2", "imagenet"))
+    assert all(t in out for t in ("vqav2", "nlvr2", "imagenet", "captioning", "retrieval"))
     with pytest.raises(SystemExit) as e:
         vlmoe_main(["finetune", "vqa3"])
-    assert e.value.code == 2 and "unknown finetuning task 'vqa3'; choose from ['imagenet', 'nlvr2', 'vqav2']" in \
+    known = "['captioning', 'imagenet', 'nlvr2', 'retrieval', 'vqav2']"
+    assert e.value.code == 2 and f"unknown finetuning task 'vqa3'; choose from {known}" in \
         capsys.readouterr().err
 
 
@@ -79,6 +80,34 @@ def test_finetuned_vqa_exports_with_its_answers_and_preprocessing(demo, pretrain
     assert type(model) is VLMoEForVQA and len(model.answers) == 13 and "circle" in model.answers
     assert model.preprocess["image_size"] == 64 and model.preprocess["tokenizer"] == "clip"
     assert model.preprocess["mean"] == [0.5, 0.5, 0.5] and model.config.img_size == 64
+
+
+def test_finetuned_captioner_exports_and_generates_again(demo, pretrained, tmp_path) -> None:
+    import torch
+
+    from vlmoe.data import build_tokenizer
+    from vlmoe.models import VLMoEForCaptioning, load_pretrained
+
+    main(["captioning", "fit", *_args(demo, tmp_path, pretrained, "--trainer.max_steps=1",
+                                      "--trainer.limit_val_batches=0")])
+    vlmoe_main(["export", str(tmp_path / "checkpoints" / "last.ckpt"), str(tmp_path / "export"), "--strict"])
+    model = load_pretrained(tmp_path / "export")
+    tok = build_tokenizer(model.preprocess["tokenizer"])
+    assert type(model) is VLMoEForCaptioning and (model.bos_id, model.eos_id, model.mask_id) == (
+        tok.bos_id, tok.eos_id, tok.mask_id)
+    size = model.preprocess["image_size"]
+    out = model.eval().generate(torch.randn(2, 3, size, size), max_len=8, num_beams=2)
+    assert len(out.tokens) == 2 and all(len(t) <= 7 for t in out.tokens)
+
+
+def test_captioning_writes_coco_results_and_the_toolkits_metrics(demo, pretrained, tmp_path) -> None:
+    args = _args(demo, tmp_path, pretrained, "--trainer.limit_val_batches=1", "--data.val_batch_size=10",
+                 "--model.num_beams=1")
+    main(["captioning", "validate", *args])
+    results = json.loads((tmp_path / "predictions" / "val_captions.json").read_text())
+    metrics = json.loads((tmp_path / "predictions" / "val_metrics.json").read_text())
+    assert len(results) == 10 and set(results[0]) == {"image_id", "caption"}
+    assert {"Bleu_4", "ROUGE_L", "CIDEr", "coverage"} <= set(metrics) and metrics["coverage"] == 10 / 500
 
 
 def test_ddp_metric_equals_the_single_process_metric(demo, pretrained, tmp_path) -> None:

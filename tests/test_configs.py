@@ -120,7 +120,7 @@ def parse_finetune(task: str, *args: str):
 
 def test_finetune_configs_exist() -> None:
     names = {p.relative_to(ROOT).as_posix() for p in FINETUNE_CONFIGS}
-    for task in ("vqav2", "nlvr2", "imagenet"):
+    for task in ("vqav2", "nlvr2", "imagenet", "captioning", "retrieval"):
         assert {f"finetune/{task}/{n}.yaml" for n in ("demo", "beit3_base", "beit3_large")} <= names
 
 
@@ -133,7 +133,7 @@ def test_finetune_config_parses(path: Path) -> None:
         assert cfg.trainer.strategy == "ddp_find_unused_parameters_true"
 
 
-@pytest.mark.parametrize("task", ["vqav2", "nlvr2", "imagenet"])
+@pytest.mark.parametrize("task", ["vqav2", "nlvr2", "imagenet", "captioning", "retrieval"])
 def test_finetune_demo_yaml_is_the_default_run(task: str) -> None:
     default = _plain(parse_finetune(task))
     demo = _plain(parse_finetune(task, "--config", str(ROOT / "finetune" / task / "demo.yaml")))
@@ -150,9 +150,17 @@ def test_published_recipes_carry_the_reference_hyperparameters() -> None:
         ("nlvr2", "beit3_large"): (224, 3e-4, 0.85, 0.2, 0.2),
         ("imagenet", "beit3_base"): (224, 7e-4, 0.65, 0.15, 0.05),
         ("imagenet", "beit3_large"): (224, 2e-4, 0.8, 0.25, 0.05),
+        ("captioning", "beit3_base"): (480, 4e-5, 1.0, 0.1, 0.05),
+        ("captioning", "beit3_large"): (480, 8e-6, 1.0, 0.0, 0.05),
+        ("retrieval", "beit3_base"): (384, 2e-4, 0.65, 0.2, 0.05),
+        ("retrieval", "beit3_large"): (384, 5e-5, 0.85, 0.2, 0.05),
     }
     for (task, name), (res, lr, ld, dp, wd) in want.items():
         m = parse_finetune(task, "--config", str(ROOT / "finetune" / task / f"{name}.yaml")).model
         assert (m.image_size, m.lr, m.layer_decay, m.drop_path_rate, m.weight_decay) == (res, lr, ld, dp, wd), name
     vqa = parse_finetune("vqav2", "--config", str(ROOT / "finetune" / "vqav2" / "beit3_base.yaml"))
     assert vqa.model.task_head_lr_weight == 20.0 and vqa.data.split == "beit3" and list(vqa.model.betas) == [0.9, 0.98]
+    cap = parse_finetune("captioning", "--config", str(ROOT / "finetune" / "captioning" / "beit3_base.yaml"))
+    m = cap.model
+    assert (cap.data.max_len, cap.data.mask_prob, m.drop_worst_after, m.drop_worst_ratio) == (32, 0.7, 12000, 0.2)
+    assert (cap.model.num_beams, cap.model.length_penalty, cap.model.label_smoothing) == (3, 0.6, 0.1)

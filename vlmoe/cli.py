@@ -20,7 +20,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("vlmoe.bench.cli", "benchmarks: `vlmoe bench moe` (MoE layer vs ideal and peers)"),
     "data": ("vlmoe.commands.data", "`vlmoe data demo` (offline demo data), `vlmoe data shards` (write shards)"),
     "pretrain": ("vlmoe.tasks.pretrain.cli", "masked multimodal pretraining (LightningCLI); no arguments: the demo"),
-    "finetune": ("vlmoe.tasks.finetune.cli", "finetune TASK (vqav2, nlvr2, imagenet) and score it; no options: demo"),
+    "finetune": (
+        "vlmoe.tasks.finetune.cli",
+        "finetune TASK (vqav2, nlvr2, imagenet, captioning, retrieval) and score it; no options: demo",
+    ),
+    "evaluate": ("vlmoe.commands.evaluate", "score a results file: `vlmoe evaluate coco` (COCOeval), `captions`"),
     "export": ("vlmoe.commands.export", "checkpoints (BEiT-3, timm, vlmoe) -> safetensors + config.json"),
 }
 

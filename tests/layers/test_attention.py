@@ -107,7 +107,7 @@ def test_build_attention_mask_conventions_and_errors():
     assert build_attention_mask(None, fm, 2, 3).tolist() == [[True, False], [True, True]]
     per_sample = torch.zeros(3, 2, 2, dtype=torch.bool)
     assert build_attention_mask(None, per_sample, 2, 3).shape == (3, 1, 2, 2)
-    with pytest.raises(ValueError, match=r"attn_mask has shape \(3, 3\).*L = 2"):
+    with pytest.raises(ValueError, match=r"attn_mask has shape \(3, 3\); expected \(2, 2\)"):
         build_attention_mask(None, torch.zeros(3, 3), 2, 1)
     with pytest.raises(ValueError, match=r"key padding mask has shape \(1, 3\); expected \(1, 2\)"):
         build_attention_mask(torch.zeros(1, 3, dtype=torch.bool), None, 2, 1)

@@ -50,3 +50,13 @@ def test_bench_finetune_runs_every_task_head(capsys):
     rows = [line for line in table.splitlines() if line.startswith("| ") and "overhead" not in line]
     assert [r.split("|")[1].strip().split(" ")[0] for r in rows] == ["VQA", "NLVR2", "ImageNet"]
     assert all(r.rstrip(" |").endswith("%") for r in rows)
+
+
+def test_bench_decode_times_cached_and_naive_for_both_searches(capsys):
+    from vlmoe.bench import decode
+
+    table = decode.main(["--models", "tiny", "--images", "2", "--tokens", "6", "--lengths", "2,4", "--repeats", "1"])
+    rows = [line for line in table.splitlines() if line.startswith("| tiny")]
+    assert [r.split("|")[2].strip() for r in rows] == ["greedy", "beam 3"]
+    assert all(r.rstrip(" |").endswith("x**") and "est." not in r for r in rows)
+    assert capsys.readouterr().out.count("| tiny") == 2  # printed once

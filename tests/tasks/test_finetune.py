@@ -1,4 +1,4 @@
-"""Finetuning tasks (VQAv2, NLVR2, ImageNet) under a real Trainer on the demo data."""
+"""Finetuning tasks (VQAv2, NLVR2, ImageNet, captioning, retrieval) under a real Trainer on the demo data."""
 
 from __future__ import annotations
 
@@ -9,10 +9,14 @@ import torch
 
 from tests.utils import VARIANTS, trainer
 from vlmoe.tasks.finetune import (
+    CaptioningDataModule,
+    CaptioningTask,
     ImageNetDataModule,
     ImageNetTask,
     NLVR2DataModule,
     NLVR2Task,
+    RetrievalDataModule,
+    RetrievalTask,
     VQADataModule,
     VQATask,
     vqa_loss,
@@ -27,6 +31,10 @@ def _data(kind: str, demo, tokenizer, **kw):
         dm = VQADataModule(limit_train_samples=8, **kw)
     elif kind == "nlvr2":
         dm = NLVR2DataModule(limit_train_samples=8, **kw)
+    elif kind == "captioning":
+        dm = CaptioningDataModule(limit_train_samples=8, hflip=0.0, **kw)
+    elif kind == "retrieval":
+        dm = RetrievalDataModule(limit_train_samples=8, hflip=0.0, **kw)
     else:
         kw.pop("max_len")
         dm = ImageNetDataModule(limit_train_samples=8, **{k: v for k, v in kw.items() if k != "scale"})
@@ -42,6 +50,10 @@ def _task(kind: str, dm, variant: str = "dense", **kw):
         return VQATask(answers=dm.answers, vocab_size=dm.vocab_size, **kw)
     if kind == "nlvr2":
         return NLVR2Task(vocab_size=dm.vocab_size, **kw)
+    if kind == "captioning":  # the metrics' pure-Python tokenisation keeps the many short runs off Java
+        return CaptioningTask(vocab_size=dm.vocab_size, caption_tokenizer="python", num_beams=2, max_len=8, **kw)
+    if kind == "retrieval":
+        return RetrievalTask(vocab_size=dm.vocab_size, **kw)
     return ImageNetTask(class_names=dm.class_names, **kw)
 
 
@@ -53,7 +65,7 @@ def test_vqa_loss_is_beit3s_formula() -> None:
     torch.testing.assert_close(vqa_loss(logits, targets), ref)
 
 
-@pytest.mark.parametrize("kind", ["vqa", "nlvr2", "imagenet"])
+@pytest.mark.parametrize("kind", ["vqa", "nlvr2", "imagenet", "captioning", "retrieval"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_fast_dev_run_every_task_and_moe_variant(kind, variant, demo, tokenizer, tmp_path) -> None:
     dm = _data(kind, demo, tokenizer)
@@ -61,8 +73,10 @@ def test_fast_dev_run_every_task_and_moe_variant(kind, variant, demo, tokenizer,
     t = trainer(tmp_path, fast_dev_run=True)
     t.fit(task, datamodule=dm)
     assert t.global_step == 1
-    metric = {"vqa": "val/accuracy", "nlvr2": "val/accuracy", "imagenet": "val/top1"}[kind]
-    assert metric in t.callback_metrics and 0.0 <= float(t.callback_metrics[metric]) <= 1.0
+    metric = {"vqa": "val/accuracy", "nlvr2": "val/accuracy", "imagenet": "val/top1", "captioning": "val/CIDEr",
+              "retrieval": "val/average_score"}[kind]
+    top = 10.0 if kind == "captioning" else 1.0  # CIDEr's scale goes to 10
+    assert metric in t.callback_metrics and 0.0 <= float(t.callback_metrics[metric]) <= top
     if VARIANTS[variant][0] != "tiny":
         assert {"aux/balance", "aux/z", "aux/entropy"} & set(t.callback_metrics)  # MoE losses logged
     if kind == "imagenet":  # the vision branch only
@@ -81,6 +95,18 @@ def test_validate_scores_the_whole_split_and_writes_predictions(demo, tokenizer,
     sub = json.loads((tmp_path / "pred" / "val_vqa_submission.json").read_text())
     assert sub[0].keys() == {"question_id", "answer"} and len(sub) == n
     assert {"val/accuracy/yes/no", "val/accuracy/other"} <= set(metrics)
+
+
+def test_captioning_evaluates_a_coco_format_caption_file(demo, tokenizer, tmp_path) -> None:
+    """NoCaps-style evaluation: the images and references of a COCO-format caption file."""
+    dm = _data("captioning", demo, tokenizer, val_captions=str(demo.coco_karpathy_test_gt),
+               image_root=str(demo.coco_images))
+    task = _task("captioning", dm, output_dir=str(tmp_path / "pred"))
+    metrics = trainer(tmp_path, limit_val_batches=1).validate(task, datamodule=dm)[0]
+    results = json.loads((tmp_path / "pred" / "val_captions.json").read_text())
+    gt = {im["id"] for im in json.loads(demo.coco_karpathy_test_gt.read_text())["images"]}
+    assert len(results) == 8 and {r["image_id"] for r in results} <= gt
+    assert metrics["val/num_images"] == 8 and metrics["val/coverage"] == pytest.approx(8 / len(gt))
 
 
 def test_linear_probe_trains_the_head_only(demo, tokenizer, tmp_path) -> None:

@@ -10,6 +10,7 @@ BENCHMARKS = {
     "data": "vlmoe.bench.data",
     "model": "vlmoe.bench.model",
     "finetune": "vlmoe.bench.finetune",
+    "decode": "vlmoe.bench.decode",
 }
 
 

@@ -8,7 +8,7 @@ for the dict's keys). Readers import lazily what only they need (pycocotools, ea
 from vlmoe.data.collate import Collator, collate_detection
 from vlmoe.data.demo import DemoPaths, build_demo, default_demo_dir
 from vlmoe.data.errors import SampleErrors
-from vlmoe.data.masking import IGNORE_INDEX, BlockMaskingGenerator, mlm_mask
+from vlmoe.data.masking import IGNORE_INDEX, BlockMaskingGenerator, caption_mask, mlm_mask
 from vlmoe.data.preprocess import Preprocess, preprocess_dict
 from vlmoe.data.pretrain import MultiStream, PretrainData, PretrainDataConfig, split_batch
 from vlmoe.data.shards import ShardWriter, count_samples, expand_shards, stream_pipeline
@@ -43,6 +43,7 @@ __all__ = [
     "count_samples",
     "default_demo_dir",
     "expand_shards",
+    "caption_mask",
     "mlm_mask",
     "preprocess_dict",
     "split_batch",

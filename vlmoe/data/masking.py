@@ -8,6 +8,10 @@
   never special tokens or padding, and replaces 80% of them by the mask id, 10% by a random
   regular token and keeps 10%; labels are the original ids there and ``-100`` elsewhere.
   Vectorised over the batch.
+- :func:`caption_mask` is BEiT-3's captioning masking (``CaptioningDataset._masking_on_text_tokens``):
+  of a caption's ``n`` tokens (bos and eos included) ``min(max(int(n * prob + 0.5), 1), n - 1)`` are
+  chosen uniformly among positions ``1 .. n-1`` (never the bos, the eos may be chosen: that is how
+  the model learns to stop), replaced 80 / 10 / 10 like MLM.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["IGNORE_INDEX", "BlockMaskingGenerator", "mlm_mask", "worker_rng"]
+__all__ = ["IGNORE_INDEX", "BlockMaskingGenerator", "caption_mask", "mlm_mask", "worker_rng"]
 
 IGNORE_INDEX = -100  # label value of positions the loss skips (torch's CrossEntropyLoss default)
 
@@ -221,3 +225,58 @@ def mlm_mask(
     out = torch.where(to_mask, torch.full_like(ids, mask_id), ids)
     out = torch.where(to_random, rand.to(ids.dtype), out)
     return out, labels
+
+
+def caption_mask(
+    ids: Tensor,
+    lengths: Tensor,
+    *,
+    mask_id: int,
+    vocab_size: int,
+    special_ids: Iterable[int],
+    prob: float = 0.6,
+    replace_prob: float = 0.8,
+    random_prob: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """BEiT-3's caption masking of a batch (see the module docstring).
+
+    Args:
+        ids: ``(B, L)`` token ids, each row ``[bos, ..., eos]`` then padding.
+        lengths: ``(B,)`` tokens of each row before the padding (bos and eos included, >= 2).
+        mask_id: the id written at masked positions.
+        vocab_size: random replacements are drawn below this, never a special id.
+        special_ids: ids never drawn as random replacements.
+        prob: fraction of each caption's tokens to mask (BEiT-3's ``captioning_mask_prob``).
+        replace_prob / random_prob: of the chosen tokens, the share set to ``mask_id`` / to a random
+            regular token (the rest keep their id).
+        generator: torch random generator.
+
+    Returns:
+        ``(masked_ids, masked_positions)``: ``(B, L)`` long and bool.
+    """
+    if ids.dim() != 2 or lengths.shape != ids.shape[:1]:
+        raise ValueError(f"ids must be (B, L) and lengths (B,); got {tuple(ids.shape)} and {tuple(lengths.shape)}")
+    if bool((lengths < 2).any()) or bool((lengths > ids.shape[1]).any()):
+        raise ValueError(f"caption lengths must be in [2, {ids.shape[1]}] (bos + eos at least); got {lengths.tolist()}")
+    B, L = ids.shape
+    n = lengths.to(ids.device)
+    n_pick = torch.clamp((n.double() * prob + 0.5).floor().long(), min=1)
+    n_pick = torch.minimum(n_pick, n - 1)
+    pos = torch.arange(L, device=ids.device)
+    eligible = (pos[None] >= 1) & (pos[None] < n[:, None])  # positions 1 .. n-1
+    scores = torch.rand(ids.shape, generator=generator, device=ids.device).masked_fill(~eligible, float("inf"))
+    ranks = scores.argsort(dim=1).argsort(dim=1)
+    chosen = ranks < n_pick[:, None]
+
+    u = torch.rand(ids.shape, generator=generator, device=ids.device)
+    to_mask = chosen & (u < replace_prob)
+    to_random = chosen & (u >= replace_prob) & (u < replace_prob + random_prob)
+    special = sorted({int(s) for s in special_ids} | {int(mask_id)})
+    in_vocab = [s for s in special if s < vocab_size]
+    rand = torch.randint(0, vocab_size - len(in_vocab), ids.shape, generator=generator, device=ids.device)
+    for s in in_vocab:
+        rand = rand + (rand >= s).long()
+    out = torch.where(to_mask, torch.full_like(ids, mask_id), ids)
+    out = torch.where(to_random, rand.to(ids.dtype), out)
+    return out, chosen

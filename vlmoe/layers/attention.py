@@ -22,23 +22,30 @@ import torch.nn.functional as F
 from timm.layers import use_fused_attn
 from torch import Tensor, nn
 
+from .kv_cache import LayerKV
 from .multiway import MODALITIES, Multiway, Shared, Stream
 
 
 def build_attention_mask(
-    key_padding_mask: Tensor | None, attn_mask: Tensor | None, length: int, batch: int
+    key_padding_mask: Tensor | None,
+    attn_mask: Tensor | None,
+    length: int,
+    batch: int,
+    query_length: int | None = None,
 ) -> Tensor | None:
     """Combine a key padding mask and an attention mask into an SDPA boolean mask (True = attend).
 
     Args:
         key_padding_mask: ``(B, L)``, True = padding key.
-        attn_mask: ``(L, L)`` or ``(B, L, L)`` (query, key), True / non-zero = blocked.
-        length: total sequence length L.
+        attn_mask: ``(Lq, L)`` or ``(B, Lq, L)`` (query, key), True / non-zero = blocked.
+        length: number of keys L (the whole sequence; with a KV cache, cached + new tokens).
         batch: batch size B.
+        query_length: number of queries Lq (default L; with a KV cache, the new tokens).
 
     Returns:
-        ``None`` when there is nothing to mask, else a bool tensor broadcastable to ``(B, H, L, L)``.
+        ``None`` when there is nothing to mask, else a bool tensor broadcastable to ``(B, H, Lq, L)``.
     """
+    lq = length if query_length is None else query_length
     allowed = None
     if key_padding_mask is not None:
         if key_padding_mask.shape != (batch, length):
@@ -47,10 +54,11 @@ def build_attention_mask(
             )
         allowed = ~key_padding_mask.bool()[:, None, None, :]  # (B, 1, 1, L)
     if attn_mask is not None:
-        if attn_mask.shape not in ((length, length), (batch, length, length)):
+        if attn_mask.shape not in ((lq, length), (batch, lq, length)):
             raise ValueError(
-                f"attn_mask has shape {tuple(attn_mask.shape)}; expected (L, L) or (B, L, L) with "
-                f"L = {length} tokens (vision first, then text) and B = {batch}"
+                f"attn_mask has shape {tuple(attn_mask.shape)}; expected ({lq}, {length}) or ({batch}, {lq}, "
+                f"{length}): (queries, keys) over the tokens (vision first, then text)"
+                + ("" if lq == length else "; keys = cached + new tokens")
             )
         am = attn_mask if attn_mask.dtype == torch.bool else attn_mask != 0
         am = ~am if am.ndim == 2 else ~am[:, None]  # (L, L) or (B, 1, L, L)
@@ -102,20 +110,26 @@ class MultiwayAttention(nn.Module):
         self.attn_drop = attn_drop
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, xv: Stream, xt: Stream, attn_mask: Tensor | None = None) -> tuple[Stream, Stream]:
+    def forward(
+        self, xv: Stream, xt: Stream, attn_mask: Tensor | None = None, cache: LayerKV | None = None
+    ) -> tuple[Stream, Stream]:
         """Attend over the concatenation ``[vision; text]``.
 
         Args:
             xv: vision tokens ``(B, Lv, D)`` or None.
             xt: text tokens ``(B, Lt, D)`` or None.
             attn_mask: SDPA boolean mask (True = attend) broadcastable to ``(B, H, L, L)``, see
-                :func:`build_attention_mask`.
+                :func:`build_attention_mask`; with a cache ``(B, H, L_new, L_cached + L_new)``.
+            cache: incremental decoding: the new tokens' keys / values are appended to it and the
+                queries attend over everything it holds.
         """
         qv, qt = self.qkv(xv, xt)
         qkv = qv if qt is None else qt if qv is None else torch.cat([qv, qt], dim=1)  # (B, L, 3D)
         B, L, _ = qkv.shape
         num_vision = 0 if xv is None else xv.shape[1]
         q, k, v = qkv.view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, H, L_cached + L, hd)
         drop = self.attn_drop if self.training else 0.0
         if self.fused_attn:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)  # (B, H, L, hd)

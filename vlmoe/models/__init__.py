@@ -22,40 +22,51 @@ from .checkpoint import (
 from .config import PRESETS, VLMoEConfig
 from .convert import beit3_to_vlmoe, detect_format, timm_vit_to_vlmoe, vlmoe_to_beit3
 from .export import export_beit3, load_pretrained, save_pretrained
+from .generation import GenerationOutput, beam_search, generate, greedy_search
 from .heads import Pooler, TwoLayerMLP, select_tokens, vqa_classifier
 from .output import BackboneOutput
 from .task_models import (
     TASK_MODELS,
     TaskModel,
+    VLMoEForCaptioning,
     VLMoEForImageClassification,
     VLMoEForNLVR2,
     VLMoEForPretraining,
+    VLMoEForRetrieval,
     VLMoEForVQA,
     build_task_model,
+    captioning_attention_mask,
     register_task_model,
 )
 
 __all__ = [
     "PRESETS",
     "BackboneOutput",
+    "GenerationOutput",
     "TASK_MODELS",
     "LoadReport",
     "MultiwayBlock",
     "Pooler",
     "TaskModel",
     "TwoLayerMLP",
+    "VLMoEForCaptioning",
     "VLMoEForImageClassification",
     "VLMoEForNLVR2",
     "VLMoEForPretraining",
+    "VLMoEForRetrieval",
     "VLMoEForVQA",
     "VLMoE",
     "VLMoEConfig",
     "beit3_config",
+    "beam_search",
     "beit3_to_vlmoe",
     "build_task_model",
+    "captioning_attention_mask",
     "create_model",
     "detect_format",
     "export_beit3",
+    "generate",
+    "greedy_search",
     "list_models",
     "load_beit3",
     "load_checkpoint",

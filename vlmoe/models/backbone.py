@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vlmoe.layers import (
     FeedForward,
+    KVCache,
     Multiway,
     MultiwayFFN,
     Shared,
@@ -222,6 +223,7 @@ class VLMoE(nn.Module):
         *,
         text_positions: Tensor | None = None,
         return_layers: bool = False,
+        cache: KVCache | None = None,
     ) -> BackboneOutput:
         """Encode an image, a text, or an image-text pair.
 
@@ -235,6 +237,10 @@ class VLMoE(nn.Module):
                 True / non-zero = blocked (BEiT-3 convention, e.g. the captioning mask).
             text_positions: ``(B, Lt)`` explicit text positions (incremental decoding).
             return_layers: also return every block's output in ``layer_states``.
+            cache: incremental decoding (:class:`~vlmoe.layers.KVCache` with one layer per block): the
+                given tokens are the new ones; every block appends their keys / values and they attend
+                over everything cached before. ``attn_mask`` is then ``(L_new, L_cached + L_new)``
+                (default: all of it); no padding.
         """
         if image is None and text_ids is None:
             raise ValueError("forward_features needs an image, text_ids or both")
@@ -269,12 +275,21 @@ class VLMoE(nn.Module):
         padding_mask = None
         if pad is not None:
             padding_mask = pad if xv is None else torch.cat([pad.new_zeros(B, num_vision), pad], dim=1)
-        mask = build_attention_mask(padding_mask, attn_mask, length, B)
+        if cache is not None:
+            if len(cache) != len(self.blocks):
+                raise ValueError(f"KV cache has {len(cache)} layers; the backbone has {len(self.blocks)} blocks")
+            if padding_mask is not None:
+                raise ValueError("incremental decoding with a KV cache takes no text_padding_mask")
+            mask = build_attention_mask(None, attn_mask, cache.length + length, B, query_length=length)
+        else:
+            mask = build_attention_mask(padding_mask, attn_mask, length, B)
 
         aux = MoEAux.zero(ref.device)
         states = []
-        for blk in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
+        for i, blk in enumerate(self.blocks):
+            if cache is not None:
+                xv, xt, a = blk(xv, xt, mask, pad, cache=cache[i])
+            elif self.grad_checkpointing and torch.is_grad_enabled():
                 xv, xt, a = checkpoint(blk, xv, xt, mask, pad, use_reentrant=False)
             else:
                 xv, xt, a = blk(xv, xt, mask, pad)

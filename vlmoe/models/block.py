@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from vlmoe.layers import MODALITIES, Multiway, MultiwayAttention, MultiwayDropPath, MultiwayFFN, Shared, Stream
+from vlmoe.layers import MODALITIES, LayerKV, Multiway, MultiwayAttention, MultiwayDropPath, MultiwayFFN, Shared, Stream
 from vlmoe.moe import MoEAux
 
 
@@ -71,15 +71,21 @@ class MultiwayBlock(nn.Module):
         self.drop_path2 = MultiwayDropPath(drop_path)
 
     def forward(
-        self, xv: Stream, xt: Stream, attn_mask: Tensor | None = None, text_padding_mask: Tensor | None = None
+        self,
+        xv: Stream,
+        xt: Stream,
+        attn_mask: Tensor | None = None,
+        text_padding_mask: Tensor | None = None,
+        cache: LayerKV | None = None,
     ) -> tuple[Stream, Stream, MoEAux | None]:
         """Args:
         xv: vision tokens ``(B, Lv, D)`` or None.
         xt: text tokens ``(B, Lt, D)`` or None.
         attn_mask: SDPA boolean mask over the concatenated sequence (True = attend).
         text_padding_mask: ``(B, Lt)`` True = padding (kept out of MoE routing).
+        cache: this block's key / value cache (incremental decoding: only new tokens come in).
         """
-        hv, ht = self.drop_path1(*self.attn(*self.norm1(xv, xt), attn_mask=attn_mask))
+        hv, ht = self.drop_path1(*self.attn(*self.norm1(xv, xt), attn_mask=attn_mask, cache=cache))
         xv, xt = _add(xv, hv), _add(xt, ht)
         hv, ht, aux = self.mlp(*self.norm2(xv, xt), text_padding_mask=text_padding_mask, residual=(xv, xt))
         hv, ht = self.drop_path2(hv, ht)

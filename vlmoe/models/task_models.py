@@ -17,26 +17,33 @@ arguments besides the backbone) and ``@register_task_model``.
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
+from vlmoe.layers import KVCache
 from vlmoe.moe import MoEAux
 
 from .backbone import VLMoE
+from .generation import GenerationOutput, generate
 from .heads import Pooler, TwoLayerMLP, select_tokens, vqa_classifier
 from .output import BackboneOutput
 
 __all__ = [
     "TASK_MODELS",
     "TaskModel",
+    "VLMoEForCaptioning",
     "VLMoEForImageClassification",
     "VLMoEForNLVR2",
     "VLMoEForPretraining",
+    "VLMoEForRetrieval",
     "VLMoEForVQA",
     "build_task_model",
+    "captioning_attention_mask",
     "register_task_model",
 ]
 
@@ -301,3 +308,166 @@ class VLMoEForImageClassification(TaskModel):
         out = self.backbone(image=image)
         logits = self.head(self.fc_norm(out.vision_patches.mean(dim=1)))
         return (logits, out.aux) if return_aux else logits
+
+
+# ---------------------------------------------------------------------------------------------- captioning
+def captioning_attention_mask(num_vision: int, text_len: int, device: torch.device | str | None = None) -> Tensor:
+    """BEiT-3's captioning mask over ``[image; text]``, ``(Lv + Lt, Lv + Lt)`` bool, True = *blocked*:
+    image -> image full, text -> image full, image -> text blocked, text -> text causal."""
+    L = num_vision + text_len
+    blocked = torch.ones(L, L, dtype=torch.bool, device=device)
+    blocked[:, :num_vision] = False  # everything sees the image
+    causal = torch.ones(text_len, text_len, dtype=torch.bool, device=device).tril()
+    blocked[num_vision:, num_vision:] = ~causal
+    return blocked
+
+
+class _CachedCaptioner:
+    """Incremental decoding: the image and ``[bos, MASK]`` once, then ``[new token, MASK]`` per step
+    through every block with a :class:`~vlmoe.layers.KVCache`; the ``MASK`` slot's keys are dropped
+    after each step (BEiT-3's ``incremental_state[...][:, :, :-1]``)."""
+
+    def __init__(self, model: VLMoEForCaptioning, image: Tensor, max_len: int) -> None:
+        self.model, self.image = model, image
+        self.cache = KVCache(len(model.backbone.blocks), reserve=max_len + 1)
+        self.num_vision = model.backbone.vision_embed.num_tokens
+
+    def log_probs(self, tokens: Tensor) -> Tensor:
+        m, (N, t) = self.model, tokens.shape
+        slot = tokens.new_full((N, 1), m.mask_id)
+        if self.cache.length == 0:  # first step: the image, bos and the MASK slot
+            if t != 1:
+                raise ValueError(f"the first decoding step takes the bos column only; got {t} tokens")
+            mask = captioning_attention_mask(self.num_vision, 2, tokens.device)
+            out = m.backbone(image=self.image, text_ids=torch.cat([tokens, slot], 1), attn_mask=mask,
+                             cache=self.cache)
+        else:
+            if self.cache.length != self.num_vision + t - 1:
+                raise ValueError(f"KV cache holds {self.cache.length} positions; {t} tokens so far need "
+                                 f"{self.num_vision + t - 1}")
+            blocked = torch.zeros(2, self.cache.length + 2, dtype=torch.bool, device=tokens.device)
+            blocked[0, -1] = True  # the new token does not see the MASK slot after it
+            positions = torch.arange(t - 1, t + 1, device=tokens.device).expand(N, 2)
+            out = m.backbone(text_ids=torch.cat([tokens[:, -1:], slot], 1), text_positions=positions,
+                             attn_mask=blocked, cache=self.cache)
+        self.cache.truncate(1)
+        return F.log_softmax(m.mlm_head(out.text_tokens[:, -1]).float(), dim=-1)
+
+    def reorder(self, index: Tensor) -> None:
+        if index.numel() != self.cache.batch_size:
+            self.cache.select(index)
+        else:  # beams of one image share the image's keys: only the text positions move
+            self.cache.reorder(index, start=self.num_vision)
+
+
+class _NaiveCaptioner:
+    """Re-encodes the image and the whole text ``[bos, w1, ..., MASK]`` at every step (the reference)."""
+
+    def __init__(self, model: VLMoEForCaptioning, image: Tensor) -> None:
+        self.model, self.image = model, image
+
+    def log_probs(self, tokens: Tensor) -> Tensor:
+        m = self.model
+        ids = torch.cat([tokens, tokens.new_full((tokens.shape[0], 1), m.mask_id)], 1)
+        mask = captioning_attention_mask(m.backbone.vision_embed.num_tokens, ids.shape[1], tokens.device)
+        out = m.backbone(image=self.image, text_ids=ids, attn_mask=mask)
+        return F.log_softmax(m.mlm_head(out.text_tokens[:, -1]).float(), dim=-1)
+
+    def reorder(self, index: Tensor) -> None:
+        self.image = self.image.index_select(0, index)
+
+
+@register_task_model
+class VLMoEForCaptioning(TaskModel):
+    """BEiT-3's captioning model (``BEiT3ForCaptioning``): masked-LM sequence-to-sequence over
+    ``[image; caption]`` with :func:`captioning_attention_mask`, ``mlm_head = Linear(D, vocab)``
+    predicting the masked caption tokens; decoding predicts from a ``[MASK]`` slot after the tokens
+    so far (:meth:`generate`, KV-cached).
+
+    Args:
+        backbone: the backbone (BEiT-3 keeps its final norm for captioning).
+        bos_id / eos_id / mask_id: the tokenizer's special ids (stored in exports).
+    """
+
+    task = "captioning"
+
+    def __init__(self, backbone: VLMoE, bos_id: int, eos_id: int, mask_id: int) -> None:
+        super().__init__(backbone)
+        c = backbone.config
+        if not (c.has_vision and c.has_text):
+            raise ValueError(f"captioning needs a vision and a text branch (modalities={c.modalities})")
+        self.bos_id, self.eos_id, self.mask_id = int(bos_id), int(eos_id), int(mask_id)
+        self.mlm_head = nn.Linear(c.dim, c.vocab_size)
+        self.init_head(self.mlm_head, std=c.init_std)
+
+    def head_config(self) -> dict[str, Any]:
+        return {"bos_id": self.bos_id, "eos_id": self.eos_id, "mask_id": self.mask_id}
+
+    def forward(
+        self, image: Tensor, text_ids: Tensor, text_padding_mask: Tensor | None = None,
+        masked_positions: Tensor | None = None, return_aux: bool = False,
+    ) -> Tensor | tuple[Tensor, MoEAux]:
+        """Vocabulary logits ``(M, V)`` at the ``masked_positions`` (``(B, Lt)`` bool) of the caption, or
+        ``(B, Lt, V)`` at every position when None."""
+        mask = captioning_attention_mask(self.backbone.vision_embed.num_tokens, text_ids.shape[1], text_ids.device)
+        out = self.backbone(image=image, text_ids=text_ids, text_padding_mask=text_padding_mask, attn_mask=mask)
+        logits = self.mlm_head(select_tokens(out.text_tokens, masked_positions, "caption"))
+        return (logits, out.aux) if return_aux else logits
+
+    def decode_state(self, image: Tensor, cached: bool = True, max_len: int = 32) -> _CachedCaptioner | _NaiveCaptioner:
+        """A :class:`~vlmoe.models.generation.DecodeState` for ``image`` (``cached=False``: the naive one)."""
+        return _CachedCaptioner(self, image, max_len) if cached else _NaiveCaptioner(self, image)
+
+    @torch.no_grad()
+    def generate(self, image: Tensor, max_len: int = 32, num_beams: int = 3, length_penalty: float = 0.6,
+                 cached: bool = True) -> GenerationOutput:
+        """Captions of ``image`` ``(B, C, H, W)`` as token ids (greedy for ``num_beams=1``), BEiT-3's
+        defaults: beam 3, length penalty 0.6, at most 32 tokens with bos and eos."""
+        if max_len > self.config.max_text_positions:
+            raise ValueError(f"max_len={max_len} exceeds the model's {self.config.max_text_positions} text positions")
+        state = self.decode_state(image, cached, max_len)
+        return generate(state, image.shape[0], self.bos_id, self.eos_id, max_len, num_beams, length_penalty,
+                        device=image.device)
+
+
+# ---------------------------------------------------------------------------------------------- retrieval
+@register_task_model
+class VLMoEForRetrieval(TaskModel):
+    """BEiT-3's dual encoder (``BEiT3ForRetrieval``): an image-only and a text-only pass through the
+    same backbone, ``vision_head`` / ``language_head`` (``Linear(D, D)`` without bias) on the CLS tokens,
+    L2-normalised, and a learnable ``logit_scale`` (init ``ln(1 / 0.07)``)."""
+
+    task = "retrieval"
+
+    def __init__(self, backbone: VLMoE) -> None:
+        super().__init__(backbone)
+        c = backbone.config
+        if not (c.has_vision and c.has_text):
+            raise ValueError(f"retrieval needs a vision and a text branch (modalities={c.modalities})")
+        self.vision_head = nn.Linear(c.dim, c.dim, bias=False)
+        self.language_head = nn.Linear(c.dim, c.dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.init_head(self.vision_head, self.language_head, std=c.init_std)
+
+    def head_no_weight_decay(self) -> set[str]:
+        return {"logit_scale"}
+
+    def encode_image(self, image: Tensor, return_aux: bool = False) -> Tensor | tuple[Tensor, MoEAux]:
+        """``(B, D)`` unit-norm image embeddings."""
+        out = self.backbone(image=image)
+        emb = F.normalize(self.vision_head(out.vision_cls), dim=-1)
+        return (emb, out.aux) if return_aux else emb
+
+    def encode_text(
+        self, text_ids: Tensor, text_padding_mask: Tensor | None = None, return_aux: bool = False
+    ) -> Tensor | tuple[Tensor, MoEAux]:
+        """``(B, D)`` unit-norm text embeddings."""
+        out = self.backbone(text_ids=text_ids, text_padding_mask=text_padding_mask)
+        emb = F.normalize(self.language_head(out.text_cls), dim=-1)
+        return (emb, out.aux) if return_aux else emb
+
+    def forward(
+        self, image: Tensor, text_ids: Tensor, text_padding_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``(image embeddings, text embeddings)``."""
+        return self.encode_image(image), self.encode_text(text_ids, text_padding_mask)

@@ -1,4 +1,4 @@
-"""Finetuning tasks (VQAv2, NLVR2, ImageNet) on the shared base, and ``vlmoe finetune``.
+"""Finetuning tasks (VQAv2, NLVR2, ImageNet, captioning, retrieval) on the shared base, and ``vlmoe finetune``.
 
     from vlmoe.tasks.finetune import VQATask, VQADataModule
     dm = VQADataModule()                                  # the demo's VQAv2-format files
@@ -6,19 +6,27 @@
 """
 
 from .base import DEMO, FinetuneDataModule, FinetuneTask
+from .captioning import CaptioningDataModule, CaptioningTask, caption_loss
 from .imagenet import ImageNetDataModule, ImageNetTask
 from .nlvr2 import NLVR2DataModule, NLVR2Task
+from .retrieval import RetrievalDataModule, RetrievalTask, clip_loss
 from .vqa import VQADataModule, VQATask, vqa_loss
 
 __all__ = [
     "DEMO",
+    "CaptioningDataModule",
+    "CaptioningTask",
     "FinetuneDataModule",
     "FinetuneTask",
     "ImageNetDataModule",
     "ImageNetTask",
     "NLVR2DataModule",
     "NLVR2Task",
+    "RetrievalDataModule",
+    "RetrievalTask",
     "VQADataModule",
     "VQATask",
+    "caption_loss",
+    "clip_loss",
     "vqa_loss",
 ]

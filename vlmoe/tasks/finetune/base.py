@@ -236,7 +236,18 @@ class FinetuneTask(VLMoETask):
             self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, sync_dist=False)
         if self.trainer.is_global_zero and self.output_dir:
             self.write_outputs(stage, ev, metrics)
+        if self.trainer.is_global_zero and metrics:
+            print(self.metrics_line(stage, metrics), flush=True)
         return metrics
+
+    def metrics_line(self, stage: str, metrics: dict[str, float]) -> str:
+        """``val (step 936, 500 images): CIDEr 2.5962, Bleu_4 0.7062, ...`` (the task's metric first)."""
+        counts = [f"{int(v):,} {k[4:]}" for k, v in metrics.items() if k.startswith("num_")]
+        shown = sorted((k for k in metrics if not k.startswith("num_") and k not in ("official",)),
+                       key=lambda k: k != self.metric_key)
+        where = f" -> {Path(self.output_dir) / f'{stage}_metrics.json'}" if self.output_dir else ""
+        head = ", ".join([f"step {self.trainer.global_step}", *counts])
+        return f"{stage} ({head}): " + ", ".join(f"{k} {metrics[k]:.4f}" for k in shown) + where
 
     def score(self, evaluator: Evaluator) -> dict[str, float]:
         """The metrics of a gathered evaluator (a test split without labels has none)."""

@@ -1,0 +1,159 @@
+"""Image-text retrieval as BEiT-3 does it (``BEiT3ForRetrieval``, ``ClipLoss``, ``RetrievalHandler``).
+
+A dual encoder on the one multiway backbone: an image-only pass (``vision_head`` on the vision CLS)
+and a text-only pass (``language_head`` on the text CLS), both L2-normalised, a learnable
+``logit_scale``. The loss is CLIP's symmetric cross-entropy over the similarities of the whole
+global batch: every rank all-gathers the image and text features of all ranks, the local part keeps
+its gradients (open_clip's ``ClipLoss`` with ``local_loss=False, gather_with_grad=False``, which BEiT-3
+uses), so each rank computes the loss of the global batch. Evaluation embeds every image and caption
+of the split and reports image -> text and text -> image R@1/5/10 and their mean
+(:mod:`vlmoe.metrics.retrieval`); ``average_score`` selects the best checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from vlmoe.data.coco import KarpathyCaptions
+from vlmoe.metrics.retrieval import RetrievalEvaluator
+from vlmoe.models import VLMoE, VLMoEForRetrieval
+
+from .base import DEMO, FinetuneDataModule, FinetuneTask
+
+__all__ = ["RetrievalCollator", "RetrievalDataModule", "RetrievalTask", "clip_loss", "gather_features"]
+
+
+def gather_features(*features: Tensor) -> tuple[Tensor, ...]:
+    """Each ``(B, D)`` tensor of every rank concatenated in rank order; this rank's part is the input
+    itself (with its gradients), the others' are detached copies. Outside ``torch.distributed``: as is."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return features
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = []
+    for f in features:
+        parts = [torch.empty_like(f) for _ in range(world)]
+        dist.all_gather(parts, f.detach().contiguous())
+        parts[rank] = f
+        out.append(torch.cat(parts))
+    return tuple(out)
+
+
+def clip_loss(image: Tensor, text: Tensor, logit_scale: Tensor) -> tuple[Tensor, Tensor]:
+    """``((CE(s·I·Tᵀ, y) + CE(s·T·Iᵀ, y)) / 2, accuracy)`` over the global batch (all ranks' features,
+    :func:`gather_features`); ``s = exp(logit_scale)``, row ``i`` matches column ``i``."""
+    all_image, all_text = gather_features(image, text)
+    scale = logit_scale.exp()
+    logits = scale * all_image.float() @ all_text.float().t()
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    acc = (logits.argmax(dim=1) == labels).float().mean()
+    return loss, acc
+
+
+class RetrievalTask(FinetuneTask):
+    """Retrieval finetuning (see the module docstring); options: :class:`~vlmoe.tasks.finetune.FinetuneTask`'s."""
+
+    metric_key = "average_score"
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+
+    def build_model(self, backbone: VLMoE) -> VLMoEForRetrieval:
+        return VLMoEForRetrieval(backbone)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        img, aux_i = self.model.encode_image(batch["image"], return_aux=True)
+        txt, aux_t = self.model.encode_text(batch["text_ids"], batch["text_padding_mask"], return_aux=True)
+        loss, acc = clip_loss(img, txt, self.model.logit_scale)
+        self.log("train/itc_accuracy", acc, on_step=True, on_epoch=False)
+        self.log("train/logit_scale", self.model.logit_scale.detach().exp(), on_step=True, on_epoch=False)
+        return self.loss_with_aux(loss, aux_i + aux_t)
+
+    def make_evaluator(self, stage: str) -> RetrievalEvaluator:
+        return RetrievalEvaluator()
+
+    def eval_step(self, batch: dict[str, Any]) -> tuple[Tensor | None, list[dict[str, Any]]]:
+        img = self.model.encode_image(batch["image"]).float().tolist()
+        txt = self.model.encode_text(batch["caption_ids"], batch["caption_padding_mask"]).float().tolist()
+        ids = batch["image_id"].tolist()
+        records = [{"key": f"i{i}", "image_id": i, "embedding": e} for i, e in zip(ids, img)]
+        records += [{"key": f"t{ids[r]}-{j}", "image_id": ids[r], "embedding": e}
+                    for r, j, e in zip(batch["caption_image"], batch["caption_index"], txt)]
+        return None, records
+
+    def write_outputs(self, stage: str, evaluator: RetrievalEvaluator, metrics: dict[str, float]) -> None:
+        """Only ``<stage>_metrics.json`` (the embeddings are not worth a file)."""
+        from pathlib import Path
+
+        from vlmoe.io import atomic_write_json
+
+        if metrics:
+            atomic_write_json(Path(self.output_dir) / f"{stage}_metrics.json",
+                              {"step": self.trainer.global_step, **metrics}, indent=1)
+
+
+class RetrievalCollator:
+    """Training samples (one caption each) go through the base collator; evaluation samples (an image
+    with all its captions) also get ``caption_ids`` / ``caption_padding_mask`` of every caption,
+    flattened, with ``caption_image`` (row of its image) and ``caption_index``."""
+
+    def __init__(self, base: Any) -> None:
+        self.base = base
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.base([{k: v for k, v in s.items() if k != "captions"} for s in samples])
+        if samples and "captions" in samples[0]:
+            caps = [(r, j, c) for r, s in enumerate(samples) for j, c in enumerate(s["captions"])]
+            ids, pad = self.base.tokenizer([c for _, _, c in caps], self.base.max_len)
+            batch.update(caption_ids=ids, caption_padding_mask=pad, caption_image=[r for r, _, _ in caps],
+                         caption_index=[j for _, j, _ in caps])
+        return batch
+
+
+class RetrievalDataModule(FinetuneDataModule):
+    """Karpathy-split image-caption files (``dataset_coco.json``, ``dataset_flickr30k.json``); ``demo``:
+    the demo data's COCO-style split.
+
+    Args:
+        karpathy: the Karpathy split file.
+        image_root: folder of its ``filepath`` folders (Flickr30k: the image folder, ``filepath`` empty).
+        val_split / test_split: the splits ``validate`` / ``test`` score.
+        **kwargs: :class:`~vlmoe.tasks.finetune.FinetuneDataModule` options.
+    """
+
+    def __init__(self, karpathy: str | None = DEMO, image_root: str | None = DEMO, val_split: str = "val",
+                 test_split: str = "test", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.files = {"karpathy": karpathy, "image_root": image_root}
+        self.splits = {"val": val_split, "test": test_split}
+
+    def uses_demo(self) -> bool:
+        return any(v == DEMO for v in self.files.values())
+
+    def resolve(self) -> dict[str, Any]:
+        files = dict(self.files)
+        if self.uses_demo():
+            d = self.demo()
+            demo = {"karpathy": str(d.coco_karpathy), "image_root": str(d.coco_images)}
+            files = {k: (demo[k] if v == DEMO else v) for k, v in files.items()}
+        return files
+
+    def setup(self, stage: str | None = None) -> None:
+        f = self.resolve()
+        if not f["karpathy"]:
+            raise ValueError("data.karpathy is not set: give dataset_coco.json / dataset_flickr30k.json")
+        if stage in ("fit", None) and "train" not in self.datasets:
+            self.datasets["train"] = KarpathyCaptions(f["karpathy"], f["image_root"], "train", self.transform(True))
+        for name, stages in (("val", ("fit", "validate", None)), ("test", ("test", "predict", None))):
+            if stage in stages and name not in self.datasets:
+                self.datasets[name] = KarpathyCaptions(f["karpathy"], f["image_root"], self.splits[name],
+                                                       self.transform(False), per_caption=False)
+
+    def collator(self) -> RetrievalCollator:
+        return RetrievalCollator(super().collator())
