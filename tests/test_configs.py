@@ -131,9 +131,13 @@ def test_finetune_config_parses(path: Path) -> None:
     if path.stem.startswith("beit3"):
         cfg = parse_finetune(path.parent.name, "--config", str(path), "--config", str(ROOT / "trainer" / "ddp.yaml"))
         assert cfg.trainer.strategy == "ddp_find_unused_parameters_true"
+    if path.stem.startswith("vitdet"):
+        cfg = parse_finetune(path.parent.name, "--config", str(path), "--config", str(ROOT / "trainer" / "ddp.yaml"))
+        assert (cfg.model.image_size, cfg.model.layer_decay, cfg.model.window_size) == (1024, 0.7, 14)
+        assert cfg.trainer.strategy == "ddp_find_unused_parameters_true"
 
 
-@pytest.mark.parametrize("task", ["vqav2", "nlvr2", "imagenet", "captioning", "retrieval"])
+@pytest.mark.parametrize("task", ["vqav2", "nlvr2", "imagenet", "captioning", "retrieval", "detection"])
 def test_finetune_demo_yaml_is_the_default_run(task: str) -> None:
     default = _plain(parse_finetune(task))
     demo = _plain(parse_finetune(task, "--config", str(ROOT / "finetune" / task / "demo.yaml")))

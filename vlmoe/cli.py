@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("vlmoe.tasks.pretrain.cli", "masked multimodal pretraining (LightningCLI); no arguments: the demo"),
     "finetune": (
         "vlmoe.tasks.finetune.cli",
-        "finetune TASK (vqav2, nlvr2, imagenet, captioning, retrieval) and score it; no options: demo",
+        "finetune TASK (vqav2, nlvr2, imagenet, captioning, retrieval, detection) and score it; no options: demo",
     ),
     "evaluate": ("vlmoe.commands.evaluate", "score a results file: `vlmoe evaluate coco` (COCOeval), `captions`"),
     "export": ("vlmoe.commands.export", "checkpoints (BEiT-3, timm, vlmoe) -> safetensors + config.json"),

@@ -73,7 +73,7 @@ def test_evaluator_counts_each_image_once() -> None:
     ev.update(records)
     ev.update(records[:10])  # a distributed sampler's padding duplicates
     out = ev.compute()
-    assert ev.duplicates == 10 and [out[f"bbox/{k}"] for k in STAT_NAMES] == pytest.approx(WANT["bbox"], abs=1e-15)
+    assert ev.duplicates == 10 and [out[f"bbox_{k}"] for k in STAT_NAMES] == pytest.approx(WANT["bbox"], abs=1e-15)
 
 
 def _bad(tmp_path: Path, results=None, gt=None) -> str:

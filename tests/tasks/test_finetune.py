@@ -11,6 +11,8 @@ from tests.utils import VARIANTS, trainer
 from vlmoe.tasks.finetune import (
     CaptioningDataModule,
     CaptioningTask,
+    DetectionDataModule,
+    DetectionTask,
     ImageNetDataModule,
     ImageNetTask,
     NLVR2DataModule,
@@ -81,6 +83,41 @@ def test_fast_dev_run_every_task_and_moe_variant(kind, variant, demo, tokenizer,
         assert {"aux/balance", "aux/z", "aux/entropy"} & set(t.callback_metrics)  # MoE losses logged
     if kind == "imagenet":  # the vision branch only
         assert not any(".text." in n or "text_embed" in n for n, _ in task.named_parameters())
+
+
+@pytest.mark.parametrize("variant", ["dense", "mhmoe"])
+def test_detection_fast_dev_run_scores_coco_boxes_and_masks(variant, demo, tmp_path) -> None:
+    dm = DetectionDataModule(demo_dir=str(demo.root), limit_train_samples=8, batch_size=2, val_batch_size=4,
+                             num_workers=0, image_size=64, scale_range=(0.8, 1.25))
+    preset, overrides = VARIANTS[variant]
+    task = DetectionTask(class_names=dm.class_names, category_ids=dm.category_ids, model=preset,
+                         model_overrides=overrides, init_checkpoint=None, image_size=64, window_size=4,
+                         out_channels=32, head_channels=32, fc_dim=64, warmup_steps=0, stats_every=1,
+                         output_dir=str(tmp_path / "pred"))
+    t = trainer(tmp_path, fast_dev_run=True)
+    t.fit(task, datamodule=dm)
+    assert t.global_step == 1 and {"val/bbox_AP", "val/segm_AP"} <= set(t.callback_metrics)
+    assert {"loss/loss_mask", "loss/loss_objectness"} <= set(t.callback_metrics)
+    if variant != "dense":
+        assert {"aux/balance", "aux/z", "aux/entropy"} & set(t.callback_metrics)
+    assert not any(".text." in n or "text_embed" in n for n, _ in task.named_parameters())
+    dets = json.loads((tmp_path / "pred" / "val_detections.json").read_text())
+    assert all(d["category_id"] in dm.category_ids and len(d["bbox"]) == 4 for d in dets)
+    assert dm.class_names == ["circle", "rectangle", "triangle"]
+
+
+def test_detection_training_leaves_out_images_without_objects(demo, tmp_path) -> None:
+    gt = json.loads(demo.coco_instances_train.read_text())
+    empty = gt["images"][0]["id"]
+    gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] != empty]
+    ann = tmp_path / "instances.json"
+    ann.write_text(json.dumps(gt))
+    dm = DetectionDataModule(train_annotations=str(ann), train_images=str(demo.coco_images / "train2014"),
+                             val_annotations=str(ann), val_images=str(demo.coco_images / "train2014"),
+                             demo_dir=str(demo.root), image_size=64, num_workers=0)
+    dm.setup("fit")
+    assert empty not in dm.datasets["train"].ids and empty in dm.datasets["val"].ids
+    assert len(dm.datasets["train"].ids) == len(gt["images"]) - 1
 
 
 def test_validate_scores_the_whole_split_and_writes_predictions(demo, tokenizer, tmp_path) -> None:

@@ -11,6 +11,7 @@ BENCHMARKS = {
     "model": "vlmoe.bench.model",
     "finetune": "vlmoe.bench.finetune",
     "decode": "vlmoe.bench.decode",
+    "detection": "vlmoe.bench.detection",
 }
 
 

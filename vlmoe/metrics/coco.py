@@ -187,7 +187,8 @@ def format_report(scores: dict[str, dict[str, Any]]) -> str:
 
 class COCOEvaluator(Evaluator):
     """Records ``{"image_id", "detections": [results-format dicts]}``, one per image (so a sampler's
-    padding duplicates count once); scores the union with :func:`evaluate_coco` over the images seen.
+    padding duplicates count once); scores the union with :func:`evaluate_coco` over the images seen, as
+    ``bbox_AP``, ``bbox_AP50``, ..., ``segm_AR_large`` (no ``/``: the names go into checkpoint file names).
 
     Args:
         ground_truth: an instances file or a ``COCO``.
@@ -207,9 +208,9 @@ class COCOEvaluator(Evaluator):
     def compute(self) -> dict[str, float]:
         dets = self.results()
         if not dets:
-            return {f"{t}/AP": 0.0 for t in self.iou_types}
+            return {f"{t}_AP": 0.0 for t in self.iou_types}
         scores = evaluate_coco(self.coco, dets, self.iou_types, img_ids=[r["image_id"] for r in self.records],
                                source="detections")
-        out = {f"{t}/{k}": v for t, s in scores.items() for k, v in s["stats"].items()}
+        out = {f"{t}_{k}": v for t, s in scores.items() for k, v in s["stats"].items()}
         out["num_images"] = float(len(self))
         return out

@@ -21,6 +21,7 @@ from .checkpoint import (
 )
 from .config import PRESETS, VLMoEConfig
 from .convert import beit3_to_vlmoe, detect_format, timm_vit_to_vlmoe, vlmoe_to_beit3
+from .detection import ViTDetBackbone, VLMoEForDetection, build_mask_rcnn
 from .export import export_beit3, load_pretrained, save_pretrained
 from .generation import GenerationOutput, beam_search, generate, greedy_search
 from .heads import Pooler, TwoLayerMLP, select_tokens, vqa_classifier
@@ -50,6 +51,7 @@ __all__ = [
     "TaskModel",
     "TwoLayerMLP",
     "VLMoEForCaptioning",
+    "VLMoEForDetection",
     "VLMoEForImageClassification",
     "VLMoEForNLVR2",
     "VLMoEForPretraining",
@@ -57,9 +59,11 @@ __all__ = [
     "VLMoEForVQA",
     "VLMoE",
     "VLMoEConfig",
+    "ViTDetBackbone",
     "beit3_config",
     "beam_search",
     "beit3_to_vlmoe",
+    "build_mask_rcnn",
     "build_task_model",
     "captioning_attention_mask",
     "create_model",

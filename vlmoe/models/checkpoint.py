@@ -355,11 +355,17 @@ def load_state_dict(
     report.loaded_numel = sum(params[k].numel() for k in expected if k not in absent)
     if strict and not report.complete:
         raise ValueError(str(report) + "\n(strict=True: the checkpoint does not fit the model exactly)")
-    if not allow_partial and report.share < min_share:
-        matched = sum(1 for k in expected if k not in absent)
+    # the threshold is on the backbone: a task model's heads are new by design, and a detector's heads
+    # can outweigh a small backbone
+    core = [k for k in expected if k.startswith(prefix)] if prefix else expected
+    core_numel = sum(params[k].numel() for k in core)
+    core_share = sum(params[k].numel() for k in core if k not in absent) / core_numel if core_numel else 1.0
+    if not allow_partial and core_share < min_share:
+        matched = sum(1 for k in core if k not in absent)
+        what = "backbone's" if prefix else "model's"
         raise ValueError(
-            f"{source}: the checkpoint ({format} layout) provides only {report.share:.1%} of the model's "
-            f"weights ({matched} of {len(expected)} parameter tensors; at least {min_share:.0%} expected). "
+            f"{source}: the checkpoint ({format} layout) provides only {core_share:.1%} of the {what} "
+            f"weights ({matched} of {len(core)} parameter tensors; at least {min_share:.0%} expected). "
             f"Unused checkpoint keys, e.g. {report.unexpected[:3]}; model keys left at init, e.g. "
             f"{report.missing[:3]}. A checkpoint of another model or layout? To load the matching part "
             "on purpose pass allow_partial=True (CLI: --model.allow_partial_init true)."

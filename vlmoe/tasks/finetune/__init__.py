@@ -7,6 +7,7 @@
 
 from .base import DEMO, FinetuneDataModule, FinetuneTask
 from .captioning import CaptioningDataModule, CaptioningTask, caption_loss
+from .detection import DetectionDataModule, DetectionTask
 from .imagenet import ImageNetDataModule, ImageNetTask
 from .nlvr2 import NLVR2DataModule, NLVR2Task
 from .retrieval import RetrievalDataModule, RetrievalTask, clip_loss
@@ -16,6 +17,8 @@ __all__ = [
     "DEMO",
     "CaptioningDataModule",
     "CaptioningTask",
+    "DetectionDataModule",
+    "DetectionTask",
     "FinetuneDataModule",
     "FinetuneTask",
     "ImageNetDataModule",

@@ -22,6 +22,7 @@ from lightning.pytorch.cli import LightningArgumentParser
 
 from ..cli import SUBCOMMANDS, VLMoECLI, run_cli
 from .captioning import CaptioningDataModule, CaptioningTask
+from .detection import DetectionDataModule, DetectionTask
 from .imagenet import ImageNetDataModule, ImageNetTask
 from .nlvr2 import NLVR2DataModule, NLVR2Task
 from .retrieval import RetrievalDataModule, RetrievalTask
@@ -143,6 +144,33 @@ TASKS: dict[str, TaskSpec] = {
         },
         trainer={"max_epochs": 3, "max_steps": -1},
         description="Image captioning (BEiT-3's masked seq2seq; KV-cached beam search; BLEU/METEOR/ROUGE-L/CIDEr).",
+    ),
+    "detection": TaskSpec(
+        DetectionTask, DetectionDataModule, "bbox_AP",
+        links=(("data.class_names", "model.class_names"), ("data.category_ids", "model.category_ids"),
+               ("data.mean_std_values", "model.mean_std")),
+        demo={
+            # the tiny demo model (patch 8) at 128 px: a 16 x 16 patch grid, 8 x 8 windows in block 0,
+            # global attention in block 1; narrow pyramid and heads for a CPU
+            "model.init_checkpoint": "demo",
+            "model.image_size": 128,
+            "model.window_size": 8,
+            "model.out_channels": 64,
+            "model.head_channels": 64,
+            "model.fc_dim": 256,
+            "model.detector_options": {"box_batch_size_per_image": 128, "rpn_batch_size_per_image": 128},
+            "model.lr": 3.0e-4,
+            "model.min_lr": 1.0e-5,
+            "model.warmup_steps": 100,
+            "model.weight_decay": 0.1,
+            "data.scale_range": [0.8, 1.25],
+            "data.batch_size": 8,
+            "data.val_batch_size": 25,
+            "data.hflip": 0.5,
+            "data.num_workers": 1,
+        },
+        trainer={"max_epochs": -1, "max_steps": 800, "val_check_interval": 800, "check_val_every_n_epoch": None},
+        description="COCO detection / instance segmentation: ViTDet on torchvision's Mask R-CNN (box and mask AP).",
     ),
     "retrieval": TaskSpec(
         RetrievalTask, RetrievalDataModule, "average_score",
