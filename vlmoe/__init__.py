@@ -2,6 +2,7 @@
 
     import vlmoe
     model = vlmoe.create_model("base_xmoe8")          # presets: vlmoe.list_models()
+    predictor = vlmoe.load("out/vqa")                 # an exported (finetuned) model: .answer / .caption / ...
     layer = vlmoe.MoE(768, vlmoe.MoEConfig(num_experts=8, top_k=2))
 
 The names below are imported on first use, so ``import vlmoe`` (and the ``vlmoe`` command) stays fast.
@@ -27,6 +28,8 @@ _LAZY = {
     "save_pretrained": "vlmoe.models",
     "build_demo": "vlmoe.data",
     "build_tokenizer": "vlmoe.data",
+    "load": "vlmoe.inference",
+    "Predictor": "vlmoe.inference",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "finetune TASK (vqav2, nlvr2, imagenet, captioning, retrieval, detection) and score it; no options: demo",
     ),
     "evaluate": ("vlmoe.commands.evaluate", "score a results file: `vlmoe evaluate coco` (COCOeval), `captions`"),
+    "analyze": ("vlmoe.commands.analyze", "`vlmoe analyze routing`: expert load / activation per layer, pictures"),
+    "predict": ("vlmoe.commands.predict", "a model folder on your own images: answer | caption | classify | detect"),
     "export": ("vlmoe.commands.export", "checkpoints (BEiT-3, timm, vlmoe) -> safetensors + config.json"),
 }
 

@@ -60,3 +60,11 @@ def test_bench_decode_times_cached_and_naive_for_both_searches(capsys):
     assert [r.split("|")[2].strip() for r in rows] == ["greedy", "beam 3"]
     assert all(r.rstrip(" |").endswith("x**") and "est." not in r for r in rows)
     assert capsys.readouterr().out.count("| tiny") == 2  # printed once
+
+
+def test_bench_predict_compares_the_predictor_with_the_bare_forward(capsys):
+    from vlmoe.bench import predict
+
+    table = predict.main(["--models", "tiny", "--images", "4", "--batch-size", "2", "--repeats", "1"])
+    rows = [line for line in table.splitlines() if line.startswith("| tiny")]
+    assert len(rows) == 1 and rows[0].rstrip(" |").endswith("%")

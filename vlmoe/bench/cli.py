@@ -12,6 +12,7 @@ BENCHMARKS = {
     "finetune": "vlmoe.bench.finetune",
     "decode": "vlmoe.bench.decode",
     "detection": "vlmoe.bench.detection",
+    "predict": "vlmoe.bench.predict",
 }
 
 

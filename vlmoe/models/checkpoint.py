@@ -250,9 +250,10 @@ def load_state_dict(
             (BEiT-3's and timm's head names are the task models' own).
         strict: raise when parameters are missing or keys are unused.
         upcycle_noise: std of the noise added to each expert's copy of a dense FFN.
-        min_share: raise when the checkpoint provides less than this fraction of the parameter
-            elements it should (:attr:`LoadReport.share`): a checkpoint of another model, or of
-            another layout, would otherwise leave the model at random init without a word.
+        min_share: raise when the checkpoint provides less than this fraction of the backbone's
+            parameter elements (of a task model: its ``backbone.``; new heads do not count): a
+            checkpoint of another model, or of another layout, would otherwise leave the model at
+            random init without a word. :attr:`LoadReport.share` reports the whole model's share.
         allow_partial: load whatever matches, however little (a partial load on purpose).
     """
     from .task_models import TaskModel
@@ -510,7 +511,7 @@ def load_checkpoint(
         key: container key to unwrap (default: ``model`` / ``module`` / ``state_dict``).
         strict: raise unless every parameter is loaded and every key used.
         upcycle_noise: noise std for dense -> MoE copies.
-        allow_partial: accept a checkpoint that provides under half of the model's weights (see
+        allow_partial: accept a checkpoint that provides under half of the backbone's weights (see
             :func:`load_state_dict`).
     """
     sd, where = read_state_dict(src, key)

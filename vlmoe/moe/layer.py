@@ -110,6 +110,7 @@ class MoE(nn.Module):
         self.stats_name = ""  # set by the model, names this layer in routing statistics
         self.expert_parallel = None  # set by vlmoe.moe.parallel.shard_experts
         self.defer_finite_check = False  # see defer_finite_checks
+        self.record_assignments = False  # routing analysis: keep each (sub-)token's experts in the stats
         self.reset_projections()
 
     def reset_projections(self) -> None:
@@ -184,6 +185,8 @@ class MoE(nn.Module):
             y, route, plan = self.route_and_compute(sub, self.router, capacity)
             losses = self.aux_losses(route, plan)
             stats = self.routing_stats(plan, T * h, route)
+            if self.record_assignments:
+                stats.assignments = route.indices.detach()
         y = y.reshape(T, self.dim)  # merge the h sub-tokens back
         if self.merge_proj is not None:
             y = self.merge_proj(y)

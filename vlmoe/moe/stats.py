@@ -77,6 +77,10 @@ class RoutingStats:
     nonfinite: Tensor | None = None
     """() bool on the layer's device: the router produced NaN / inf logits in this call (recorded
     when the layer defers its finiteness check to the caller, see :func:`defer_finite_checks`)."""
+    assignments: Tensor | None = None
+    """(T * h, k) expert ids chosen for each routed (sub-)token of this call, in token order (the h
+    sub-tokens of a token are consecutive); recorded only while the layer's ``record_assignments`` is
+    set (routing analysis), never in training."""
 
     @property
     def num_experts(self) -> int:

@@ -7,7 +7,7 @@ starts from (``init_checkpoint``: a ``vlmoe pretrain`` / ``finetune`` ``.ckpt``,
 folder, an official BEiT-3 ``.pth`` - dense -> MoE upcycling included - or a timm ViT). The vision
 positions are resized when the finetuning resolution (``image_size``) differs from the checkpoint's;
 the load report (loaded share, missing / unused / resized keys) is printed on rank 0, and a
-checkpoint that provides under half of the model's weights is an error. ``init_checkpoint: demo``
+checkpoint that provides under half of the backbone's weights is an error. ``init_checkpoint: demo``
 is the demo pretraining run's checkpoint (``runs/pretrain/demo/checkpoints/last.ckpt``).
 
 Evaluation: every ``validation`` / ``test`` batch adds records to an evaluator

@@ -158,7 +158,12 @@ TASKS: dict[str, TaskSpec] = {
             "model.out_channels": 64,
             "model.head_channels": 64,
             "model.fc_dim": 256,
-            "model.detector_options": {"box_batch_size_per_image": 128, "rpn_batch_size_per_image": 128},
+            # one object per image: far fewer proposals and sampled ROIs than COCO needs (2x faster)
+            "model.detector_options": {
+                "box_batch_size_per_image": 64, "rpn_batch_size_per_image": 64,
+                "rpn_pre_nms_top_n_train": 300, "rpn_post_nms_top_n_train": 300,
+                "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 100, "box_detections_per_img": 20,
+            },
             "model.lr": 3.0e-4,
             "model.min_lr": 1.0e-5,
             "model.warmup_steps": 100,

@@ -149,6 +149,11 @@ class DetectionTask(FinetuneTask):
         self.log_dict({f"loss/{k}": v.detach() for k, v in losses.items()}, on_step=True, on_epoch=False)
         return self.loss_with_aux(loss, self.model.aux)
 
+    def batch_size_and_tokens(self, batch: dict[str, Any]) -> tuple[int, int]:
+        """Images of a detection batch (a list) and their patches at the detector's input size."""
+        n, side = len(batch["image"]), self.model.image_size // self.config.patch_size
+        return n, n * side * side
+
     def make_evaluator(self, stage: str) -> COCOEvaluator:
         dm = self.trainer.datamodule
         gt = dm.ground_truth(stage) if dm is not None and hasattr(dm, "ground_truth") else None

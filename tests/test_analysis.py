@@ -1,0 +1,101 @@
+"""`vlmoe analyze routing`: the report's numbers are the MoE layers' own statistics on the same batches;
+the pictures exist with their pixel size; the command compares models side by side."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from tests.utils import VARIANTS
+from vlmoe.analysis import routing_report, write_routing_report
+from vlmoe.models import VLMoEConfig, create_model
+from vlmoe.moe import RoutingStatsAccumulator
+
+
+def _model(variant: str):
+    name, overrides = VARIANTS[variant]
+    torch.manual_seed(0)
+    return create_model(VLMoEConfig.from_name(name, **overrides)).eval()
+
+
+def _batches(n: int = 2):
+    g = torch.Generator().manual_seed(0)
+    return [{"image": torch.randn(4, 3, 32, 32, generator=g), "text_ids": torch.randint(4, 100, (4, 10), generator=g),
+             "text_padding_mask": torch.arange(10).expand(4, 10) >= torch.tensor([[10], [7], [5], [10]])}
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("variant", ["topk", "mhmoe", "hmoe", "stratified"])
+def test_report_numbers_are_the_layers_own_statistics(variant: str) -> None:
+    model, batches = _model(variant), _batches()
+    rep = routing_report(model, batches)
+    acc = RoutingStatsAccumulator()
+    with torch.no_grad():
+        for b in batches:  # the pairs stream, by hand
+            acc.update(model(image=b["image"], text_ids=b["text_ids"], text_padding_mask=b["text_padding_mask"]).aux)
+    want = acc.per_layer()
+    got = rep["streams"]["pairs"]
+    assert set(got) == set(want)
+    for name, row in got.items():
+        assert row["counts"] == acc.counts[name].tolist()
+        assert row["activation_ratio"] == want[name]["activation_ratio"]
+        assert row["load_entropy"] == pytest.approx(want[name]["load_entropy"])
+        assert row["routed_tokens"] == want[name]["routed_tokens"]
+    assert set(rep["streams"]) == {"vision", "text", "pairs"}
+    text = rep["streams"]["text"]
+    real = (10 + 7 + 5 + 10) * 2  # non-padding text tokens of the two batches: padding is never routed
+    heads = 2 if variant == "mhmoe" else 1  # MH-MoE routes sub-tokens
+    assert all(r["routed_tokens"] == real * heads for n, r in text.items() if n.endswith(".text"))
+    if variant == "hmoe":
+        assert all("activated_params_per_token" in r for r in got.values())
+    if variant == "stratified":
+        assert all(r["mean_passes"] >= 1 for r in got.values())
+
+
+def test_pictures_index_and_report_are_written(tmp_path) -> None:
+    reports = {"X-MoE": routing_report(_model("xmoe"), _batches(1)), "Dense": routing_report(_model("dense"),
+                                                                                               _batches(1))}
+    written = write_routing_report(reports, tmp_path / "out")
+    names = {p.name for p in written}
+    assert {"report.json", "index.html", "load_X-MoE_pairs.png", "activation_ratio_vision.png"} <= names
+    for p in written:
+        assert p.stat().st_size > 0
+        if p.suffix == ".png":
+            w, h = Image.open(p).size
+            assert w == 640 and h > 100
+    page = (tmp_path / "out" / "index.html").read_text()
+    assert "load_X-MoE_pairs.png" in page and "report.json" in page
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["Dense"]["streams"] == {}
+    with pytest.raises(FileExistsError, match="not empty"):
+        write_routing_report(reports, tmp_path / "out")
+
+
+@pytest.mark.parametrize(("variant", "heads"), [("xmoe", 1), ("mhmoe", 2)])
+def test_patch_maps_have_the_models_patch_grid_and_its_first_choices(variant: str, heads: int) -> None:
+    from vlmoe.analysis import patch_expert_maps, plot_patch_maps
+
+    model = _model(variant)
+    image = _batches(1)[0]["image"][:2]
+    maps = patch_expert_maps(model, image)
+    gh, gw = model.vision_embed.grid_size
+    assert set(maps) == {n for n, m in model.named_modules() if n.endswith("mlp.vision")}
+    for m in maps.values():
+        assert m.shape == (2, heads, gh, gw) and int(m.max()) < 4
+    # the first choices are the router's own top-1 of the same call
+    name = next(iter(maps))
+    moe = dict(model.named_modules())[name]
+    seen = []
+    handle = moe.router.register_forward_hook(lambda mod, inp, out: seen.append(out.indices[:, 0].clone()))
+    patch_expert_maps(model, image)
+    handle.remove()
+    top1 = seen[0].view(2, 1 + gh * gw, heads)[:, 1:].permute(0, 2, 1).reshape(2, heads, gh, gw)
+    assert torch.equal(top1, maps[name])
+    assert all(not m.record_assignments for m in model.modules() if hasattr(m, "record_assignments"))
+    fig = plot_patch_maps(image.clamp(-1, 1) * 0.5 + 0.5, maps, {n: 4 for n in maps}, "t")
+    assert len(fig.axes) == 2 * (1 + heads * len(maps))
+    report = routing_report(model, _batches(1))
+    if heads > 1:  # each token's h sub-tokens x top-2 reach between 1 and h*k distinct experts
+        assert all(1 <= r["distinct_experts_per_token"] <= 4 for r in report["streams"]["pairs"].values())

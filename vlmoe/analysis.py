@@ -1,0 +1,323 @@
+"""Routing analytics: what the experts of one or more models do on the same data.
+
+:func:`routing_report` runs a model's backbone over batches of three streams - images alone
+(``vision``), texts alone (``text``) and image-text pairs (``pairs``) - with forward hooks on its MoE
+layers and sums each layer's routed (sub-)token assignments per expert (the layers' own
+:class:`~vlmoe.moe.RoutingStats`, before capacity dropping), per stream. From the summed counts it
+reports per layer the expert load (counts and shares), the activation ratio (``vlmoe.moe.stats``:
+share of experts with at least ``tau`` x the uniform share), the load entropy (1 = uniform), the load
+CV, dropped assignments, and where the layers provide them the activated expert parameters per
+(sub-)token (HMoE) and the mean expert passes per token (Stratified MoE).
+
+:func:`write_routing_report` writes ``report.json`` (every number), PNG pictures (matplotlib, Agg) - a
+layers x experts load heatmap per model and stream, and the activation ratio per layer of every model
+side by side - and an ``index.html`` showing them with captions.
+
+    vlmoe analyze routing --model runs/pretrain/demo_dense/checkpoints/last.ckpt \\
+        --model runs/pretrain/demo_xmoe/checkpoints/last.ckpt --model runs/pretrain/demo/checkpoints/last.ckpt \\
+        --out docs/routing
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections import OrderedDict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from vlmoe.moe import MoE, RoutingStats
+from vlmoe.moe.stats import activation_ratio, load_cv, load_entropy
+
+__all__ = ["STREAMS", "demo_batches", "patch_expert_maps", "plot_patch_maps", "routing_report",
+           "write_routing_report"]
+
+STREAMS = ("vision", "text", "pairs")
+
+
+class _Recorder:
+    """Forward hooks on every MoE layer of a module: summed counts per layer name."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.counts: OrderedDict[str, Tensor] = OrderedDict()
+        self.dropped: dict[str, int] = {}
+        self.routed: dict[str, int] = {}
+        self.params: dict[str, float] = {}
+        self.passes: dict[str, Tensor] = {}
+        self.distinct: dict[str, list[float]] = {}  # MH-MoE: [sum of distinct experts per token, tokens]
+        self.handles = [m.register_forward_hook(self._hook) for m in module.modules() if isinstance(m, MoE)]
+
+    def _hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        aux = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        for s in getattr(aux, "stats", []) or []:
+            self.add(s)
+            h = module.config.heads
+            if s.assignments is not None and h > 1:
+                a = s.assignments.view(-1, h * s.assignments.shape[1]).cpu()  # (T, h*k) one row per token
+                distinct = (a.sort(dim=1).values.diff(dim=1) != 0).sum(dim=1) + 1
+                acc = self.distinct.setdefault(s.name, [0.0, 0.0])
+                acc[0] += float(distinct.sum())
+                acc[1] += float(a.shape[0])
+
+    def add(self, s: RoutingStats) -> None:
+        name = s.name or f"layer{len(self.counts)}"
+        c = s.tokens_per_expert.detach().long().cpu()
+        self.counts[name] = self.counts[name] + c if name in self.counts else c.clone()
+        self.dropped[name] = self.dropped.get(name, 0) + int(s.dropped)
+        self.routed[name] = self.routed.get(name, 0) + int(s.routed_tokens)
+        if s.expert_params is not None and s.routed_tokens:
+            self.params[name] = self.params.get(name, 0.0) + s.activated_params_per_token() * s.routed_tokens
+        if s.passes_per_token is not None:
+            p = s.passes_per_token.detach().long().cpu()
+            self.passes[name] = self.passes[name] + p if name in self.passes else p.clone()
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def layers(self, tau: float) -> dict[str, dict[str, Any]]:
+        out = {}
+        for name, c in self.counts.items():
+            total = int(c.sum())
+            row: dict[str, Any] = {
+                "counts": c.tolist(),
+                "load": [float(x) / total if total else 0.0 for x in c.tolist()],
+                "activation_ratio": activation_ratio(c, tau),
+                "load_entropy": load_entropy(c),
+                "load_cv": load_cv(c),
+                "dropped": self.dropped[name],
+                "routed_tokens": self.routed[name],
+            }
+            if name in self.params and self.routed[name]:
+                row["activated_params_per_token"] = self.params[name] / self.routed[name]
+            if name in self.distinct and self.distinct[name][1]:
+                row["distinct_experts_per_token"] = self.distinct[name][0] / self.distinct[name][1]
+            if name in self.passes:
+                h = self.passes[name].double()
+                row["passes_per_token"] = h.tolist()
+                row["mean_passes"] = float((h * torch.arange(1, h.numel() + 1)).sum() / h.sum()) if h.sum() else 0.0
+            out[name] = row
+        return out
+
+
+def _backbone(model: nn.Module) -> nn.Module:
+    return getattr(model, "backbone", model)
+
+
+@torch.inference_mode()
+def routing_report(model: nn.Module, batches: Iterable[dict[str, Any]], tau: float = 0.1) -> dict[str, Any]:
+    """Per stream and MoE layer the routing numbers (see the module docstring).
+
+    Args:
+        model: a backbone or task model (its ``backbone`` is run).
+        batches: dicts with ``image`` ``(B, 3, S, S)`` and / or ``text_ids`` + ``text_padding_mask``; each
+            batch feeds the three streams (images alone, texts alone, both) its parts allow.
+        tau: the activation threshold.
+
+    Returns:
+        ``{"streams": {stream: {layer: {...}}}, "summary": {stream: {"activation_ratio", ...}}}``.
+    """
+    bb = _backbone(model).eval()
+    cfg = bb.config
+    moes = [m for m in bb.modules() if isinstance(m, MoE)]
+    for m in moes:  # each (sub-)token's experts, for MH-MoE's distinct experts per token
+        m.record_assignments = True
+    recorders = {s: _Recorder(bb) for s in STREAMS}
+    for r in recorders.values():  # one recorder listens at a time
+        r.close()
+    try:
+        for batch in batches:
+            img, ids, pad = batch.get("image"), batch.get("text_ids"), batch.get("text_padding_mask")
+            runs = []
+            if img is not None and cfg.has_vision:
+                runs.append(("vision", dict(image=img)))
+            if ids is not None and cfg.has_text:
+                runs.append(("text", dict(text_ids=ids, text_padding_mask=pad)))
+            if img is not None and ids is not None and cfg.has_vision and cfg.has_text:
+                runs.append(("pairs", dict(image=img, text_ids=ids, text_padding_mask=pad)))
+            for stream, kwargs in runs:
+                rec = recorders[stream]
+                rec.handles = [m.register_forward_hook(rec._hook) for m in bb.modules() if isinstance(m, MoE)]
+                try:
+                    bb(**kwargs)
+                finally:
+                    rec.close()
+    finally:
+        for r in recorders.values():
+            r.close()
+        for m in moes:
+            m.record_assignments = False
+    streams = {s: r.layers(tau) for s, r in recorders.items() if r.counts}
+    summary = {}
+    for s, layers in streams.items():
+        n = len(layers)
+        keys = ("activation_ratio", "load_entropy", "load_cv")
+        summary[s] = {k: sum(v[k] for v in layers.values()) / n for k in keys}
+        summary[s]["dropped"] = sum(v["dropped"] for v in layers.values())
+    return {"tau": tau, "streams": streams, "summary": summary}
+
+
+@torch.inference_mode()
+def patch_expert_maps(model: nn.Module, image: Tensor) -> dict[str, Tensor]:
+    """The first-choice expert of every image patch in every vision MoE layer: ``{layer: (B, h, gh, gw)}``
+    (``h`` = MH-MoE heads: one map per sub-token head; 1 otherwise). Stratified layers have none."""
+    bb = _backbone(model).eval()
+    moes = {m.stats_name: m for m in bb.modules() if isinstance(m, MoE) and m.stats_name.endswith(".vision")}
+    got: dict[str, Tensor] = {}
+
+    def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+        for s in output[1].stats:
+            if s.assignments is not None:
+                got[s.name] = s.assignments[:, 0].cpu()
+
+    handles = [m.register_forward_hook(hook) for m in moes.values()]
+    for m in moes.values():
+        m.record_assignments = True
+    try:
+        bb(image=image)
+    finally:
+        for h in handles:
+            h.remove()
+        for m in moes.values():
+            m.record_assignments = False
+    B = image.shape[0]
+    gh, gw = bb.vision_embed.grid_size
+    out = {}
+    for name, first in got.items():
+        heads = moes[name].config.heads
+        per = first.view(B, 1 + gh * gw, heads)[:, 1:]  # drop the CLS token
+        out[name] = per.permute(0, 2, 1).reshape(B, heads, gh, gw)
+    return out
+
+
+def plot_patch_maps(images: Tensor, maps: dict[str, Tensor], num_experts: dict[str, int], title: str) -> Any:
+    """A figure: per sample image (rows) the image and, per layer and head, its patch -> expert map
+    overlaid (columns). ``images``: ``(B, 3, S, S)`` in [0, 1]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    B = images.shape[0]
+    cols = [(name, h) for name, m in maps.items() for h in range(m.shape[1])]
+    fig, axes = plt.subplots(B, 1 + len(cols), figsize=(6.4, 6.4 * B / (1 + len(cols)) + 0.6), squeeze=False)
+    S = images.shape[-1]
+    for b in range(B):
+        img = images[b].permute(1, 2, 0).clamp(0, 1).numpy()
+        axes[b, 0].imshow(img)
+        for j, (name, h) in enumerate(cols, start=1):
+            ax = axes[b, j]
+            ax.imshow(img)
+            ax.imshow(maps[name][b, h].numpy(), cmap="tab10", vmin=0, vmax=max(9, num_experts[name] - 1),
+                      alpha=0.55, extent=(0, S, S, 0), interpolation="nearest")
+            if b == 0:
+                ax.set_title(_short(name) + (f" h{h}" if maps[name].shape[1] > 1 else ""), fontsize=7)
+        for ax in axes[b]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def demo_batches(image_size: int, tokenizer: Any, max_len: int = 24, num_batches: int = 4, batch_size: int = 32,
+                 mean_std: Any = "inception", demo_dir: str | None = None) -> list[dict[str, Any]]:
+    """Batches of the demo data's Karpathy test split (easy-vqa test images with one caption each)."""
+    from vlmoe.data import Collator, build_demo, build_transform
+    from vlmoe.data.coco import KarpathyCaptions
+
+    paths = build_demo(demo_dir)
+    data = KarpathyCaptions(paths.coco_karpathy, paths.coco_images, "test", build_transform("eval", image_size,
+                            mean_std=mean_std, output="uint8"), per_caption=True)
+    collate = Collator(tokenizer, max_len, mean_std=mean_std)
+    step = max(1, len(data) // (num_batches * batch_size))  # spread over the split: many images, 1 caption each
+    idx = list(range(0, len(data), step))[: num_batches * batch_size]
+    return [collate([{k: v for k, v in data[i].items() if k != "image_id"} for i in idx[b : b + batch_size]])
+            for b in range(0, len(idx), batch_size)]
+
+
+def _short(name: str) -> str:
+    return name.replace("blocks.", "b").replace(".mlp.", ".")
+
+
+def write_routing_report(reports: dict[str, dict[str, Any]], out: str | Path, overwrite: bool = False,
+                         extra_figures: list[tuple[Any, str, str]] | None = None) -> list[Path]:
+    """``report.json``, the PNGs and ``index.html`` of one or more models' reports into ``out``
+    (``extra_figures``: ``(matplotlib figure, file name, caption)`` to add, e.g. patch maps)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vlmoe.io import atomic_write, atomic_write_text
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} is not empty; choose another folder or pass overwrite (--overwrite)")
+    out.mkdir(parents=True, exist_ok=True)
+    written, figures = [], []
+
+    def save(fig: Any, name: str, caption: str) -> None:
+        buf = __import__("io").BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        plt.close(fig)
+        with atomic_write(out / name, overwrite=True) as f:
+            f.write(buf.getvalue())
+        written.append(out / name)
+        figures.append((name, caption))
+
+    for model_name, rep in reports.items():
+        for stream, layers in rep["streams"].items():
+            if not layers:
+                continue
+            names = list(layers)
+            loads = [layers[n]["load"] for n in names]
+            E = max(len(x) for x in loads)
+            grid = [row + [float("nan")] * (E - len(row)) for row in loads]
+            fig, ax = plt.subplots(figsize=(6.4, 1.2 + 0.35 * len(names)))
+            im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0)
+            ax.set_yticks(range(len(names)), [_short(n) for n in names], fontsize=8)
+            ax.set_xticks(range(E))
+            ax.set_xlabel("expert")
+            ax.set_title(f"{model_name} - {stream}: share of routed assignments per expert", fontsize=9)
+            fig.colorbar(im, ax=ax, fraction=0.03)
+            fig.tight_layout()
+            save(fig, f"load_{_slug(model_name)}_{stream}.png",
+                 f"{model_name}, {stream} stream: expert load per layer (uniform = {1 / E:.3f})")
+    for stream in STREAMS:
+        rows = {m: r["streams"].get(stream) for m, r in reports.items() if r["streams"].get(stream)}
+        if not rows:
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 3.2))
+        width = 0.8 / len(rows)
+        for i, (m, layers) in enumerate(rows.items()):
+            xs = [j + i * width for j in range(len(layers))]
+            ax.bar(xs, [v["activation_ratio"] for v in layers.values()], width, label=m)
+        first = next(iter(rows.values()))
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(first))], [_short(n) for n in first], fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel(f"activation ratio (tau = {next(iter(reports.values()))['tau']})")
+        ax.set_title(f"{stream} stream: activation ratio per MoE layer", fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        save(fig, f"activation_ratio_{stream}.png", f"Activation ratio per layer, {stream} stream, every model")
+    for fig, name, caption in extra_figures or []:
+        save(fig, name, caption)
+    atomic_write_text(out / "report.json", json.dumps(reports, indent=1))
+    written.append(out / "report.json")
+    items = "\n".join(f'<figure><img src="{html.escape(n)}" alt="{html.escape(c)}"><figcaption>{html.escape(c)}'
+                      f"</figcaption></figure>" for n, c in figures)
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>vlmoe routing report</title></head><body>"
+            f"<h1>Routing report</h1><p>Models: {html.escape(', '.join(reports))}. Numbers: "
+            f"<a href='report.json'>report.json</a>.</p>{items}</body></html>\n")
+    atomic_write_text(out / "index.html", page)
+    written.append(out / "index.html")
+    return written
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name).strip("_") or "model"
