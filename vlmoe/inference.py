@@ -55,14 +55,9 @@ def _as_list(x: Any) -> list[Any]:
         return [x]
     if isinstance(x, Tensor):  # (B, 3, H, W)
         return list(x)
-    try:
-        from PIL import Image
+    from PIL import Image
 
-        if isinstance(x, Image.Image):
-            return [x]
-    except ImportError:  # pragma: no cover
-        pass
-    return list(x)
+    return [x] if isinstance(x, Image.Image) else list(x)
 
 
 def _detokenize(text: str) -> str:

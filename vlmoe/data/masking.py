@@ -211,20 +211,24 @@ def mlm_mask(
     chosen = ranks < n_pick[:, None]
 
     labels = torch.where(chosen, ids, torch.full_like(ids, IGNORE_INDEX))
+    return _replace(ids, chosen, mask_id, vocab_size, special, replace_prob, random_prob, generator), labels
+
+
+def _replace(ids: Tensor, chosen: Tensor, mask_id: int, vocab_size: int, special: list[int], replace_prob: float,
+             random_prob: float, generator: torch.Generator | None) -> Tensor:
+    """BERT's replacement of the ``chosen`` positions: ``mask_id`` with ``replace_prob``, a uniformly
+    drawn regular (non-``special``) id with ``random_prob``, the id itself otherwise."""
     u = torch.rand(ids.shape, generator=generator, device=ids.device)
     to_mask = chosen & (u < replace_prob)
     to_random = chosen & (u >= replace_prob) & (u < replace_prob + random_prob)
-
     # Uniform over regular ids: draw from [0, vocab - |specials below vocab|) and step over each
     # special id in increasing order (a compact way to skip them without a vocab-sized table).
     in_vocab = [s for s in special if s < vocab_size]
     rand = torch.randint(0, vocab_size - len(in_vocab), ids.shape, generator=generator, device=ids.device)
     for s in in_vocab:
         rand = rand + (rand >= s).long()
-
     out = torch.where(to_mask, torch.full_like(ids, mask_id), ids)
-    out = torch.where(to_random, rand.to(ids.dtype), out)
-    return out, labels
+    return torch.where(to_random, rand.to(ids.dtype), out)
 
 
 def caption_mask(
@@ -269,14 +273,5 @@ def caption_mask(
     ranks = scores.argsort(dim=1).argsort(dim=1)
     chosen = ranks < n_pick[:, None]
 
-    u = torch.rand(ids.shape, generator=generator, device=ids.device)
-    to_mask = chosen & (u < replace_prob)
-    to_random = chosen & (u >= replace_prob) & (u < replace_prob + random_prob)
     special = sorted({int(s) for s in special_ids} | {int(mask_id)})
-    in_vocab = [s for s in special if s < vocab_size]
-    rand = torch.randint(0, vocab_size - len(in_vocab), ids.shape, generator=generator, device=ids.device)
-    for s in in_vocab:
-        rand = rand + (rand >= s).long()
-    out = torch.where(to_mask, torch.full_like(ids, mask_id), ids)
-    out = torch.where(to_random, rand.to(ids.dtype), out)
-    return out, chosen
+    return _replace(ids, chosen, mask_id, vocab_size, special, replace_prob, random_prob, generator), chosen

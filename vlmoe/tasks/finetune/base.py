@@ -388,8 +388,22 @@ class FinetuneDataModule(pl.LightningDataModule):
     def demo(self) -> Any:
         return build_demo(self.demo_dir)
 
+    files: dict[str, Any] = {}  # subclasses: option name -> path, None or ``demo``
+
+    def demo_files(self, demo: Any) -> dict[str, Any]:
+        """What ``demo`` stands for in each of :attr:`files` (the demo data's paths)."""
+        return {}
+
     def uses_demo(self) -> bool:
-        return False
+        return any(v == DEMO for v in self.files.values())
+
+    def resolve(self) -> dict[str, Any]:
+        """:attr:`files` with ``demo`` replaced by the demo data's paths (built on first use)."""
+        files = dict(self.files)
+        if self.uses_demo():
+            demo = self.demo_files(self.demo())
+            files = {k: (str(demo[k]) if v == DEMO else v) for k, v in files.items()}
+        return files
 
     def prepare_data(self) -> None:
         if self.uses_demo():

@@ -232,16 +232,8 @@ class CaptioningDataModule(FinetuneDataModule):
         self.gt_files = {"val": val_gt, "test": test_gt}
         self.val_captions, self.gt_dir, self.mask_prob = val_captions, gt_dir, mask_prob
 
-    def uses_demo(self) -> bool:
-        return any(v == DEMO for v in self.files.values())
-
-    def resolve(self) -> dict[str, Any]:
-        files = dict(self.files)
-        if self.uses_demo():
-            d = self.demo()
-            demo = {"karpathy": str(d.coco_karpathy), "image_root": str(d.coco_images)}
-            files = {k: (demo[k] if v == DEMO else v) for k, v in files.items()}
-        return files
+    def demo_files(self, d: Any) -> dict[str, Any]:
+        return {"karpathy": d.coco_karpathy, "image_root": d.coco_images}
 
     def ground_truth(self, stage: str) -> str:
         """The COCO-format ground-truth file of the split ``stage`` evaluates."""

@@ -211,17 +211,9 @@ class DetectionDataModule(FinetuneDataModule):
         self.scale_range, self.masks = tuple(scale_range), masks
         self._categories: tuple[list[str], list[int]] | None = None
 
-    def uses_demo(self) -> bool:
-        return any(v == DEMO for v in self.files.values())
-
-    def resolve(self) -> dict[str, Any]:
-        files = dict(self.files)
-        if self.uses_demo():
-            d = self.demo()
-            demo = {"train_annotations": d.coco_instances_train, "train_images": d.coco_images / "train2014",
-                    "val_annotations": d.coco_instances_val, "val_images": d.coco_images / "val2014"}
-            files = {k: (str(demo[k]) if v == DEMO else v) for k, v in files.items()}
-        return files
+    def demo_files(self, d: Any) -> dict[str, Any]:
+        return {"train_annotations": d.coco_instances_train, "train_images": d.coco_images / "train2014",
+                "val_annotations": d.coco_instances_val, "val_images": d.coco_images / "val2014"}
 
     def _read_categories(self) -> tuple[list[str], list[int]]:
         if self._categories is None:

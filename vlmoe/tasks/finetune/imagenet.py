@@ -124,16 +124,8 @@ class ImageNetDataModule(FinetuneDataModule):
         self.crop_pct, self.re_prob = crop_pct, re_prob
         self._classes: list[str] | None = None
 
-    def uses_demo(self) -> bool:
-        return any(v == DEMO for v in self.files.values())
-
-    def resolve(self) -> dict[str, Any]:
-        files = dict(self.files)
-        if self.uses_demo():
-            d = self.demo()
-            demo = {"train": d.imagefolder_shape / "train", "val": d.imagefolder_shape / "val"}
-            files = {k: (str(demo[k]) if v == DEMO else v) for k, v in files.items()}
-        return files
+    def demo_files(self, d: Any) -> dict[str, Any]:
+        return {"train": d.imagefolder_shape / "train", "val": d.imagefolder_shape / "val"}
 
     @property
     def class_names(self) -> list[str]:

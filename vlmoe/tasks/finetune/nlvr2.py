@@ -67,16 +67,8 @@ class NLVR2DataModule(FinetuneDataModule):
         super().__init__(**kwargs)
         self.files = {"train": train, "val": val, "test": test, "image_root": image_root}
 
-    def uses_demo(self) -> bool:
-        return any(v == DEMO for v in self.files.values())
-
-    def resolve(self) -> dict[str, Any]:
-        files = dict(self.files)
-        if self.uses_demo():
-            d = self.demo()
-            demo = {"train": d.nlvr2_train, "val": d.nlvr2_dev, "test": d.nlvr2_test, "image_root": d.nlvr2_images}
-            files = {k: (str(demo[k]) if v == DEMO else v) for k, v in files.items()}
-        return files
+    def demo_files(self, d: Any) -> dict[str, Any]:
+        return {"train": d.nlvr2_train, "val": d.nlvr2_dev, "test": d.nlvr2_test, "image_root": d.nlvr2_images}
 
     def setup(self, stage: str | None = None) -> None:
         f = self.resolve()

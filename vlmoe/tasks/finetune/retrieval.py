@@ -133,16 +133,8 @@ class RetrievalDataModule(FinetuneDataModule):
         self.files = {"karpathy": karpathy, "image_root": image_root}
         self.splits = {"val": val_split, "test": test_split}
 
-    def uses_demo(self) -> bool:
-        return any(v == DEMO for v in self.files.values())
-
-    def resolve(self) -> dict[str, Any]:
-        files = dict(self.files)
-        if self.uses_demo():
-            d = self.demo()
-            demo = {"karpathy": str(d.coco_karpathy), "image_root": str(d.coco_images)}
-            files = {k: (demo[k] if v == DEMO else v) for k, v in files.items()}
-        return files
+    def demo_files(self, d: Any) -> dict[str, Any]:
+        return {"karpathy": d.coco_karpathy, "image_root": d.coco_images}
 
     def setup(self, stage: str | None = None) -> None:
         f = self.resolve()

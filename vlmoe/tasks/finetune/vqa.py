@@ -137,9 +137,6 @@ class VQADataModule(FinetuneDataModule):
         self._gt: dict[str, dict[int, dict[str, Any]]] = {}
 
     # ------------------------------------------------------------------ files
-    def uses_demo(self) -> bool:
-        return any(v == DEMO for v in self.files.values())
-
     def resolve(self) -> dict[str, Any]:
         """The files, ``demo`` replaced by the demo data's (built on first use)."""
         if self._resolved is None:
