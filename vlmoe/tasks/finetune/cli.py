@@ -53,14 +53,20 @@ _TRAINER = {
     "num_sanity_val_steps": 0,
 }
 
+# every demo: the demo pretraining checkpoint, the schedule's floor, one loader worker (2-core CPUs)
+_DEMO_COMMON = {"model.init_checkpoint": "demo", "model.min_lr": 1.0e-5, "data.num_workers": 1}
+
+
+def _demo(options: dict[str, Any]) -> dict[str, Any]:
+    return {**_DEMO_COMMON, **options}
+
+
 TASKS: dict[str, TaskSpec] = {
     "vqav2": TaskSpec(
         VQATask, VQADataModule, "accuracy", links=(("data.answers", "model.answers"),),
-        demo={
-            "model.init_checkpoint": "demo",
+        demo=_demo({
             "model.image_size": 64,
             "model.lr": 5.0e-4,
-            "model.min_lr": 1.0e-5,
             "model.warmup_steps": 100,
             "model.weight_decay": 0.01,
             "model.task_head_lr_weight": 10.0,
@@ -69,18 +75,15 @@ TASKS: dict[str, TaskSpec] = {
             "data.max_len": 24,
             "data.randaug": "",
             "data.scale": [1.0, 1.0],
-            "data.num_workers": 1,
-        },
+        }),
         trainer={"max_epochs": 3, "max_steps": -1},
         description="VQAv2 finetuning (BEiT-3's VQA head and loss; the official VQA accuracy).",
     ),
     "nlvr2": TaskSpec(
         NLVR2Task, NLVR2DataModule, "accuracy",
-        demo={
-            "model.init_checkpoint": "demo",
+        demo=_demo({
             "model.image_size": 64,
             "model.lr": 3.0e-4,
-            "model.min_lr": 1.0e-5,
             "model.warmup_steps": 20,
             "model.weight_decay": 0.2,
             "model.task_head_lr_weight": 10.0,
@@ -90,21 +93,18 @@ TASKS: dict[str, TaskSpec] = {
             "data.randaug": "",
             "data.scale": [1.0, 1.0],
             "data.hflip": 0.0,
-            "data.num_workers": 1,
-        },
+        }),
         trainer={"max_epochs": 16, "max_steps": -1},
         description="NLVR2 finetuning (BEiT-3's two-image head; accuracy and consistency).",
     ),
     "imagenet": TaskSpec(
         ImageNetTask, ImageNetDataModule, "top1", links=(("data.class_names", "model.class_names"),),
-        demo={
+        demo=_demo({
             # BEiT-3's regularisers (layer decay 0.65, drop path, RandAugment, random erasing, Mixup /
             # CutMix) are in configs/finetune/imagenet/beit3_*.yaml; on the 4,000 demo images of a
             # 2-block model they only slow the demo down (measured: 43 % instead of 84 % at 16 epochs)
-            "model.init_checkpoint": "demo",
             "model.image_size": 64,
             "model.lr": 5.0e-4,
-            "model.min_lr": 1.0e-5,
             "model.warmup_steps": 50,
             "model.layer_decay": 1.0,
             "model.drop_path_rate": 0.0,
@@ -115,20 +115,17 @@ TASKS: dict[str, TaskSpec] = {
             "data.randaug": "",
             "data.re_prob": 0.0,
             "data.scale": [0.5, 1.0],
-            "data.num_workers": 1,
-        },
+        }),
         trainer={"max_epochs": 24, "max_steps": -1},
         description="ImageNet-style classification, vision branch only (BEiT-3's head; Mixup / CutMix; top-1/5).",
     ),
     "captioning": TaskSpec(
         CaptioningTask, CaptioningDataModule, "CIDEr", links=(("data.tokenizer_name", "model.tokenizer"),),
-        demo={
+        demo=_demo({
             # the demo scores easy-vqa's test images (the Karpathy "test" split of the demo data) at the
             # end of training; the published recipe selects on val and tests separately
-            "model.init_checkpoint": "demo",
             "model.image_size": 64,
             "model.lr": 5.0e-4,
-            "model.min_lr": 1.0e-5,
             "model.warmup_steps": 100,
             "model.weight_decay": 0.05,
             "model.num_beams": 3,
@@ -140,8 +137,7 @@ TASKS: dict[str, TaskSpec] = {
             "data.randaug": "",
             "data.scale": [1.0, 1.0],
             "data.hflip": 0.0,
-            "data.num_workers": 1,
-        },
+        }),
         trainer={"max_epochs": 3, "max_steps": -1},
         description="Image captioning (BEiT-3's masked seq2seq; KV-cached beam search; BLEU/METEOR/ROUGE-L/CIDEr).",
     ),
@@ -149,10 +145,9 @@ TASKS: dict[str, TaskSpec] = {
         DetectionTask, DetectionDataModule, "bbox_AP",
         links=(("data.class_names", "model.class_names"), ("data.category_ids", "model.category_ids"),
                ("data.mean_std_values", "model.mean_std")),
-        demo={
+        demo=_demo({
             # the tiny demo model (patch 8) at 128 px: a 16 x 16 patch grid, 8 x 8 windows in block 0,
             # global attention in block 1; narrow pyramid and heads for a CPU
-            "model.init_checkpoint": "demo",
             "model.image_size": 128,
             "model.window_size": 8,
             "model.out_channels": 64,
@@ -165,25 +160,21 @@ TASKS: dict[str, TaskSpec] = {
                 "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 100, "box_detections_per_img": 20,
             },
             "model.lr": 3.0e-4,
-            "model.min_lr": 1.0e-5,
             "model.warmup_steps": 100,
             "model.weight_decay": 0.1,
             "data.scale_range": [0.8, 1.25],
             "data.batch_size": 8,
             "data.val_batch_size": 25,
             "data.hflip": 0.5,
-            "data.num_workers": 1,
-        },
+        }),
         trainer={"max_epochs": -1, "max_steps": 800, "val_check_interval": 800, "check_val_every_n_epoch": None},
         description="COCO detection / instance segmentation: ViTDet on torchvision's Mask R-CNN (box and mask AP).",
     ),
     "retrieval": TaskSpec(
         RetrievalTask, RetrievalDataModule, "average_score",
-        demo={
-            "model.init_checkpoint": "demo",
+        demo=_demo({
             "model.image_size": 64,
             "model.lr": 5.0e-4,
-            "model.min_lr": 1.0e-5,
             "model.warmup_steps": 50,
             "model.weight_decay": 0.05,
             "data.val_split": "test",
@@ -193,8 +184,7 @@ TASKS: dict[str, TaskSpec] = {
             "data.randaug": "",
             "data.scale": [1.0, 1.0],
             "data.hflip": 0.0,
-            "data.num_workers": 1,
-        },
+        }),
         trainer={"max_epochs": 2, "max_steps": -1},
         description="Image-text retrieval, dual encoder (BEiT-3's heads; contrastive loss over all ranks; R@1/5/10).",
     ),
