@@ -99,3 +99,46 @@ def test_patch_maps_have_the_models_patch_grid_and_its_first_choices(variant: st
     report = routing_report(model, _batches(1))
     if heads > 1:  # each token's h sub-tokens x top-2 reach between 1 and h*k distinct experts
         assert all(1 <= r["distinct_experts_per_token"] <= 4 for r in report["streams"]["pairs"].values())
+
+
+@pytest.mark.parametrize("variant", ["topk", "mhmoe"])
+def test_choice_by_group_counts_each_group_as_its_own_samples_alone(variant: str) -> None:
+    """Group g's counts are the layers' own statistics of a run on group g's samples alone (routing is
+    per token; padding is never routed); the mutual information is 0 when two groups are the same
+    samples and at most H(group)."""
+    from vlmoe.analysis import expert_choice_by_group, plot_choice_by_group
+
+    model, batch = _model(variant), _batches(1)[0]
+    batch["group"] = torch.tensor([1, 0, 1, 0])
+    res = expert_choice_by_group(model, [batch], ["a", "b"])
+    names = {n for n, m in model.named_modules() if n.endswith(("mlp.vision", "mlp.text"))}
+    assert set(res["layers"]) == names and res["groups"] == ["a", "b"]
+    for g in (0, 1):
+        keep = batch["group"] == g
+        acc = RoutingStatsAccumulator()
+        with torch.no_grad():
+            acc.update(model(image=batch["image"][keep], text_ids=batch["text_ids"][keep],
+                             text_padding_mask=batch["text_padding_mask"][keep]).aux)
+        for name, layer in res["layers"].items():
+            assert layer["counts"][g] == acc.counts[name].tolist(), (name, g)
+    for layer in res["layers"].values():
+        assert 0.0 <= layer["mutual_information_bits"] <= layer["group_entropy_bits"] + 1e-9
+        assert all(sum(row) == pytest.approx(1.0) for row in layer["share"])
+    same = {"image": batch["image"][:2].repeat(2, 1, 1, 1), "group": torch.tensor([0, 0, 1, 1])}
+    res = expert_choice_by_group(model, [same], ["a", "b"])
+    assert all(v["mutual_information_bits"] == pytest.approx(0.0, abs=1e-12) for v in res["layers"].values())
+    fig = plot_choice_by_group(res, "t")
+    assert sum(ax.has_data() for ax in fig.axes) == len(res["layers"]) + 1  # + the colour bar
+
+
+def test_grouped_demo_batches_label_each_sample(tmp_path) -> None:
+    from tests.utils import TOK
+    from vlmoe.analysis import grouped_demo_batches
+
+    batches, names = grouped_demo_batches("class", 32, None, num_batches=1, batch_size=12)
+    assert names == ["circle", "rectangle", "triangle"] and batches[0]["image"].shape == (12, 3, 32, 32)
+    assert set(batches[0]["group"].tolist()) == {0, 1, 2}
+    batches, names = grouped_demo_batches("answer_type", 32, TOK, num_batches=1, batch_size=16)
+    assert names == ["other", "yes/no"] and batches[0]["text_ids"].shape[0] == 16
+    with pytest.raises(ValueError, match="unknown grouping"):
+        grouped_demo_batches("colour", 32, TOK)

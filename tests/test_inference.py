@@ -12,38 +12,8 @@ import torch
 from PIL import Image
 
 import vlmoe
-from vlmoe.data import build_tokenizer, preprocess_dict
-from vlmoe.models import (
-    VLMoEForCaptioning,
-    VLMoEForDetection,
-    VLMoEForImageClassification,
-    VLMoEForNLVR2,
-    VLMoEForRetrieval,
-    VLMoEForVQA,
-    create_model,
-    save_pretrained,
-)
-
-TOK = build_tokenizer("clip")
-
-
-def _export(tmp_path: Path, kind: str) -> Path:
-    torch.manual_seed(0)
-    vision_only = kind in ("classify", "detect")
-    bb = create_model("tiny_moe", vocab_size=TOK.vocab_size, img_size=32,
-                      **({"modalities": ["vision"], "final_norm": False} if vision_only else {}))
-    model = {
-        "vqa": lambda: VLMoEForVQA(bb, ["red", "blue", "yes", "no"]),
-        "caption": lambda: VLMoEForCaptioning(bb, TOK.bos_id, TOK.eos_id, TOK.mask_id),
-        "classify": lambda: VLMoEForImageClassification(bb, class_names=["circle", "square", "triangle"]),
-        "detect": lambda: VLMoEForDetection(bb, ["circle", "square"], image_size=32, window_size=2, out_channels=16,
-                                            detector_options={"head_channels": 16, "fc_dim": 32}),
-        "nlvr2": lambda: VLMoEForNLVR2(bb),
-        "retrieval": lambda: VLMoEForRetrieval(bb),
-    }[kind]()
-    out = tmp_path / kind
-    save_pretrained(model, out, preprocess=preprocess_dict(32, "inception", None if vision_only else "clip", 16))
-    return out
+from tests.utils import TOK
+from tests.utils import export_tiny_model as _export
 
 
 def _images(tmp_path: Path) -> list:

@@ -4,8 +4,12 @@
   substituted (:data:`TINY`), and the checkpoint file a snippet names is made first (a random tiny
   model in BEiT-3's published key layout).
 - The main command (``vlmoe pretrain && vlmoe finetune vqav2``) runs on the demo data with a few steps;
-  ``vlmoe export`` lines run on what it wrote; every other ``vlmoe pretrain`` / ``vlmoe finetune``
-  line is parsed by the real CLI (``--print_config``: options, config files and subcommands checked).
+  then the "Use a model" section runs as written on what it wrote (its finetuning with a few steps, its
+  exports, ``vlmoe predict`` on a ``photos/`` folder of demo images with a corrupt file and a text file
+  in it, its Python block; ``vlmoe app`` serves forever, so its line is parsed - ``tests/test_app.py``
+  drives the page in a browser); ``vlmoe export`` lines run on what it wrote; every other
+  ``vlmoe pretrain`` / ``vlmoe finetune`` line is parsed by the real CLI (``--print_config``: options,
+  config files and subcommands checked).
 - The install and test commands are the ones ``.ci/run`` runs.
 """
 
@@ -37,8 +41,12 @@ TINY = [
 ]
 
 
-def _blocks(lang: str) -> list[str]:
-    return re.findall(rf"^```{lang}\n(.*?)^```", README, flags=re.S | re.M)
+def _blocks(lang: str, text: str = README) -> list[str]:
+    return re.findall(rf"^```{lang}\n(.*?)^```", text, flags=re.S | re.M)
+
+
+USE = README[README.index("\n## Use a model") : README.index("\n## ", README.index("\n## Use a model") + 5)]
+GENERIC_PYTHON = [b for b in _blocks("python") if b not in _blocks("python", USE)]
 
 
 def _beit3_file(path: Path) -> None:
@@ -48,9 +56,9 @@ def _beit3_file(path: Path) -> None:
     torch.save({"model": vlmoe_to_beit3(task.state_dict())}, path)
 
 
-@pytest.mark.parametrize("index", range(len(_blocks("python"))))
+@pytest.mark.parametrize("index", range(len(GENERIC_PYTHON)))
 def test_python_snippet_runs(index, tmp_path, monkeypatch) -> None:
-    code = _blocks("python")[index]
+    code = GENERIC_PYTHON[index]
     for a, b in TINY:
         code = code.replace(a, b)
     monkeypatch.chdir(tmp_path)
@@ -73,9 +81,9 @@ def test_python_snippet_runs(index, tmp_path, monkeypatch) -> None:
                 dist.destroy_process_group()
 
 
-def _vlmoe_lines() -> list[str]:
+def _vlmoe_lines(text: str = README) -> list[str]:
     lines = []
-    for block in _blocks("bash"):
+    for block in _blocks("bash", text):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split("#", 1)[0].strip()
             for part in line.split("&&"):
@@ -91,7 +99,7 @@ def test_install_and_test_commands_are_what_ci_runs() -> None:
     install = next(b for b in bash if "vlmoe pretrain && vlmoe finetune vqav2" in b)
     tests = next(b for b in bash if "pytest" in b)
     assert "python3 -m venv .venv" in install and "pip install -e ." in install
-    for step in ('pip install -e ".[test]"', "pip install --no-deps torchscale fairscale", "python -m pytest"):
+    for step in ('pip install -e ".[test,app]"', "pip install --no-deps torchscale fairscale", "python -m pytest"):
         assert step in tests and step in ci, step
 
 
@@ -112,7 +120,10 @@ def test_main_command_and_every_cli_line(tmp_path, monkeypatch, capsys) -> None:
     vlmoe(["finetune", "vqav2", *quick["finetune"]])
     assert (tmp_path / "runs" / "pretrain" / "demo" / "checkpoints" / "last.ckpt").is_file()
     assert (tmp_path / "runs" / "finetune" / "vqav2" / "demo" / "predictions" / "val_metrics.json").is_file()
+    done = _use_a_model(tmp_path, quick["finetune"], capsys)
     for line in lines:
+        if line in done:
+            continue
         argv = shlex.split(line)[1:]
         if argv[0] == "export":
             vlmoe(argv)  # on what the main command wrote
@@ -137,3 +148,42 @@ def test_main_command_and_every_cli_line(tmp_path, monkeypatch, capsys) -> None:
         with pytest.raises(SystemExit) as e:
             vlmoe([*argv, "--print_config"])
         assert e.value.code in (0, None), (line, capsys.readouterr().err[-2000:])
+
+
+def _use_a_model(tmp_path: Path, quick: list[str], capsys) -> set[str]:
+    """The "Use a model" section, as written, on what the main command wrote (see the module docstring)."""
+    import json
+
+    from tests.utils import easy_vqa_pngs
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name, png in zip(["shape.png", "b.png", "c.png"], easy_vqa_pngs(3, "test")):
+        (photos / name).write_bytes(png)
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (photos / "notes.txt").write_text("not an image")
+    lines = _vlmoe_lines(USE)
+    assert any(line.startswith("vlmoe predict caption") for line in lines), lines
+    for line in lines:
+        argv = shlex.split(line)[1:]
+        if argv[0] == "finetune":
+            vlmoe([*argv, *quick])
+        elif argv[0] == "app":
+            from vlmoe.commands.app import build_parser
+
+            build_parser().parse_args(argv[1:])
+        else:
+            capsys.readouterr()
+            vlmoe(argv)
+            if argv[0] == "predict":
+                out = capsys.readouterr()
+                path = argv[argv.index("--out") + 1] if "--out" in argv else None
+                rows = [json.loads(r) for r in (Path(path).read_text() if path else out.out).splitlines()]
+                assert sorted(Path(r["image"]).name for r in rows) == ["b.png", "c.png", "shape.png"], line
+                assert "broken.jpg" in out.err  # reported and skipped
+    for code in _blocks("python", USE):
+        capsys.readouterr()
+        exec(compile(code, "README.md 'Use a model' python block", "exec"), {"__name__": "__readme__"})
+        printed = capsys.readouterr().out
+        assert "'answer'" in printed and "'score'" in printed
+    return set(lines)

@@ -9,6 +9,8 @@ from typing import Any
 import lightning.pytorch as pl
 from PIL import Image
 
+from vlmoe.data import build_tokenizer, preprocess_dict
+
 SHAPES = ("circle", "rectangle", "triangle")
 
 # Every MoE family the backbone supports, as model overrides of the `tiny` preset (2 blocks, width 64).
@@ -24,6 +26,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "stratified": ("tiny_moe", {"moe": {"num_experts": 4, "top_k": 1, "strata": [2, 2]}}),
 }
+
+TOK = build_tokenizer("clip")
 
 
 def easy_vqa_pngs(n: int, split: str = "train") -> list[bytes]:
@@ -62,3 +66,39 @@ def trainer(tmp_path: Path, **kw: Any) -> pl.Trainer:
     )
     args.update(kw)
     return pl.Trainer(**args)
+
+
+
+
+def export_tiny_model(tmp_path: Path, kind: str) -> Path:
+    """A random tiny model of one task (``vqa``, ``caption``, ``classify``, ``detect``, ``nlvr2``,
+    ``retrieval``) exported to ``tmp_path / kind``: 32-pixel images, the CLIP tokenizer."""
+    import torch
+
+    from vlmoe.models import (
+        VLMoEForCaptioning,
+        VLMoEForDetection,
+        VLMoEForImageClassification,
+        VLMoEForNLVR2,
+        VLMoEForRetrieval,
+        VLMoEForVQA,
+        create_model,
+        save_pretrained,
+    )
+
+    torch.manual_seed(0)
+    vision_only = kind in ("classify", "detect")
+    bb = create_model("tiny_moe", vocab_size=TOK.vocab_size, img_size=32,
+                      **({"modalities": ["vision"], "final_norm": False} if vision_only else {}))
+    model = {
+        "vqa": lambda: VLMoEForVQA(bb, ["red", "blue", "yes", "no"]),
+        "caption": lambda: VLMoEForCaptioning(bb, TOK.bos_id, TOK.eos_id, TOK.mask_id),
+        "classify": lambda: VLMoEForImageClassification(bb, class_names=["circle", "square", "triangle"]),
+        "detect": lambda: VLMoEForDetection(bb, ["circle", "square"], image_size=32, window_size=2, out_channels=16,
+                                            detector_options={"head_channels": 16, "fc_dim": 32}),
+        "nlvr2": lambda: VLMoEForNLVR2(bb),
+        "retrieval": lambda: VLMoEForRetrieval(bb),
+    }[kind]()
+    out = tmp_path / kind
+    save_pretrained(model, out, preprocess=preprocess_dict(32, "inception", None if vision_only else "clip", 16))
+    return out

@@ -33,8 +33,8 @@ from torch import Tensor, nn
 from vlmoe.moe import MoE, RoutingStats
 from vlmoe.moe.stats import activation_ratio, load_cv, load_entropy
 
-__all__ = ["STREAMS", "demo_batches", "patch_expert_maps", "plot_patch_maps", "routing_report",
-           "write_routing_report"]
+__all__ = ["GROUPINGS", "STREAMS", "demo_batches", "expert_choice_by_group", "grouped_demo_batches",
+           "patch_expert_maps", "plot_choice_by_group", "plot_patch_maps", "routing_report", "write_routing_report"]
 
 STREAMS = ("vision", "text", "pairs")
 
@@ -238,6 +238,167 @@ def demo_batches(image_size: int, tokenizer: Any, max_len: int = 24, num_batches
     idx = list(range(0, len(data), step))[: num_batches * batch_size]
     return [collate([{k: v for k, v in data[i].items() if k != "image_id"} for i in idx[b : b + batch_size]])
             for b in range(0, len(idx), batch_size)]
+
+
+GROUPINGS = ("class", "answer_type", "question_type")
+
+
+def grouped_demo_batches(group_by: str, image_size: int, tokenizer: Any, max_len: int = 24, num_batches: int = 4,
+                         batch_size: int = 32, mean_std: Any = "inception", demo_dir: str | None = None
+                         ) -> tuple[list[dict[str, Any]], list[str]]:
+    """Demo batches whose samples carry a ``group`` id, and the group names.
+
+    ``class``: the demo ImageFolder's validation images (``shape``: circle / rectangle / triangle), images
+    alone. ``answer_type`` / ``question_type``: the demo VQAv2 validation questions with their images
+    (pairs), grouped by the annotation's answer type (yes/no, other) or question type. Samples are
+    spread evenly over the split.
+    """
+    from vlmoe.data import Collator, build_demo, build_transform
+    from vlmoe.data.vqav2 import VQAv2Dataset
+
+    if group_by not in GROUPINGS:
+        raise ValueError(f"unknown grouping {group_by!r}; choose one of {', '.join(GROUPINGS)}")
+    paths = build_demo(demo_dir)
+    transform = build_transform("eval", image_size, mean_std=mean_std, output="uint8")
+    n = num_batches * batch_size
+    if group_by == "class":
+        from vlmoe.data.imagenet import ImageFolderDataset
+
+        data = ImageFolderDataset(Path(paths.imagefolder_shape) / "val", transform)
+        step = max(1, len(data) // n)
+        idx = list(range(0, len(data), step))[:n]
+        rows = [{"image": data[i]["image"], "group": data.samples[i][1]} for i in idx]
+        names = list(data.class_names)
+        collate = Collator(None, max_len, mean_std=mean_std)
+    else:
+        if tokenizer is None:
+            raise ValueError(f"grouping by {group_by} needs a model with a text branch (questions)")
+        data = VQAv2Dataset(paths.vqa_val_questions, paths.coco_images, transform=transform)
+        annotations = json.loads(Path(paths.vqa_val_annotations).read_text())["annotations"]
+        anns = {int(a["question_id"]): a for a in annotations}
+        step = max(1, len(data) // n)
+        idx = list(range(0, len(data), step))[:n]
+        keys = [anns[int(data.records[i]["question_id"])][group_by] for i in idx]
+        names = sorted(set(keys))
+        rows = []
+        for i, k in zip(idx, keys):
+            item = data[i]
+            rows.append({"image": item["image"], "text": item["text"], "group": names.index(k)})
+        collate = Collator(tokenizer, max_len, mean_std=mean_std)
+    batches = []
+    for b in range(0, len(rows), batch_size):
+        chunk = rows[b : b + batch_size]
+        batch = collate([{k: v for k, v in r.items() if k != "group"} for r in chunk])
+        batch["group"] = torch.tensor([r["group"] for r in chunk])
+        batches.append(batch)
+    return batches, names
+
+
+@torch.inference_mode()
+def expert_choice_by_group(model: nn.Module, batches: Iterable[dict[str, Any]], groups: list[str]) -> dict[str, Any]:
+    """Which experts each group of samples (answer type, class, ...) chooses, per MoE layer.
+
+    Every routed (sub-)token's ``k`` assignments are counted for the group of the sample it belongs to
+    (padding is never routed; the tokens of a sample are its image patches, CLS and text tokens that the
+    layer routes). Per layer: ``counts`` ``(G, E)``, ``share`` (each group's row normalised) and the
+    mutual information between group and expert in bits (0: the choice says nothing about the group),
+    with its upper bound ``H(group)`` of the counted assignments.
+
+    Args:
+        batches: dicts with ``image`` and / or ``text_ids`` (+ ``text_padding_mask``) and ``group``
+            ``(B,)`` ids into ``groups``; the backbone runs on what each batch holds.
+    """
+    bb = _backbone(model).eval()
+    moes = [m for m in bb.modules() if isinstance(m, MoE)]
+    counts: OrderedDict[str, Tensor] = OrderedDict()
+    G = len(groups)
+    ctx: dict[str, Any] = {}
+
+    def hook(module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
+        x = args[0] if args else kwargs["x"]
+        pad = kwargs.get("padding_mask", args[1] if len(args) > 1 else None)
+        B, Lv, Lt = ctx["B"], ctx["Lv"], ctx["Lt"]
+        if x.ndim == 3:
+            sample = torch.arange(B).repeat_interleave(x.shape[1])
+        elif x.ndim == 2 and x.shape[0] == B * (Lv + Lt):  # one shared pool: all vision rows, then all text rows
+            sample = torch.cat([torch.arange(B).repeat_interleave(Lv), torch.arange(B).repeat_interleave(Lt)])
+        else:
+            return
+        if pad is not None:
+            sample = sample[~pad.reshape(-1).bool().cpu()]
+        sample = sample.repeat_interleave(module.config.heads)
+        for s in output[1].stats:
+            if s.assignments is None or s.assignments.shape[0] != sample.shape[0]:
+                continue  # Stratified MoE: no per-token record
+            a = s.assignments.cpu().long()
+            E = s.tokens_per_expert.numel()
+            c = counts.setdefault(s.name, torch.zeros(G, E, dtype=torch.long))
+            g = ctx["group"][sample].unsqueeze(1).expand_as(a)
+            c.view(-1).index_add_(0, (g * E + a).reshape(-1), torch.ones(a.numel(), dtype=torch.long))
+
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in moes]
+    for m in moes:
+        m.record_assignments = True
+    try:
+        for batch in batches:
+            img, ids, pad = batch.get("image"), batch.get("text_ids"), batch.get("text_padding_mask")
+            B = (img if img is not None else ids).shape[0]
+            Lv = 1 + bb.vision_embed.num_patches if img is not None else 0
+            ctx.update(B=B, Lv=Lv, Lt=ids.shape[1] if ids is not None else 0, group=batch["group"].cpu().long())
+            kwargs = {}
+            if img is not None:
+                kwargs["image"] = img
+            if ids is not None:
+                kwargs.update(text_ids=ids, text_padding_mask=pad)
+            bb(**kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+        for m in moes:
+            m.record_assignments = False
+    layers = {}
+    for name, c in counts.items():
+        p = c.double() / c.sum().clamp(min=1)
+        pg, pe = p.sum(1, keepdim=True), p.sum(0, keepdim=True)
+        nz = p > 0
+        mi = float((p[nz] * (p[nz] / (pg * pe).expand_as(p)[nz]).log2()).sum())
+        hg = float(-(pg[pg > 0] * pg[pg > 0].log2()).sum())
+        share = c.double() / c.sum(1, keepdim=True).clamp(min=1)
+        layers[name] = {"counts": c.tolist(), "share": share.tolist(), "mutual_information_bits": mi,
+                        "group_entropy_bits": hg}
+    return {"groups": list(groups), "layers": layers}
+
+
+def plot_choice_by_group(result: dict[str, Any], title: str) -> Any:
+    """One heatmap per MoE layer: groups (rows) x experts (columns), each row's share of assignments."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["layers"])
+    groups = result["groups"]
+    cols = min(4, len(names))
+    rows = (len(names) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(6.4, 0.6 + rows * (0.5 + 0.22 * len(groups))), squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    vmax = max((max(max(r) for r in v["share"]) for v in result["layers"].values()), default=1.0)
+    im = None
+    for ax, name in zip(axes.flat, names):
+        layer = result["layers"][name]
+        im = ax.imshow(layer["share"], aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax)
+        ax.set_title(f"{_short(name)}  MI {layer['mutual_information_bits']:.2f} b", fontsize=7)
+        ax.set_yticks(range(len(groups)), groups if ax in axes[:, 0] else [""] * len(groups), fontsize=6)
+        ax.set_xticks(range(len(layer["share"][0])))
+        ax.tick_params(axis="x", labelsize=6)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 0.9, 1))
+    if im is not None:
+        cbar = fig.colorbar(im, cax=fig.add_axes((0.91, 0.2, 0.015, 0.6)))
+        cbar.ax.tick_params(labelsize=6)
+        cbar.set_label("share", fontsize=7)
+    return fig
 
 
 def _short(name: str) -> str:

@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("vlmoe.commands.evaluate", "score a results file: `vlmoe evaluate coco` (COCOeval), `captions`"),
     "analyze": ("vlmoe.commands.analyze", "`vlmoe analyze routing`: expert load / activation per layer, pictures"),
     "predict": ("vlmoe.commands.predict", "a model folder on your own images: answer | caption | classify | detect"),
+    "app": ("vlmoe.commands.app", "`vlmoe app --model DIR`: a local web page for a model (pip install 'vlmoe[app]')"),
     "export": ("vlmoe.commands.export", "checkpoints (BEiT-3, timm, vlmoe) -> safetensors + config.json"),
 }
 
@@ -41,8 +42,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     PermissionError,
     FloatingPointError,  # non-finite losses (NonFiniteLossError)
 )
-# ... and by name, for libraries not imported here: Lightning's option conflicts
-USER_ERROR_NAMES = frozenset({"MisconfigurationException"})
+# ... and by name, for modules not imported here: Lightning's option conflicts, a missing optional extra
+USER_ERROR_NAMES = frozenset({"MisconfigurationException", "MissingExtraError"})
 
 
 def _usage() -> str:

@@ -8,7 +8,9 @@ Models are ``vlmoe export`` folders or training checkpoints; the data is the dem
 split (easy-vqa test images with one caption each: images alone, captions alone and the pairs), at
 each model's own image size and with its own tokenizer. Writes ``report.json``, PNG pictures and
 ``index.html`` into ``--out`` (refusing a non-empty folder unless ``--overwrite``) and prints the
-activation ratio per model and stream.
+activation ratio per model and stream. ``--group-by`` adds the expert choice by group: per MoE layer,
+each group's share of assignments per expert and the mutual information between group and expert,
+for the demo's shape classes (images alone) or its VQA questions' answer / question types (pairs).
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=32)
     r.add_argument("--samples", type=int, default=4, help="images in the patch -> expert pictures")
     r.add_argument("--tau", type=float, default=0.1, help="activation threshold (share of the uniform load)")
+    r.add_argument("--group-by", default="auto", choices=["auto", "class", "answer_type", "question_type", "none"],
+                   help="expert choice by group: the demo's shape classes (images), or the VQA questions' answer "
+                        "or question type (pairs); auto: answer_type for VQA models, class otherwise")
     r.add_argument("--demo-dir", help="where the demo data is (default $VLMOE_DATA/demo)")
     r.add_argument("--overwrite", action="store_true")
     r.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -49,7 +54,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise FileExistsError(f"--out {out} is not empty; choose another folder or add --overwrite")
     import torch
 
-    from vlmoe.analysis import demo_batches, patch_expert_maps, plot_patch_maps, routing_report, write_routing_report
+    from vlmoe.analysis import (
+        demo_batches,
+        expert_choice_by_group,
+        grouped_demo_batches,
+        patch_expert_maps,
+        plot_choice_by_group,
+        plot_patch_maps,
+        routing_report,
+        write_routing_report,
+    )
     from vlmoe.inference import load
 
     reports, figures = {}, []
@@ -71,6 +85,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             figures.append((fig, f"patch_experts_{slug}.png",
                             f"{name}: each image patch coloured by its first-choice expert, per vision MoE layer"
                             + (" and sub-token head" if any(m.shape[1] > 1 for m in maps.values()) else "")))
+        group_by = args.group_by
+        if group_by == "auto":
+            group_by = "answer_type" if pred.task == "vqa" else "class"
+        if group_by != "none" and reports[name]["streams"]:
+            gb, groups = grouped_demo_batches(group_by, pre.image_size, tok, pre.max_len, args.batches,
+                                              args.batch_size, (pre.mean, pre.std), args.demo_dir)
+            choice = expert_choice_by_group(pred.model, gb, groups)
+            reports[name]["by_group"] = {"group_by": group_by, **choice}
+            slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+            what = {"class": "image class (images alone)", "answer_type": "answer type (image + question)",
+                    "question_type": "question type (image + question)"}[group_by]
+            figures.append((plot_choice_by_group(choice, f"{name}: expert choice by {what}"),
+                            f"choice_by_{group_by}_{slug}.png",
+                            f"{name}: share of each group's routed assignments per expert, per MoE layer, by {what}; "
+                            "MI = mutual information between group and expert (bits)"))
     write_routing_report(reports, out, overwrite=True, extra_figures=figures)
     for name, rep in reports.items():
         cells = ", ".join(f"{s} {v['activation_ratio']:.2f} (entropy {v['load_entropy']:.2f})"
