@@ -73,6 +73,15 @@ def test_load_refuses_what_is_not_a_model(tmp_path) -> None:
     (tmp_path / "x.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError):
         vlmoe.load(tmp_path / "x.ckpt")
+    folder = _export(tmp_path, "caption")  # a model folder whose task description was lost
+    config = json.loads((folder / "config.json").read_text())
+    del config["task"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"no 'task' block, but the weights hold task heads \(mlm_head"):
+        vlmoe.load(folder)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        vlmoe.load(folder)
 
 
 def test_predict_command_on_a_folder_skips_unreadable_images(tmp_path, capsys) -> None:

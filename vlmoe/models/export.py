@@ -217,6 +217,16 @@ def load_pretrained(path: str | Path, *, strict: bool = True, **overrides: Any) 
     info = read_export(path)
     config = info.config.replace(**overrides) if overrides else info.config
     model = build_task_model(VLMoE(config), info.task)
+    if info.task is None and strict:
+        from safetensors import safe_open
+
+        with safe_open(str(info.weights), "pt") as f:
+            heads = sorted(k for k in f.keys() if not k.startswith("backbone.") and k.split(".")[0] not in
+                           dict(model.named_children()) and k.split(".")[0] != "backbone")
+        if heads:  # the weights hold task heads the config does not describe
+            raise ValueError(f"{info.weights.parent}: its config.json has no 'task' block, but the weights hold task "
+                             f"heads ({', '.join(heads[:3])}{', ...' if len(heads) > 3 else ''}); the task description "
+                             "is missing - export the training checkpoint again with `vlmoe export CKPT DIR`")
     load_checkpoint(model, str(info.weights), format="vlmoe", strict=strict)
     model.preprocess = info.preprocess
     return model
