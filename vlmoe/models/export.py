@@ -221,8 +221,9 @@ def load_pretrained(path: str | Path, *, strict: bool = True, **overrides: Any) 
         from safetensors import safe_open
 
         with safe_open(str(info.weights), "pt") as f:
-            heads = sorted(k for k in f.keys() if not k.startswith("backbone.") and k.split(".")[0] not in
-                           dict(model.named_children()) and k.split(".")[0] != "backbone")
+            names = list(f.keys())  # noqa: SIM118 (a safetensors handle is not iterable)
+        children = dict(model.named_children())
+        heads = sorted(k for k in names if k.split(".")[0] not in children and k.split(".")[0] != "backbone")
         if heads:  # the weights hold task heads the config does not describe
             raise ValueError(f"{info.weights.parent}: its config.json has no 'task' block, but the weights hold task "
                              f"heads ({', '.join(heads[:3])}{', ...' if len(heads) > 3 else ''}); the task description "

@@ -22,6 +22,8 @@ from .routers import (
     defer_bias_updates,
 )
 from .sizing import (
+    expected_moe_flops_per_token,
+    expected_passes,
     hmoe_expert_sizes,
     mhmoe_flop_parity,
     mhmoe_param_parity,
@@ -38,6 +40,8 @@ from .stats import (
 )
 
 __all__ = [
+    "expected_moe_flops_per_token",
+    "expected_passes",
     "MoE",
     "NonFiniteRoutingError",
     "defer_finite_checks",

@@ -5,6 +5,8 @@ Counts use the leading (matrix) terms only, as the papers do; biases and norms a
 - :func:`mhmoe_param_parity` - MH-MoE v1 (arXiv 2404.15045, appendix D): keep E and k, widen each
   expert so that total parameters match: 2d^2 (head + merge) + E * 2 (d/h) F' = E * 2 d F, i.e.
   F' = h * (F - d/E)  (= h * beta * F with beta = 1 - d/(E F)). FLOPs are then ~h times higher.
+- :func:`expected_moe_flops_per_token` - any layer's FLOPs per token from its config (router included;
+  HMoE at the mean width, Stratified MoE at the expected passes, both under uniform routing).
 - :func:`mhmoe_flop_parity` - the follow-up (arXiv 2411.16205, eqs. 8-9): keep k, set the expert
   width to d_mh = F - d/k so that FLOPs per token match (4 d^2 + 4 k d d_mh = 4 k d F), and choose
   the expert count from the parameter equation 2 d F E = 2 d^2 + 2 (d/h) d_mh E'.
@@ -34,6 +36,60 @@ def moe_flops_per_token(dim: int, config: MoEConfig) -> int:
     sub = dim // config.heads
     proj = 2 * 2 * dim * dim if config.use_head_projections else 0
     return proj + config.heads * config.top_k * 2 * _ffn_mats(config) * sub * config.ffn_dim
+
+
+def router_flops_per_subtoken(dim: int, config: MoEConfig, num_experts: int | None = None) -> int:
+    """Forward FLOPs of scoring one (sub-)token: ``2 d' E`` for linear routers, ``2 d' r + 2 r E`` for the
+    X-MoE router (projection to ``r`` dims, then the expert embeddings); ``d' = dim / heads``."""
+    sub, E = dim // config.heads, num_experts or config.num_experts
+    if config.router.startswith("xmoe"):
+        r = config.resolved_router_dim
+        return 2 * sub * r + 2 * r * E
+    return 2 * sub * E
+
+
+def expected_passes(config: MoEConfig) -> float:
+    """Stratified MoE: the mean expert passes per token if every router chose uniformly among its
+    eligible experts (1 for other layers). From stratum s a token picks an expert of stratum j >= s
+    with probability n_j / (n_s + ... + n_L) and continues at j + 1."""
+    if not config.strata:
+        return 1.0
+    n = list(config.strata)
+    L = len(n)
+    after = [0.0] * (L + 1)  # after[s]: expected passes of a token at stratum s (after[L] = 0)
+    for s in range(L - 1, -1, -1):
+        eligible = sum(n[s:])
+        after[s] = 1.0 + sum(n[j] / eligible * after[j + 1] for j in range(s, L))
+    return after[0]
+
+
+def expected_moe_flops_per_token(dim: int, config: MoEConfig, router: bool = True) -> float:
+    """Forward FLOPs per token of any MoE layer under uniform routing, from its config alone.
+
+    Projections (MH-MoE) + h sub-tokens x [router + k experts of the mean expert width], times the
+    expected passes of a Stratified layer. Exact (not an expectation) for homogeneous top-k layers,
+    where it equals :func:`moe_flops_per_token` plus the router. For HMoE the real cost depends on which
+    sizes the router prefers and for Stratified MoE on how many passes tokens take: the routing
+    statistics measure both (``activated_params_per_token``, ``passes_per_token``). top-p layers have
+    no config-determined expert count and raise.
+    """
+    if config.top_p is not None:
+        raise ValueError("a top-p layer activates a data-dependent number of experts: its FLOPs are not a function "
+                         "of the config (measure them: RoutingStats.activated_params_per_token)")
+    sub = dim // config.heads
+    proj = 2 * 2 * dim * dim if config.use_head_projections else 0
+    sizes = config.sizes
+    mean_width = sum(sizes) / len(sizes)
+    if config.strata:
+        per_pass, offset = [], 0
+        for n_s in config.strata:  # the routers of the strata score fewer and fewer experts
+            per_pass.append(router_flops_per_subtoken(dim, config, config.num_experts - offset) if router else 0)
+            offset += n_s
+        route = sum(per_pass) / len(per_pass)
+    else:
+        route = router_flops_per_subtoken(dim, config) if router else 0
+    expert = config.top_k * 2 * _ffn_mats(config) * sub * mean_width
+    return proj + config.heads * expected_passes(config) * (route + expert)
 
 
 def mhmoe_param_parity(dim: int, config: MoEConfig, heads: int = 4) -> MoEConfig:
