@@ -68,3 +68,20 @@ def test_bench_predict_compares_the_predictor_with_the_bare_forward(capsys):
     table = predict.main(["--models", "tiny", "--images", "4", "--batch-size", "2", "--repeats", "1"])
     rows = [line for line in table.splitlines() if line.startswith("| tiny")]
     assert len(rows) == 1 and rows[0].rstrip(" |").endswith("%")
+
+
+def test_bench_model_prints_the_flop_ideal_and_times_the_optimizer_step(capsys):
+    from vlmoe.bench import model
+    from vlmoe.models import VLMoEConfig
+    from vlmoe.models.flops import flops_per_token
+
+    table = model.main(["--dense", "tiny", "--moe", "tiny_moe", "--batch", "2", "--text-len", "8", "--repeats", "1",
+                        "--no-torchscale", "--no-memory", "--train-step"])
+    assert "fwd+bwd+AdamW step" in table
+    row = next(line for line in table.splitlines() if line.startswith("| vlmoe tiny_moe"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    L = 1 + VLMoEConfig.from_name("tiny").num_patches + 8
+    ideal = flops_per_token(VLMoEConfig.from_name("tiny_moe"), L)["total"] / flops_per_token(
+        VLMoEConfig.from_name("tiny"), L)["total"]
+    assert float(cells[4]) == pytest.approx(ideal, abs=0.005)
+    assert float(cells[5]) == pytest.approx(float(cells[3]) / ideal, abs=0.02)

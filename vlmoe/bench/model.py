@@ -9,6 +9,12 @@ one process, with interleaved repeats and medians:
 2. each MoE variant (default ``base_moe8``: top-2 of 8 per modality, ``base_xmoe8``: X-MoE router,
    ``base_mhmoe8``: MH-MoE h=4 at the same FLOPs per token) against the dense model.
 
+Next to each model: its FLOP ideal relative to the reference - forward FLOPs per token from the config
+(:func:`vlmoe.models.flops.flops_per_token`: attention projections 8 d^2 + scores 4 L d per block, FFN
+4 d F, MoE layers router + k experts + MH-MoE projections) divided by the reference's - and the measured
+time ratio over that ideal (1.00 = the model costs exactly what its FLOPs say). ``--train-step`` adds
+AdamW's step (foreach) to every timed iteration, as a training step has it.
+
 Peak memory is the peak of live tensor bytes allocated during one forward + backward beyond what
 existed before (parameters excluded, their gradients included; CPU: allocator events recorded by
 the torch profiler, see :func:`vlmoe.bench.moe.peak_memory`).
@@ -40,6 +46,8 @@ class Impl:
     run: Callable[[Tensor], Tensor | tuple]
     times: list[float] = field(default_factory=list)
     peak_bytes: int | None = None
+    flops_per_token: float | None = None
+    optimizer: torch.optim.Optimizer | None = None
 
     @property
     def median(self) -> float:
@@ -77,14 +85,20 @@ def _inputs(args: argparse.Namespace, cfg: VLMoEConfig, device: torch.device):
     return image, ids, pad.to(device)
 
 
-def _vlmoe_impl(name: str, model: VLMoE, ids: Tensor, pad: Tensor, autocast: Callable) -> Impl:
+def _vlmoe_impl(name: str, model: VLMoE, ids: Tensor, pad: Tensor, autocast: Callable,
+                train_step: bool = False) -> Impl:
+    from vlmoe.models.flops import flops_per_token
+
     def run(image: Tensor):
         with autocast():
             out = model(image=image, text_ids=ids, text_padding_mask=pad)
         # an MoE model's aux loss is part of the backward (its gradient reaches the routers)
         return (out.hidden_states, out.aux) if out.aux.loss.requires_grad else out.hidden_states
 
-    return Impl(name, model, run)
+    cfg = model.config
+    fpt = flops_per_token(cfg, 1 + cfg.num_patches + ids.shape[1])["total"]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if train_step else None
+    return Impl(name, model, run, flops_per_token=fpt, optimizer=opt)
 
 
 def _torchscale_impl(model: nn.Module, ids: Tensor, pad: Tensor, autocast: Callable) -> Impl:
@@ -114,16 +128,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _step(impl: Impl, x: Tensor, g: Tensor) -> None:
+    _fwd_bwd(impl, x, g)
+    if impl.optimizer is not None:
+        impl.optimizer.step()
+
+
 def measure(impls: list[Impl], x: Tensor, g: Tensor, repeats: int, memory: bool, device: torch.device) -> None:
     """Warm up, then time ``repeats`` interleaved rounds; then one peak-memory run each."""
     for impl in impls:
-        _fwd_bwd(impl, x, g)
+        _step(impl, x, g)
         _zero(impl)
     for _ in range(repeats):
         for impl in impls:
             _sync(device)
             t0 = time.perf_counter()
-            _fwd_bwd(impl, x, g)
+            _step(impl, x, g)
             _sync(device)
             impl.times.append(time.perf_counter() - t0)
             _zero(impl)
@@ -139,16 +159,20 @@ def format_rows(impls: list[Impl], ref: Impl, tokens: int) -> list[str]:
     for impl in impls:
         mem = f"{impl.peak_bytes / 2**20:,.0f}" if impl.peak_bytes is not None else "-"
         memx = f"{impl.peak_bytes / ref.peak_bytes:.2f}" if impl.peak_bytes and ref.peak_bytes else "-"
+        ideal = (impl.flops_per_token / ref.flops_per_token
+                 if impl.flops_per_token and ref.flops_per_token else None)
         rows.append(
             f"| {impl.name} | {impl.params / 1e6:.0f}M | {1e3 * impl.median:,.0f} | "
-            f"{impl.median / ref.median:.2f} | {tokens / impl.median:,.0f} | {mem} | {memx} |"
+            f"{impl.median / ref.median:.2f} | " + (f"{ideal:.2f} | {impl.median / ref.median / ideal:.2f}"
+                                                     if ideal else "- | -")
+            + f" | {tokens / impl.median:,.0f} | {mem} | {memx} |"
         )
     return rows
 
 
 HEADER = [
-    "| model | params | fwd+bwd (ms) | × ref time | tokens/s | peak mem (MiB) | × ref mem |",
-    "|---|---:|---:|---:|---:|---:|---:|",
+    "| model | params | time (ms) | × ref time | FLOP ideal × ref | × ideal | tokens/s | peak mem (MiB) | × ref mem |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
 ]
 
 
@@ -167,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs")
     p.add_argument("--no-torchscale", dest="torchscale", action="store_false")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    p.add_argument("--train-step", action="store_true",
+                   help="time forward + backward + AdamW's step (the optimizer over every parameter)")
     return p
 
 
@@ -192,10 +218,12 @@ def main(argv: list[str] | None = None) -> str:
     header = (
         f"device={device} ({_device_name(device)}), dtype={args.dtype}, torch={torch.__version__}, "
         f"batch={args.batch}, image={dense_cfg.img_size}px ({1 + dense_cfg.num_patches} tokens), "
-        f"text={args.text_len} tokens, fwd+bwd, median of {args.repeats}"
+        f"text={args.text_len} tokens, {'fwd+bwd+AdamW step' if args.train_step else 'fwd+bwd'}, "
+        f"median of {args.repeats}"
     )
     print(header, flush=True)
-    dense = _vlmoe_impl(f"vlmoe {args.dense}", VLMoE(dense_cfg).to(device).train(), ids, pad, autocast)
+    dense = _vlmoe_impl(f"vlmoe {args.dense}", VLMoE(dense_cfg).to(device).train(), ids, pad, autocast,
+                        args.train_step)
     sections = []
 
     ts = _torchscale_beit3(dense_cfg) if args.torchscale else None
@@ -212,7 +240,7 @@ def main(argv: list[str] | None = None) -> str:
 
     for name in [n for n in args.moe.split(",") if n.strip()]:
         model = VLMoE(VLMoEConfig.from_name(name.strip(), **over)).to(device).train()
-        moe = _vlmoe_impl(f"vlmoe {name}", model, ids, pad, autocast)
+        moe = _vlmoe_impl(f"vlmoe {name}", model, ids, pad, autocast, args.train_step)
         dense.times, dense.peak_bytes = [], None
         measure([dense, moe], x, g, args.repeats, args.memory, device)
         rows = format_rows([dense, moe], dense, tokens)

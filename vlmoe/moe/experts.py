@@ -13,7 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .grouped import RaggedLayout, gelu_grouped_linear, grouped_linear, ragged_linear
+from .grouped import (
+    RaggedLayout,
+    gelu_grouped_linear,
+    gelu_segment_layer_norm,
+    grouped_linear,
+    ragged_linear,
+    segment_layer_norm,
+)
 
 
 class GroupedExperts(nn.Module):
@@ -80,6 +87,12 @@ class GroupedExperts(nn.Module):
             if self.expert_type == "gelu" and self.ln_weight is None and counts_list is not None:
                 # loop backend: GELU fused into fc2 block by block, recomputed in backward (no (M, F) GELU)
                 return gelu_grouped_linear(h, w2, b2, counts_list)
+            if self.expert_type == "gelu" and self.ln_weight is not None and counts_list is not None:
+                # GELU + sub-LN in one pass per expert block (GELU recomputed in backward, not stored), each
+                # expert's rows normalised with its own affine
+                lw, lb = self.ln_weight.to(h.dtype), self.ln_bias.to(h.dtype)
+                h = gelu_segment_layer_norm(h, lw, lb, counts_list, self.layernorm_eps)
+                return grouped_linear(h, w2, b2, counts, counts_list, self.backend)
             if self.expert_type == "swiglu":
                 gate, up = h.chunk(2, dim=-1)
                 h = F.silu(gate) * up
@@ -87,9 +100,14 @@ class GroupedExperts(nn.Module):
                 # BEiT-3 casts to float32 around the GELU; the bf16/fp16 GELU and LayerNorm kernels already
                 # compute in float32 internally and round once, so no extra casts (and memory passes) here
                 h = F.gelu(h)
-            if self.ln_weight is not None:
-                # Sub-LN: the per-expert affine is folded into fc2 (exact), so the normalisation runs
-                # once over all rows and no (M, F) per-row gamma/beta is ever gathered.
+            if self.ln_weight is not None and counts_list is not None:
+                # Sub-LN: each expert's rows normalised with its own affine, one LayerNorm call per expert
+                # block (counts known on the host)
+                lw, lb = self.ln_weight.to(h.dtype), self.ln_bias.to(h.dtype)
+                h = segment_layer_norm(h, lw, lb, counts_list, self.layernorm_eps)
+            elif self.ln_weight is not None:
+                # Sub-LN without host counts (CUDA grouped_mm): the per-expert affine is folded into fc2
+                # (exact), so the normalisation runs once over all rows without a host sync.
                 h = F.layer_norm(h, (self.ffn_dim,), eps=self.layernorm_eps)
                 lw, lb = self.ln_weight.to(w2.dtype), self.ln_bias.to(w2.dtype)
                 fold_b = torch.bmm(lb.unsqueeze(1), w2).squeeze(1)  # (E, dim) = beta_e @ W2_e

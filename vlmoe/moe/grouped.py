@@ -166,6 +166,131 @@ def gelu_grouped_linear(h: Tensor, w: Tensor, b: Tensor | None, counts_list: tup
     return _GeluGroupedLinear.apply(h.contiguous(), w, b, counts_list)
 
 
+class _SegmentLayerNorm(torch.autograd.Function):
+    """LayerNorm of rows grouped by expert, expert e's rows with its own affine ``(weight[e], bias[e])``.
+
+    ATen's LayerNorm kernels run once per expert block, writing into one (M, F) output: the per-expert
+    affine costs nothing extra (no (E, F, d) copy of the fc2 weights with the affine folded in, whose
+    forward product and three backward products each cost a pass over every expert's weights per
+    step, and no gathered per-row gamma / beta).
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor, counts: tuple[int, ...], eps: float) -> Tensor:
+        h = h.contiguous()
+        M, F = h.shape
+        out = workspace.empty((M, F), dtype=h.dtype, device=h.device)
+        mean, rstd = _ln_stats(h)
+        o = 0
+        for e, n in enumerate(counts):
+            if n:
+                torch.ops.aten.native_layer_norm.out(h[o : o + n], [F], weight[e], bias[e], eps,
+                                                     out0=out[o : o + n], out1=mean[o : o + n], out2=rstd[o : o + n])
+            o += n
+        ctx.save_for_backward(h, weight, bias, mean, rstd)
+        ctx.counts = counts
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        h, weight, bias, mean, rstd = ctx.saved_tensors
+        g = g.contiguous()
+        F = h.shape[1]
+        need = [bool(x) for x in ctx.needs_input_grad[:3]]
+        gx = workspace.empty_like(h) if need[0] else None
+        gw = torch.zeros_like(weight) if need[1] else None
+        gb = torch.zeros_like(bias) if need[2] else None
+        dummy = h.new_empty(0)
+        o = 0
+        for e, n in enumerate(ctx.counts):
+            if n:
+                torch.ops.aten.native_layer_norm_backward.out(
+                    g[o : o + n], h[o : o + n], [F], mean[o : o + n], rstd[o : o + n], weight[e], bias[e], need,
+                    out0=gx[o : o + n] if gx is not None else dummy, out1=gw[e] if gw is not None else dummy,
+                    out2=gb[e] if gb is not None else dummy)
+            o += n
+        return gx, gw, gb, None, None
+
+
+class _GeluSegmentLayerNorm(torch.autograd.Function):
+    """LayerNorm(GELU(h)) of rows grouped by expert (each expert's own affine), saving only h.
+
+    GELU(h) - an (M, F) buffer as large as the expert hidden layer - is never stored: forward and
+    backward (which recomputes it) write one expert's GELU rows into a scratch block and normalise them
+    at once, while they are still in cache. Every (M, F) result comes from :mod:`vlmoe.moe.workspace`,
+    so a step does not page-fault fresh buffers in (an MH-MoE layer at FLOP parity has h x k / (k x
+    F / F_mh) = 3.5x the hidden rows of a top-2 layer: its element-wise work dominates otherwise).
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor, counts: tuple[int, ...], eps: float) -> Tensor:
+        h = h.contiguous()
+        M, F = h.shape
+        out = workspace.empty((M, F), dtype=h.dtype, device=h.device)
+        mean, rstd = _ln_stats(h)
+        scratch = _scratch(h, counts)
+        o = 0
+        for e, n in enumerate(counts):
+            if n:
+                a = torch.ops.aten.gelu.out(h[o : o + n], out=scratch[:n])
+                torch.ops.aten.native_layer_norm.out(a, [F], weight[e], bias[e], eps,
+                                                     out0=out[o : o + n], out1=mean[o : o + n], out2=rstd[o : o + n])
+            o += n
+        ctx.save_for_backward(h, weight, bias, mean, rstd)
+        ctx.counts = counts
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        h, weight, bias, mean, rstd = ctx.saved_tensors
+        g = g.contiguous()
+        F = h.shape[1]
+        need_h, need_w, need_b = (bool(x) for x in ctx.needs_input_grad[:3])
+        gh = workspace.empty_like(h) if need_h else None
+        gw = torch.zeros_like(weight) if need_w else None
+        gb = torch.zeros_like(bias) if need_b else None
+        act, grad_act = _scratch(h, ctx.counts), _scratch(h, ctx.counts)
+        dummy = h.new_empty(0)
+        o = 0
+        for e, n in enumerate(ctx.counts):
+            if n:
+                hs = h[o : o + n]
+                a = torch.ops.aten.gelu.out(hs, out=act[:n])  # recomputed
+                torch.ops.aten.native_layer_norm_backward.out(
+                    g[o : o + n], a, [F], mean[o : o + n], rstd[o : o + n], weight[e], bias[e],
+                    [need_h, need_w, need_b],
+                    out0=grad_act[:n] if need_h else dummy, out1=gw[e] if need_w else dummy,
+                    out2=gb[e] if need_b else dummy)
+                if need_h:
+                    torch.ops.aten.gelu_backward.grad_input(grad_act[:n], hs, grad_input=gh[o : o + n])
+            o += n
+        return gh, gw, gb, None, None
+
+
+def _ln_stats(h: Tensor) -> tuple[Tensor, Tensor]:
+    """(M, 1) buffers for LayerNorm's mean and rstd, in the dtype ATen's kernels write them in (the input
+    dtype on CPU; float32 for half types on CUDA)."""
+    low = h.dtype in (torch.bfloat16, torch.float16)
+    dtype = torch.float32 if low and h.device.type == "cuda" else h.dtype
+    return (torch.empty((h.shape[0], 1), dtype=dtype, device=h.device),
+            torch.empty((h.shape[0], 1), dtype=dtype, device=h.device))
+
+
+def gelu_segment_layer_norm(h: Tensor, weight: Tensor, bias: Tensor, counts_list: tuple[int, ...],
+                            eps: float) -> Tensor:
+    """(M, F) fc1 rows sorted by expert -> LayerNorm(GELU(rows)) with each expert's ``(E, F)`` affine."""
+    if sum(counts_list) != h.shape[0]:
+        raise ValueError(f"gelu_segment_layer_norm: counts sum to {sum(counts_list)}, input has {h.shape[0]} rows")
+    return _GeluSegmentLayerNorm.apply(h, weight, bias, counts_list, eps)
+
+
+def segment_layer_norm(h: Tensor, weight: Tensor, bias: Tensor, counts_list: tuple[int, ...], eps: float) -> Tensor:
+    """(M, F) rows sorted by expert -> each expert's rows layer-normalised with its own ``(E, F)`` affine."""
+    if sum(counts_list) != h.shape[0]:
+        raise ValueError(f"segment_layer_norm: counts sum to {sum(counts_list)}, input has {h.shape[0]} rows")
+    return _SegmentLayerNorm.apply(h, weight, bias, counts_list, eps)
+
+
 def _grouped_mm_available() -> bool:
     return hasattr(torch, "_grouped_mm")
 
