@@ -158,11 +158,13 @@ def test_grouped_path_matches_per_token_reference_loop(cfg):
         pm[0, 3:] = True
         pm[2, 1:] = True
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ex = layer.experts
+    params = [ex.w1, ex.w2] + ([ex.ln_weight, ex.ln_bias] if sub_ln else [])  # the sub-LN's per-expert affine too
     y_ref = reference_forward(layer, x1, pm)
-    ref_grads = torch.autograd.grad(y_ref.sum() * 1.0 + (y_ref**2).sum(), [x1, layer.experts.w1, layer.experts.w2])
+    ref_grads = torch.autograd.grad(y_ref.sum() * 1.0 + (y_ref**2).sum(), [x1, *params])
     y, aux = layer(x2, pm)
     torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-10)
-    grads = torch.autograd.grad(y.sum() * 1.0 + (y**2).sum(), [x2, layer.experts.w1, layer.experts.w2])
+    grads = torch.autograd.grad(y.sum() * 1.0 + (y**2).sum(), [x2, *params])
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
     n_valid = 15 if pm is None else int((~pm).sum())
@@ -285,3 +287,22 @@ def test_aux_sums_over_layers():
     with pytest.raises(ValueError, match="sums 2 layer calls"):
         _ = s.tokens_per_expert
     assert sum([aa, ab]).loss.item() == pytest.approx(s.loss.item())
+
+
+def test_gelu_sub_ln_kernel_gradients_and_idle_experts():
+    """GELU + per-expert LayerNorm by expert block: exact gradients (gradcheck), an idle expert's affine
+    gets a zero gradient, and a count that does not match the rows is refused."""
+    from vlmoe.moe.grouped import gelu_segment_layer_norm
+
+    torch.manual_seed(0)
+    h = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda h, w, b: gelu_segment_layer_norm(h, w, b, (3, 0, 4), 1e-5), (h, w, b))
+    y = gelu_segment_layer_norm(h, w, b, (3, 0, 4), 1e-5)
+    ref = torch.cat([F.layer_norm(F.gelu(h[:3]), (5,), w[0], b[0]), F.layer_norm(F.gelu(h[3:]), (5,), w[2], b[2])])
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    gw, gb = torch.autograd.grad(y.square().sum(), [w, b])
+    assert gw[1].abs().sum() == 0 and gb[1].abs().sum() == 0
+    with pytest.raises(ValueError, match="counts sum to 6"):
+        gelu_segment_layer_norm(h, w, b, (3, 0, 3), 1e-5)

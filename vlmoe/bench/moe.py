@@ -45,12 +45,13 @@ from vlmoe.runtime import reuse_freed_memory
 
 # ---------------------------------------------------------------------------------------------- impls
 class DenseFFN(nn.Module):
-    def __init__(self, dim: int, ffn: int) -> None:
+    def __init__(self, dim: int, ffn: int, sub_ln: bool = False) -> None:
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(dim, ffn), nn.Linear(ffn, dim)
+        self.ln = nn.LayerNorm(ffn) if sub_ln else nn.Identity()  # BEiT-3 / Magneto's ffn_layernorm
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(self.ln(F.gelu(self.fc1(x))))
 
 
 class NaiveLoopMoE(nn.Module):
@@ -245,7 +246,8 @@ class PerExpertDense(nn.Module):
 def run_case(case: Case, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
     torch.manual_seed(0)
     d, f, k, T = args.dim, args.ffn, args.top_k, case.tokens
-    base = MoEConfig(num_experts=case.num_experts, top_k=k, ffn_dim=f, check_finite=False)
+    base = MoEConfig(num_experts=case.num_experts, top_k=k, ffn_dim=f, check_finite=False,
+                     ffn_layernorm=args.sub_ln and not case.schedule)
     cfg = mhmoe_flop_parity(d, base, case.heads) if case.heads > 1 else base
     if case.schedule:
         sizes = hmoe_expert_sizes(case.schedule, case.num_experts, total=case.num_experts * f)
@@ -261,7 +263,7 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, dtype: 
         x_ideal = torch.randn(k * T, d, device=device, dtype=dtype, requires_grad=True)
         g_ideal = torch.randn(k * T, d, device=device, dtype=dtype)
     else:
-        ideal = DenseFFN(d, f).to(device, dtype)
+        ideal = DenseFFN(d, f, sub_ln=args.sub_ln).to(device, dtype)
         x_ideal, g_ideal = x, g
     if args.compile:  # both sides compiled, so the comparison stays like for like
         impls["ideal"] = (ideal, torch.compile(ideal))
@@ -389,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-torchscale", dest="torchscale", action="store_false")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the ideal and the vlmoe layer")
+    p.add_argument("--sub-ln", action="store_true",
+                   help="experts (and the ideal's FFN) with BEiT-3's sub-LN on the hidden layer, as the model presets "
+                        "have it (not for HMoE cases; use with --no-peers: the peers have none)")
     p.add_argument("--malloc-tuning", action="store_true",
                    help="reuse freed memory instead of page-faulting large buffers in every step "
                         "(vlmoe.runtime.reuse_freed_memory; applies to every impl; use with --no-peers: the "

@@ -19,7 +19,6 @@ from .grouped import (
     gelu_segment_layer_norm,
     grouped_linear,
     ragged_linear,
-    segment_layer_norm,
 )
 
 
@@ -100,12 +99,7 @@ class GroupedExperts(nn.Module):
                 # BEiT-3 casts to float32 around the GELU; the bf16/fp16 GELU and LayerNorm kernels already
                 # compute in float32 internally and round once, so no extra casts (and memory passes) here
                 h = F.gelu(h)
-            if self.ln_weight is not None and counts_list is not None:
-                # Sub-LN: each expert's rows normalised with its own affine, one LayerNorm call per expert
-                # block (counts known on the host)
-                lw, lb = self.ln_weight.to(h.dtype), self.ln_bias.to(h.dtype)
-                h = segment_layer_norm(h, lw, lb, counts_list, self.layernorm_eps)
-            elif self.ln_weight is not None:
+            if self.ln_weight is not None:
                 # Sub-LN without host counts (CUDA grouped_mm): the per-expert affine is folded into fc2
                 # (exact), so the normalisation runs once over all rows without a host sync.
                 h = F.layer_norm(h, (self.ffn_dim,), eps=self.layernorm_eps)

@@ -166,60 +166,19 @@ def gelu_grouped_linear(h: Tensor, w: Tensor, b: Tensor | None, counts_list: tup
     return _GeluGroupedLinear.apply(h.contiguous(), w, b, counts_list)
 
 
-class _SegmentLayerNorm(torch.autograd.Function):
-    """LayerNorm of rows grouped by expert, expert e's rows with its own affine ``(weight[e], bias[e])``.
+class _GeluSegmentLayerNorm(torch.autograd.Function):
+    """LayerNorm(GELU(h)) of rows grouped by expert, expert e's rows with its own affine
+    ``(weight[e], bias[e])`` (an expert's GELU + sub-LN), saving only h.
 
     ATen's LayerNorm kernels run once per expert block, writing into one (M, F) output: the per-expert
     affine costs nothing extra (no (E, F, d) copy of the fc2 weights with the affine folded in, whose
-    forward product and three backward products each cost a pass over every expert's weights per
-    step, and no gathered per-row gamma / beta).
-    """
-
-    @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor, counts: tuple[int, ...], eps: float) -> Tensor:
-        h = h.contiguous()
-        M, F = h.shape
-        out = workspace.empty((M, F), dtype=h.dtype, device=h.device)
-        mean, rstd = _ln_stats(h)
-        o = 0
-        for e, n in enumerate(counts):
-            if n:
-                torch.ops.aten.native_layer_norm.out(h[o : o + n], [F], weight[e], bias[e], eps,
-                                                     out0=out[o : o + n], out1=mean[o : o + n], out2=rstd[o : o + n])
-            o += n
-        ctx.save_for_backward(h, weight, bias, mean, rstd)
-        ctx.counts = counts
-        return out
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        h, weight, bias, mean, rstd = ctx.saved_tensors
-        g = g.contiguous()
-        F = h.shape[1]
-        need = [bool(x) for x in ctx.needs_input_grad[:3]]
-        gx = workspace.empty_like(h) if need[0] else None
-        gw = torch.zeros_like(weight) if need[1] else None
-        gb = torch.zeros_like(bias) if need[2] else None
-        dummy = h.new_empty(0)
-        o = 0
-        for e, n in enumerate(ctx.counts):
-            if n:
-                torch.ops.aten.native_layer_norm_backward.out(
-                    g[o : o + n], h[o : o + n], [F], mean[o : o + n], rstd[o : o + n], weight[e], bias[e], need,
-                    out0=gx[o : o + n] if gx is not None else dummy, out1=gw[e] if gw is not None else dummy,
-                    out2=gb[e] if gb is not None else dummy)
-            o += n
-        return gx, gw, gb, None, None
-
-
-class _GeluSegmentLayerNorm(torch.autograd.Function):
-    """LayerNorm(GELU(h)) of rows grouped by expert (each expert's own affine), saving only h.
-
-    GELU(h) - an (M, F) buffer as large as the expert hidden layer - is never stored: forward and
-    backward (which recomputes it) write one expert's GELU rows into a scratch block and normalise them
-    at once, while they are still in cache. Every (M, F) result comes from :mod:`vlmoe.moe.workspace`,
-    so a step does not page-fault fresh buffers in (an MH-MoE layer at FLOP parity has h x k / (k x
-    F / F_mh) = 3.5x the hidden rows of a top-2 layer: its element-wise work dominates otherwise).
+    forward product and three backward products each cost a pass over every expert's weights per step,
+    and no gathered per-row gamma / beta). GELU(h) - an (M, F) buffer as large as the
+    expert hidden layer - is never stored: forward and backward (which recomputes it) write one
+    expert's GELU rows into a scratch block and normalise them at once, while they are still in cache.
+    Every (M, F) result comes from :mod:`vlmoe.moe.workspace`, so a step does not page-fault fresh
+    buffers in (an MH-MoE layer at FLOP parity has h x k x F_mh / (k x F) = 3.5x the hidden values of a
+    top-2 layer: its element-wise work dominates otherwise).
     """
 
     @staticmethod
@@ -255,14 +214,14 @@ class _GeluSegmentLayerNorm(torch.autograd.Function):
         for e, n in enumerate(ctx.counts):
             if n:
                 hs = h[o : o + n]
-                a = torch.ops.aten.gelu.out(hs, out=act[:n])  # recomputed
+                a = torch.ops.aten.gelu.out(hs, out=act[:n])  # GELU recomputed
+                ga = grad_act[:n] if need_h else dummy
                 torch.ops.aten.native_layer_norm_backward.out(
                     g[o : o + n], a, [F], mean[o : o + n], rstd[o : o + n], weight[e], bias[e],
-                    [need_h, need_w, need_b],
-                    out0=grad_act[:n] if need_h else dummy, out1=gw[e] if need_w else dummy,
+                    [need_h, need_w, need_b], out0=ga, out1=gw[e] if need_w else dummy,
                     out2=gb[e] if need_b else dummy)
                 if need_h:
-                    torch.ops.aten.gelu_backward.grad_input(grad_act[:n], hs, grad_input=gh[o : o + n])
+                    torch.ops.aten.gelu_backward.grad_input(ga, hs, grad_input=gh[o : o + n])
             o += n
         return gh, gw, gb, None, None
 
@@ -278,17 +237,11 @@ def _ln_stats(h: Tensor) -> tuple[Tensor, Tensor]:
 
 def gelu_segment_layer_norm(h: Tensor, weight: Tensor, bias: Tensor, counts_list: tuple[int, ...],
                             eps: float) -> Tensor:
-    """(M, F) fc1 rows sorted by expert -> LayerNorm(GELU(rows)) with each expert's ``(E, F)`` affine."""
+    """(M, F) fc1 rows sorted by expert -> LayerNorm(GELU(rows)), each expert's rows with its own ``(E, F)``
+    affine (GELU not stored: recomputed in backward)."""
     if sum(counts_list) != h.shape[0]:
         raise ValueError(f"gelu_segment_layer_norm: counts sum to {sum(counts_list)}, input has {h.shape[0]} rows")
     return _GeluSegmentLayerNorm.apply(h, weight, bias, counts_list, eps)
-
-
-def segment_layer_norm(h: Tensor, weight: Tensor, bias: Tensor, counts_list: tuple[int, ...], eps: float) -> Tensor:
-    """(M, F) rows sorted by expert -> each expert's rows layer-normalised with its own ``(E, F)`` affine."""
-    if sum(counts_list) != h.shape[0]:
-        raise ValueError(f"segment_layer_norm: counts sum to {sum(counts_list)}, input has {h.shape[0]} rows")
-    return _SegmentLayerNorm.apply(h, weight, bias, counts_list, eps)
 
 
 def _grouped_mm_available() -> bool:
