@@ -59,6 +59,38 @@ def test_detections_are_drawn_on_the_original_image() -> None:
     assert (px[15, 20] != 255).any() and (px[35, 55] == 255).all()  # the mask is tinted, the rest untouched
 
 
+@pytest.mark.parametrize("kind", ["vqa", "caption", "classify", "detect", "nlvr2", "retrieval"])
+def test_page_answers_as_the_predictor_does_for_every_task(kind, tmp_path) -> None:
+    from vlmoe.app import respond
+
+    model = vlmoe.load(_export(tmp_path, kind))
+    img = Image.new("RGB", (40, 30), (200, 20, 20))
+    rest = {"vqa": ("what colour is it?",), "detect": (0.0,), "nlvr2": (Image.new("L", (20, 20)), "two red shapes"),
+            "retrieval": ("a red square\na blue circle",)}.get(kind, ())
+    text, drawn, picture, note = respond(model, img, *rest)
+    expect = {
+        "vqa": lambda: model.answer(img, rest[0], 5)[0][0]["answer"],
+        "caption": lambda: model.caption(img)[0],
+        "classify": lambda: model.classify(img, 5)[0][0]["label"],
+        "detect": lambda: f"{len(model.detect(img, score_threshold=0.0)[0])} lines",
+        "nlvr2": lambda: "true" if model.verify(img, rest[0], rest[1])[0]["true"] else "false",
+        "retrieval": lambda: ["a red square", "a blue circle"][int(model.match(img, rest[0].splitlines())[0].argmax())],
+    }[kind]()
+    if kind == "detect":
+        assert drawn is not None and drawn.size == (40, 30)
+        dets = model.detect(img, score_threshold=0.0)[0]
+        assert text == "no detections" if not dets else len(text.splitlines()) == len(dets)
+    else:
+        assert drawn is None
+        assert text.splitlines()[0].split("  ")[-1 if kind == "retrieval" else 0] == expect or text == expect
+    assert picture is not None and "vision MoE layers" in note  # every tiny model here is an MoE model
+    if kind == "vqa":
+        with pytest.raises(ValueError, match="ask a question"):
+            respond(model, img, "  ")
+    with pytest.raises(ValueError, match="upload an image"):
+        respond(model, None, *rest)
+
+
 def test_app_without_gradio_names_the_extra(monkeypatch) -> None:
     import sys
 

@@ -6,8 +6,9 @@
 - The main command (``vlmoe pretrain && vlmoe finetune vqav2``) runs on the demo data with a few steps;
   then the "Use a model" section runs as written on what it wrote (its finetuning with a few steps, its
   exports, ``vlmoe predict`` on a ``photos/`` folder of demo images with a corrupt file and a text file
-  in it, its Python block; ``vlmoe app`` serves forever, so its line is parsed - ``tests/test_app.py``
-  drives the page in a browser); ``vlmoe export`` lines run on what it wrote; every other
+  in it, its Python block; ``vlmoe app`` is started on a free port until its page answers, then
+  stopped - ``tests/test_app.py`` drives the page in a browser); ``vlmoe export`` lines run on what it
+  wrote; every other
   ``vlmoe pretrain`` / ``vlmoe finetune`` line is parsed by the real CLI (``--print_config``: options,
   config files and subcommands checked).
 - The install and test commands are the ones ``.ci/run`` runs.
@@ -169,9 +170,7 @@ def _use_a_model(tmp_path: Path, quick: list[str], capsys) -> set[str]:
         if argv[0] == "finetune":
             vlmoe([*argv, *quick])
         elif argv[0] == "app":
-            from vlmoe.commands.app import build_parser
-
-            build_parser().parse_args(argv[1:])
+            _serve_and_fetch(argv)
         else:
             capsys.readouterr()
             vlmoe(argv)
@@ -187,3 +186,36 @@ def _use_a_model(tmp_path: Path, quick: list[str], capsys) -> set[str]:
         printed = capsys.readouterr().out
         assert "'answer'" in printed and "'score'" in printed
     return set(lines)
+
+
+def _serve_and_fetch(argv: list[str]) -> None:
+    """Start ``vlmoe app ...`` (on a free port), wait until its page is served, stop it."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    pytest.importorskip("gradio", reason="the web demo needs Gradio: pip install 'vlmoe[app]'")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    proc = subprocess.Popen([sys.executable, "-m", "vlmoe.cli", *argv, "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, page = time.time() + 120, None
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+                    page = r.read().decode()
+                break
+            except OSError:
+                time.sleep(0.5)
+        if page is None:
+            out = proc.stdout.read()[-2000:] if proc.poll() is not None else "(still running)"
+            raise AssertionError(f"vlmoe app did not serve its page (exit {proc.poll()}): {out}")
+        assert '"title":"vlmoe"' in page and "a vqa model" in page  # the page of this model
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -21,7 +21,7 @@ import torch
 
 from vlmoe.inference import Predictor, open_image
 
-__all__ = ["MissingExtraError", "build_app", "routing_picture"]
+__all__ = ["MissingExtraError", "build_app", "respond", "routing_picture"]
 
 TITLE = "vlmoe"
 
@@ -90,6 +90,44 @@ def _draw_detections(image: Any, dets: list[dict[str, Any]]) -> Any:
     return to_pil_image(draw_bounding_boxes(img, boxes, labels, colors="red", width=2))
 
 
+def respond(predictor: Predictor, img: Any, *rest: Any) -> tuple[str, Any, Any, str]:
+    """The page's answer to one image: ``(text, image with the detections drawn or None, routing map,
+    its caption)``. ``rest``: the question (VQA), the right image and the sentence (NLVR2), the texts
+    one per line (retrieval) or the score threshold (detection). Missing input is a ValueError."""
+    task = predictor.task
+    if img is None:
+        raise ValueError("upload an image first")
+    text, shown = "", None
+    if task == "vqa":
+        question = (rest[0] or "").strip() if rest else ""
+        if not question:
+            raise ValueError("ask a question about the image")
+        text = "\n".join(f"{a['answer']}  ({a['score']:.3f})" for a in predictor.answer(img, question, 5)[0])
+    elif task == "captioning":
+        text = predictor.caption(img)[0]
+    elif task == "image_classification":
+        text = "\n".join(f"{c['label']}  ({c['score']:.3f})" for c in predictor.classify(img, 5)[0])
+    elif task == "detection":
+        dets = predictor.detect(img, score_threshold=float(rest[0]) if rest else 0.5)[0]
+        text = "\n".join(f"{d['label']} {d['score']:.2f} {d['box']}" for d in dets) or "no detections"
+        shown = _draw_detections(img, dets)
+    elif task == "nlvr2":
+        if len(rest) < 2 or rest[0] is None or not (rest[1] or "").strip():
+            raise ValueError("upload the right image and write a sentence")
+        v = predictor.verify(img, rest[0], rest[1].strip())[0]
+        text = f"{'true' if v['true'] else 'false'}  (p(true) = {v['score']:.3f})"
+    elif task == "retrieval":
+        texts = [t.strip() for t in (rest[0] or "").splitlines() if t.strip()] if rest else []
+        if not texts:
+            raise ValueError("write one or more texts, one per line")
+        sims = predictor.match(img, texts)[0].tolist()
+        text = "\n".join(f"{s:.3f}  {t}" for s, t in sorted(zip(sims, texts), reverse=True))
+    else:
+        raise ValueError(f"this model's task is {task!r}: the page answers for finetuned models only")
+    picture, note = routing_picture(predictor, img)
+    return text, shown, picture, note
+
+
 def build_app(predictor: Predictor, title: str | None = None) -> Any:
     """A ``gradio.Blocks`` page for the predictor's task (see the module docstring)."""
     gr = _gradio()
@@ -116,37 +154,10 @@ def build_app(predictor: Predictor, title: str | None = None) -> Any:
                 routing_note = gr.Markdown(elem_id="routing_note")
 
         def predict(img: Any, *rest: Any) -> tuple[str, Any, Any, str]:
-            if img is None:
-                raise gr.Error("upload an image first")
-            text, shown = "", None
-            if task == "vqa":
-                question = (rest[0] or "").strip()
-                if not question:
-                    raise gr.Error("ask a question about the image")
-                text = "\n".join(f"{a['answer']}  ({a['score']:.3f})" for a in predictor.answer(img, question, 5)[0])
-            elif task == "captioning":
-                text = predictor.caption(img)[0]
-            elif task == "image_classification":
-                text = "\n".join(f"{c['label']}  ({c['score']:.3f})" for c in predictor.classify(img, 5)[0])
-            elif task == "detection":
-                dets = predictor.detect(img, score_threshold=float(rest[0]))[0]
-                text = "\n".join(f"{d['label']} {d['score']:.2f} {d['box']}" for d in dets) or "no detections"
-                shown = _draw_detections(img, dets)
-            elif task == "nlvr2":
-                if rest[0] is None or not (rest[1] or "").strip():
-                    raise gr.Error("upload the right image and write a sentence")
-                v = predictor.verify(img, rest[0], rest[1].strip())[0]
-                text = f"{'true' if v['true'] else 'false'}  (p(true) = {v['score']:.3f})"
-            elif task == "retrieval":
-                texts = [t.strip() for t in (rest[0] or "").splitlines() if t.strip()]
-                if not texts:
-                    raise gr.Error("write one or more texts, one per line")
-                sims = predictor.match(img, texts)[0].tolist()
-                text = "\n".join(f"{s:.3f}  {t}" for s, t in sorted(zip(sims, texts), reverse=True))
-            else:
-                raise gr.Error(f"this model's task is {task!r}: the page answers for finetuned models only")
-            picture, note = routing_picture(predictor, img)
-            return text, shown, picture, note
+            try:
+                return respond(predictor, img, *rest)
+            except ValueError as e:  # what the user can fix, shown on the page
+                raise gr.Error(str(e)) from None
 
         run.click(predict, inputs=inputs, outputs=[answer, drawn, routing, routing_note])
     return app
