@@ -289,20 +289,35 @@ def test_aux_sums_over_layers():
     assert sum([aa, ab]).loss.item() == pytest.approx(s.loss.item())
 
 
-def test_gelu_sub_ln_kernel_gradients_and_idle_experts():
-    """GELU + per-expert LayerNorm by expert block: exact gradients (gradcheck), an idle expert's affine
-    gets a zero gradient, and a count that does not match the rows is refused."""
-    from vlmoe.moe.grouped import gelu_segment_layer_norm
+@pytest.mark.parametrize("sub_ln", [False, True])
+def test_gelu_grouped_linear_kernel_gradients_and_idle_experts(sub_ln):
+    """GELU (+ each expert's LayerNorm) + fc2 by expert block: exact values against plain ops, exact
+    gradients (gradcheck), an idle expert gets zero gradients, and a count that does not match the rows
+    is refused."""
+    from vlmoe.moe.grouped import gelu_grouped_linear
 
     torch.manual_seed(0)
-    h = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda h, w, b: gelu_segment_layer_norm(h, w, b, (3, 0, 4), 1e-5), (h, w, b))
-    y = gelu_segment_layer_norm(h, w, b, (3, 0, 4), 1e-5)
-    ref = torch.cat([F.layer_norm(F.gelu(h[:3]), (5,), w[0], b[0]), F.layer_norm(F.gelu(h[3:]), (5,), w[2], b[2])])
-    torch.testing.assert_close(y, ref, rtol=0, atol=0)
-    gw, gb = torch.autograd.grad(y.square().sum(), [w, b])
-    assert gw[1].abs().sum() == 0 and gb[1].abs().sum() == 0
+    dt = torch.float64
+    h = torch.randn(7, 5, dtype=dt, requires_grad=True)
+    w, b = torch.randn(3, 5, 4, dtype=dt, requires_grad=True), torch.randn(3, 4, dtype=dt, requires_grad=True)
+    lw = torch.randn(3, 5, dtype=dt, requires_grad=True) if sub_ln else None
+    lb = torch.randn(3, 5, dtype=dt, requires_grad=True) if sub_ln else None
+    counts = (3, 0, 4)
+    inputs = (h, w, b) + ((lw, lb) if sub_ln else ())
+
+    def fn(h, w, b, lw=None, lb=None):
+        return gelu_grouped_linear(h, w, b, counts, lw, lb, 1e-5)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+    def plain(rows, e):
+        a = F.gelu(rows)
+        a = F.layer_norm(a, (5,), lw[e], lb[e], 1e-5) if sub_ln else a
+        return a @ w[e] + b[e]
+
+    y = fn(*inputs)
+    torch.testing.assert_close(y, torch.cat([plain(h[:3], 0), plain(h[3:], 2)]), rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(y.square().sum(), inputs[1:])
+    assert all(gr[1].abs().sum() == 0 for gr in grads)  # expert 1 received no rows
     with pytest.raises(ValueError, match="counts sum to 6"):
-        gelu_segment_layer_norm(h, w, b, (3, 0, 3), 1e-5)
+        gelu_grouped_linear(h, w, b, (3, 0, 3), lw, lb)

@@ -16,7 +16,8 @@ time ratio over that ideal (1.00 = the model costs exactly what its FLOPs say). 
 AdamW's step (foreach) to every timed iteration, as a training step has it.
 
 Peak memory is the peak of live tensor bytes allocated during one forward + backward beyond what
-existed before (parameters excluded, their gradients included; CPU: allocator events recorded by
+existed before, with the MoE workspace emptied first so that its cached buffers count (parameters
+excluded, their gradients included; CPU: allocator events recorded by
 the torch profiler, see :func:`vlmoe.bench.moe.peak_memory`).
 """
 
@@ -148,8 +149,11 @@ def measure(impls: list[Impl], x: Tensor, g: Tensor, repeats: int, memory: bool,
             impl.times.append(time.perf_counter() - t0)
             _zero(impl)
     if memory:
+        from vlmoe.moe import workspace
+
         for impl in impls:
             gc.collect()
+            workspace.release()  # every buffer the step uses is allocated (and counted) within it
             impl.peak_bytes = peak_memory(lambda image, impl=impl: impl.run(image), x, g)
             _zero(impl)
 

@@ -16,7 +16,6 @@ from torch import Tensor, nn
 from .grouped import (
     RaggedLayout,
     gelu_grouped_linear,
-    gelu_segment_layer_norm,
     grouped_linear,
     ragged_linear,
 )
@@ -83,15 +82,12 @@ class GroupedExperts(nn.Module):
         counts_list = None if (x.is_cuda and self.backend != "loop") else tuple(counts.tolist())
         with torch.autocast(x.device.type, enabled=False):
             h = grouped_linear(x, w1, b1, counts, counts_list, self.backend)  # (M, F) or (M, 2F)
-            if self.expert_type == "gelu" and self.ln_weight is None and counts_list is not None:
-                # loop backend: GELU fused into fc2 block by block, recomputed in backward (no (M, F) GELU)
-                return gelu_grouped_linear(h, w2, b2, counts_list)
-            if self.expert_type == "gelu" and self.ln_weight is not None and counts_list is not None:
-                # GELU + sub-LN in one pass per expert block (GELU recomputed in backward, not stored), each
-                # expert's rows normalised with its own affine
-                lw, lb = self.ln_weight.to(h.dtype), self.ln_bias.to(h.dtype)
-                h = gelu_segment_layer_norm(h, lw, lb, counts_list, self.layernorm_eps)
-                return grouped_linear(h, w2, b2, counts, counts_list, self.backend)
+            if self.expert_type == "gelu" and counts_list is not None:
+                # loop backend: GELU (+ each expert's sub-LN) fused into fc2 block by block, recomputed in
+                # backward (no (M, F) GELU or LayerNorm buffer)
+                lw = self.ln_weight.to(h.dtype) if self.ln_weight is not None else None
+                lb = self.ln_bias.to(h.dtype) if self.ln_bias is not None else None
+                return gelu_grouped_linear(h, w2, b2, counts_list, lw, lb, self.layernorm_eps)
             if self.expert_type == "swiglu":
                 gate, up = h.chunk(2, dim=-1)
                 h = F.silu(gate) * up

@@ -111,119 +111,92 @@ def _scratch(h: Tensor, counts: tuple[int, ...]) -> Tensor:
 
 
 class _GeluGroupedLinear(torch.autograd.Function):
-    """y = GELU(h)_e @ w[e] + b[e], saving only h; GELU(h) is computed one expert's rows at a time.
+    """y = LN_e(GELU(h))_e @ w[e] + b[e], saving only h; GELU (and the optional sub-LN, each expert's
+    rows with their own affine ``(ln_w[e], ln_b[e])``) computed one expert's rows at a time.
 
-    The expert hidden layer is the largest activation of an MoE layer ((k * tokens) x ffn). Neither
-    pass materialises GELU(h) for all rows: forward and backward (which recomputes it for the weight
-    gradient) each write one expert's GELU rows into a scratch block of (max rows per expert, ffn),
-    use it at once - while it is still in cache - and reuse the block for the next expert. Only h
-    and, in backward, its gradient are (M, ffn) buffers.
+    The expert hidden layer is the largest activation of an MoE layer ((k * tokens) x ffn; for MH-MoE
+    at FLOP parity h x k x F_mh = 3.5x a top-2 layer's). Neither pass materialises GELU(h) or its
+    LayerNorm for all rows: forward and backward (which recomputes them for the weight and LayerNorm
+    gradients) write one expert's rows into scratch blocks of (max rows per expert, ffn), use them at
+    once - while they are still in cache - and reuse the blocks for the next expert. Only h and, in
+    backward, its gradient are (M, ffn) buffers (from :mod:`vlmoe.moe.workspace`, so no step
+    page-faults them in). The per-expert sub-LN affine is applied by ATen's LayerNorm kernel per block:
+    no (E, F, d) copy of the fc2 weights with the affine folded in, no gathered per-row gamma / beta.
     """
 
     @staticmethod
-    def forward(ctx, h: Tensor, w: Tensor, b: Tensor | None, counts: tuple[int, ...]) -> Tensor:
-        scratch = _scratch(h, counts)
-        def gelu(rows: Tensor) -> Tensor:  # one expert's GELU rows, into the shared scratch block
-            return torch.ops.aten.gelu.out(rows, out=scratch[: rows.shape[0]])
-
-        out = _expert_rows_forward(h, w, b, counts, gelu)
-        ctx.save_for_backward(h, w)
-        ctx.counts, ctx.has_bias = counts, b is not None
+    def forward(ctx, h: Tensor, w: Tensor, b: Tensor | None, counts: tuple[int, ...], ln_w: Tensor | None,
+                ln_b: Tensor | None, eps: float) -> Tensor:
+        M, F = h.shape
+        ln = ln_w is not None
+        out = workspace.empty((M, w.shape[2]), dtype=h.dtype, device=h.device)
+        act = _scratch(h, counts)
+        normed = _scratch(h, counts) if ln else None
+        mean, rstd = _ln_stats(h) if ln else (None, None)
+        s = 0
+        for e, n in enumerate(counts):
+            if n:
+                a = torch.ops.aten.gelu.out(h[s : s + n], out=act[:n])
+                if ln:
+                    a = torch.ops.aten.native_layer_norm.out(a, [F], ln_w[e], ln_b[e], eps, out0=normed[:n],
+                                                             out1=mean[s : s + n], out2=rstd[s : s + n])[0]
+                os = torch.mm(a, w[e], out=out[s : s + n])
+                if b is not None:
+                    os.add_(b[e])  # mm + add_ is ~1.5x faster than addmm(out=) on CPU
+            s += n
+        ctx.save_for_backward(h, w, ln_w, ln_b, mean, rstd)
+        ctx.counts, ctx.has_bias, ctx.eps = counts, b is not None, eps
         return out
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        h, w = ctx.saved_tensors
+        h, w, ln_w, ln_b, mean, rstd = ctx.saved_tensors
         g = g.contiguous()
-        counts = ctx.counts
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        counts, ln, F = ctx.counts, ln_w is not None, h.shape[1]
+        need_h, need_w, need_b, _, need_lw, need_lb = ctx.needs_input_grad[:6]
         need_b = need_b and ctx.has_bias
         gw = workspace.empty_like(w) if need_w else None
         gb = g.new_empty(w.shape[0], w.shape[2]) if need_b else None
         gh = workspace.empty_like(h) if need_h else None
-        scratch = _scratch(h, counts) if need_w else None
+        glw = torch.zeros_like(ln_w) if ln and need_lw else None
+        glb = torch.zeros_like(ln_b) if ln and need_lb else None
+        act = _scratch(h, counts)
+        normed, grad_normed = (_scratch(h, counts), _scratch(h, counts)) if ln else (None, None)
+        stats = _ln_stats(act) if ln else None  # recomputed statistics land here (equal to the saved ones)
+        dummy = h.new_empty(0)
         s = 0
         for e, n in enumerate(counts):
-            hs, gs = h[s : s + n], g[s : s + n]
-            if gw is not None:
-                if n:
-                    a = torch.ops.aten.gelu.out(hs, out=scratch[:n])
-                    torch.mm(a.t(), gs, out=gw[e])
-                else:
+            if n == 0:
+                if gw is not None:
                     gw[e].zero_()
+                if gb is not None:
+                    gb[e].zero_()
+                continue
+            hs, gs = h[s : s + n], g[s : s + n]
+            a = torch.ops.aten.gelu.out(hs, out=act[:n])  # recomputed
+            a_in = a
+            if ln:
+                a = torch.ops.aten.native_layer_norm.out(a_in, [F], ln_w[e], ln_b[e], ctx.eps, out0=normed[:n],
+                                                         out1=stats[0][:n], out2=stats[1][:n])[0]
+            if gw is not None:
+                torch.mm(a.t(), gs, out=gw[e])
             if gb is not None:
-                torch.sum(gs, 0, out=gb[e]) if n else gb[e].zero_()
-            if gh is not None and n:
-                ga = torch.mm(gs, w[e].t(), out=gh[s : s + n])
-                torch.ops.aten.gelu_backward.grad_input(ga, hs, grad_input=ga)  # d GELU, in place
+                torch.sum(gs, 0, out=gb[e])
+            if need_h or glw is not None or glb is not None:
+                if ln:
+                    gn = torch.mm(gs, w[e].t(), out=grad_normed[:n])
+                    torch.ops.aten.native_layer_norm_backward.out(
+                        gn, a_in, [F], mean[s : s + n], rstd[s : s + n], ln_w[e], ln_b[e],
+                        [bool(need_h), glw is not None, glb is not None],
+                        out0=gh[s : s + n] if need_h else dummy, out1=glw[e] if glw is not None else dummy,
+                        out2=glb[e] if glb is not None else dummy)
+                    ga = gh[s : s + n] if need_h else None
+                else:
+                    ga = torch.mm(gs, w[e].t(), out=gh[s : s + n])
+                if ga is not None:
+                    torch.ops.aten.gelu_backward.grad_input(ga, hs, grad_input=ga)  # d GELU, in place
             s += n
-        return gh, gw, gb, None
-
-
-def gelu_grouped_linear(h: Tensor, w: Tensor, b: Tensor | None, counts_list: tuple[int, ...]) -> Tensor:
-    """``grouped_linear(GELU(h), w, b)`` on the loop backend: GELU one expert block at a time, recomputed
-    in backward; no (M, ffn) GELU buffer."""
-    return _GeluGroupedLinear.apply(h.contiguous(), w, b, counts_list)
-
-
-class _GeluSegmentLayerNorm(torch.autograd.Function):
-    """LayerNorm(GELU(h)) of rows grouped by expert, expert e's rows with its own affine
-    ``(weight[e], bias[e])`` (an expert's GELU + sub-LN), saving only h.
-
-    ATen's LayerNorm kernels run once per expert block, writing into one (M, F) output: the per-expert
-    affine costs nothing extra (no (E, F, d) copy of the fc2 weights with the affine folded in, whose
-    forward product and three backward products each cost a pass over every expert's weights per step,
-    and no gathered per-row gamma / beta). GELU(h) - an (M, F) buffer as large as the
-    expert hidden layer - is never stored: forward and backward (which recomputes it) write one
-    expert's GELU rows into a scratch block and normalise them at once, while they are still in cache.
-    Every (M, F) result comes from :mod:`vlmoe.moe.workspace`, so a step does not page-fault fresh
-    buffers in (an MH-MoE layer at FLOP parity has h x k x F_mh / (k x F) = 3.5x the hidden values of a
-    top-2 layer: its element-wise work dominates otherwise).
-    """
-
-    @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor, counts: tuple[int, ...], eps: float) -> Tensor:
-        h = h.contiguous()
-        M, F = h.shape
-        out = workspace.empty((M, F), dtype=h.dtype, device=h.device)
-        mean, rstd = _ln_stats(h)
-        scratch = _scratch(h, counts)
-        o = 0
-        for e, n in enumerate(counts):
-            if n:
-                a = torch.ops.aten.gelu.out(h[o : o + n], out=scratch[:n])
-                torch.ops.aten.native_layer_norm.out(a, [F], weight[e], bias[e], eps,
-                                                     out0=out[o : o + n], out1=mean[o : o + n], out2=rstd[o : o + n])
-            o += n
-        ctx.save_for_backward(h, weight, bias, mean, rstd)
-        ctx.counts = counts
-        return out
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        h, weight, bias, mean, rstd = ctx.saved_tensors
-        g = g.contiguous()
-        F = h.shape[1]
-        need_h, need_w, need_b = (bool(x) for x in ctx.needs_input_grad[:3])
-        gh = workspace.empty_like(h) if need_h else None
-        gw = torch.zeros_like(weight) if need_w else None
-        gb = torch.zeros_like(bias) if need_b else None
-        act, grad_act = _scratch(h, ctx.counts), _scratch(h, ctx.counts)
-        dummy = h.new_empty(0)
-        o = 0
-        for e, n in enumerate(ctx.counts):
-            if n:
-                hs = h[o : o + n]
-                a = torch.ops.aten.gelu.out(hs, out=act[:n])  # GELU recomputed
-                ga = grad_act[:n] if need_h else dummy
-                torch.ops.aten.native_layer_norm_backward.out(
-                    g[o : o + n], a, [F], mean[o : o + n], rstd[o : o + n], weight[e], bias[e],
-                    [need_h, need_w, need_b], out0=ga, out1=gw[e] if need_w else dummy,
-                    out2=gb[e] if need_b else dummy)
-                if need_h:
-                    torch.ops.aten.gelu_backward.grad_input(ga, hs, grad_input=gh[o : o + n])
-            o += n
-        return gh, gw, gb, None, None
+        return gh, gw, gb, None, glw, glb, None
 
 
 def _ln_stats(h: Tensor) -> tuple[Tensor, Tensor]:
@@ -235,13 +208,16 @@ def _ln_stats(h: Tensor) -> tuple[Tensor, Tensor]:
             torch.empty((h.shape[0], 1), dtype=dtype, device=h.device))
 
 
-def gelu_segment_layer_norm(h: Tensor, weight: Tensor, bias: Tensor, counts_list: tuple[int, ...],
-                            eps: float) -> Tensor:
-    """(M, F) fc1 rows sorted by expert -> LayerNorm(GELU(rows)), each expert's rows with its own ``(E, F)``
-    affine (GELU not stored: recomputed in backward)."""
+def gelu_grouped_linear(h: Tensor, w: Tensor, b: Tensor | None, counts_list: tuple[int, ...],
+                        ln_weight: Tensor | None = None, ln_bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+    """``grouped_linear(LN_e(GELU(h)), w, b)`` on the loop backend (``ln_weight`` / ``ln_bias``: the
+    experts' ``(E, F)`` sub-LN affine, or None for no sub-LN): GELU and LayerNorm one expert block at
+    a time, recomputed in backward; no (M, ffn) GELU or LayerNorm buffer is kept."""
     if sum(counts_list) != h.shape[0]:
-        raise ValueError(f"gelu_segment_layer_norm: counts sum to {sum(counts_list)}, input has {h.shape[0]} rows")
-    return _GeluSegmentLayerNorm.apply(h, weight, bias, counts_list, eps)
+        raise ValueError(f"gelu_grouped_linear: counts sum to {sum(counts_list)}, input has {h.shape[0]} rows")
+    if (ln_weight is None) != (ln_bias is None):
+        raise ValueError("gelu_grouped_linear: give both ln_weight and ln_bias, or neither")
+    return _GeluGroupedLinear.apply(h.contiguous(), w, b, counts_list, ln_weight, ln_bias, eps)
 
 
 def _grouped_mm_available() -> bool:
