@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 from PIL import Image
 
 import vlmoe
-from tests.utils import easy_vqa_pngs
+from tests.utils import easy_vqa_pngs, free_port
 from tests.utils import export_tiny_model as _export
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,12 +110,6 @@ def _browser() -> tuple[str, str]:
     return chrome, driver
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.browser
 def test_page_answers_an_uploaded_image_and_shows_its_routing_map(tmp_path, monkeypatch) -> None:
     chrome, chromedriver = _browser()
@@ -132,7 +125,7 @@ def test_page_answers_an_uploaded_image_and_shows_its_routing_map(tmp_path, monk
     image.write_bytes(easy_vqa_pngs(1, "test")[0])
     expected = model.answer(image, "what shape is in the image?", topk=5)[0][0]["answer"]
     app = build_app(model)
-    port = _free_port()
+    port = free_port()
     app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     opts = webdriver.ChromeOptions()
     opts.binary_location = chrome

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import re
 import shlex
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.utils import free_port
 from vlmoe.cli import main as vlmoe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,9 +67,7 @@ def test_python_snippet_runs(index, tmp_path, monkeypatch) -> None:
         _beit3_file(tmp_path / name)
     group = "init_process_group" in code
     if group:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1"}.items():
             monkeypatch.setenv(k, v)
     try:
@@ -200,9 +198,7 @@ def _serve_and_fetch(argv: list[str]) -> None:
     import urllib.request
 
     pytest.importorskip("gradio", reason="the web demo needs Gradio: pip install 'vlmoe[app]'")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
     proc = subprocess.Popen([sys.executable, "-m", "vlmoe.cli", *argv, "--port", str(port)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

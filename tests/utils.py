@@ -30,6 +30,15 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 TOK = build_tokenizer("clip")
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def easy_vqa_pngs(n: int, split: str = "train") -> list[bytes]:
     """The first ``n`` real easy-vqa images (PNG bytes), in id order."""
     import easy_vqa

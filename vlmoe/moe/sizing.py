@@ -33,9 +33,7 @@ def moe_flops_per_token(dim: int, config: MoEConfig) -> int:
     if config.expert_sizes is not None or config.top_p is not None or config.strata is not None:
         raise ValueError("moe_flops_per_token is defined for homogeneous top-k layers; FLOPs of HMoE / top-p / "
                          "Stratified layers depend on the routing (see RoutingStats.activated_params_per_token)")
-    sub = dim // config.heads
-    proj = 2 * 2 * dim * dim if config.use_head_projections else 0
-    return proj + config.heads * config.top_k * 2 * _ffn_mats(config) * sub * config.ffn_dim
+    return int(expected_moe_flops_per_token(dim, config, router=False))
 
 
 def router_flops_per_subtoken(dim: int, config: MoEConfig, num_experts: int | None = None) -> int:

@@ -470,7 +470,8 @@ def write_report(out: Path, jobs: Sequence[Job], variants: Sequence[str]) -> dic
     """``summary.json``, ``study.md`` and ``study.png`` from the stored results."""
     from vlmoe.io import atomic_write_text
 
-    results = [r for j in jobs if (r := read_result(j)) is not None]
+    stored = {str(j): r for j in jobs if (r := read_result(j)) is not None}
+    results = list(stored.values())
     agg = aggregate(results, reference="dense" if "dense" in variants else variants[0])
     flops = flop_table(variants)
     seeds = sorted({r["seed"] for r in results})
@@ -534,7 +535,7 @@ def write_report(out: Path, jobs: Sequence[Job], variants: Sequence[str]) -> dic
             lines.append(f"| {labels[v]} | " + " | ".join(cells) + " |")
     summary = {"seeds": seeds, "variants": variants, "flops": flops, "aggregate": agg, "jobs": len(jobs),
                "routing_per_layer": per_layer,
-               "done": len(results), "wall_s": {str(j): r["wall_s"] for j in jobs if (r := read_result(j))}}
+               "done": len(results), "wall_s": {k: r["wall_s"] for k, r in stored.items()}}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, allow_nan=True))
     atomic_write_text(out / "study.md", "\n".join(lines) + "\n")
