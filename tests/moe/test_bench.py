@@ -35,9 +35,12 @@ def test_bench_moe_rejects_bad_case():
 
 
 def test_bench_prints_each_table_line_once(capsys):
-    bench.main(["--dim", "32", "--ffn", "64", "--cases", "4x64,8x64", "--repeats", "1", "--no-peers"])
+    bench.main(["--dim", "32", "--ffn", "64", "--cases", "4x64,8x64", "--repeats", "1", "--no-peers",
+                "--recompute-experts", "--sub-ln"])
     out = capsys.readouterr().out.splitlines()
     assert out.count(next(line for line in out if line.startswith("| case |"))) == 1
+    recompute = [line for line in out if line.split("|")[2:3] == [" vlmoe recompute "]]
+    assert len(recompute) == 2 and all(line.split("|")[7].strip() != "-" for line in recompute)  # with memory
     rows = [line for line in out if line.startswith("| E=")]
     assert len(rows) == len(set(rows)) and {r.split("|")[1].strip() for r in rows} == {"E=4, T=64", "E=8, T=64"}
 
@@ -76,8 +79,9 @@ def test_bench_model_prints_the_flop_ideal_and_times_the_optimizer_step(capsys):
     from vlmoe.models.flops import flops_per_token
 
     table = model.main(["--dense", "tiny", "--moe", "tiny_moe", "--batch", "2", "--text-len", "8", "--repeats", "1",
-                        "--no-torchscale", "--no-memory", "--train-step"])
+                        "--no-torchscale", "--no-memory", "--train-step", "--recompute-experts"])
     assert "fwd+bwd+AdamW step" in table
+    assert "| vlmoe tiny_moe (recompute_experts) |" in table
     row = next(line for line in table.splitlines() if line.startswith("| vlmoe tiny_moe"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     L = 1 + VLMoEConfig.from_name("tiny").num_patches + 8

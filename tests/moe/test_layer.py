@@ -124,6 +124,7 @@ configs = st.fixed_dictionaries(
         "capacity_factor": st.sampled_from([None, None, 0.5, 1.0, 1.5]),
         "projections": st.booleans(),
         "pad": st.booleans(),
+        "recompute": st.booleans(),
         "seed": st.integers(0, 10_000),
     }
 )
@@ -148,6 +149,7 @@ def test_grouped_path_matches_per_token_reference_loop(cfg):
         bias=cfg["bias"],
         router=cfg["router"],
         capacity_factor=cfg["capacity_factor"],
+        recompute_experts=cfg["recompute"],
     )
     layer = MoE(dim, config).double()
     _randomize(layer, seed=cfg["seed"])
@@ -289,35 +291,84 @@ def test_aux_sums_over_layers():
     assert sum([aa, ab]).loss.item() == pytest.approx(s.loss.item())
 
 
+@pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("sub_ln", [False, True])
-def test_gelu_grouped_linear_kernel_gradients_and_idle_experts(sub_ln):
-    """GELU (+ each expert's LayerNorm) + fc2 by expert block: exact values against plain ops, exact
-    gradients (gradcheck), an idle expert gets zero gradients, and a count that does not match the rows
-    is refused."""
-    from vlmoe.moe.grouped import gelu_grouped_linear
+@pytest.mark.parametrize("bias", [False, True])
+def test_expert_ffn_kernel_gradients_and_idle_experts(recompute, sub_ln, bias):
+    """The expert FFN kernel (GELU + each expert's LayerNorm + fc2 by expert block; fc1 kept or
+    recomputed in backward): exact values against plain ops, exact gradients for every input
+    (gradcheck), zero gradients for an idle expert, a count that does not match the rows refused."""
+    from vlmoe.moe.grouped import expert_ffn
 
     torch.manual_seed(0)
     dt = torch.float64
-    h = torch.randn(7, 5, dtype=dt, requires_grad=True)
-    w, b = torch.randn(3, 5, 4, dtype=dt, requires_grad=True), torch.randn(3, 4, dtype=dt, requires_grad=True)
+    x = torch.randn(7, 4, dtype=dt, requires_grad=True)
+    w1, w2 = torch.randn(3, 4, 5, dtype=dt, requires_grad=True), torch.randn(3, 5, 4, dtype=dt, requires_grad=True)
+    b1 = torch.randn(3, 5, dtype=dt, requires_grad=True) if bias else None
+    b2 = torch.randn(3, 4, dtype=dt, requires_grad=True) if bias else None
     lw = torch.randn(3, 5, dtype=dt, requires_grad=True) if sub_ln else None
     lb = torch.randn(3, 5, dtype=dt, requires_grad=True) if sub_ln else None
     counts = (3, 0, 4)
-    inputs = (h, w, b) + ((lw, lb) if sub_ln else ())
+    names = ["x", "w1", "b1", "w2", "b2", "lw", "lb"]
+    given = {n: t for n, t in zip(names, (x, w1, b1, w2, b2, lw, lb)) if t is not None}
 
-    def fn(h, w, b, lw=None, lb=None):
-        return gelu_grouped_linear(h, w, b, counts, lw, lb, 1e-5)
+    def fn(*ts):
+        a = dict(zip(given, ts))
+        return expert_ffn(a["x"], a["w1"], a.get("b1"), a["w2"], a.get("b2"), counts, a.get("lw"), a.get("lb"),
+                          1e-5, recompute=recompute)
 
-    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradcheck(fn, tuple(given.values()))
 
     def plain(rows, e):
-        a = F.gelu(rows)
-        a = F.layer_norm(a, (5,), lw[e], lb[e], 1e-5) if sub_ln else a
-        return a @ w[e] + b[e]
+        h = F.gelu(rows @ w1[e] + (b1[e] if bias else 0))
+        h = F.layer_norm(h, (5,), lw[e], lb[e], 1e-5) if sub_ln else h
+        return h @ w2[e] + (b2[e] if bias else 0)
 
-    y = fn(*inputs)
-    torch.testing.assert_close(y, torch.cat([plain(h[:3], 0), plain(h[3:], 2)]), rtol=1e-12, atol=1e-12)
-    grads = torch.autograd.grad(y.square().sum(), inputs[1:])
+    y = fn(*given.values())
+    torch.testing.assert_close(y, torch.cat([plain(x[:3], 0), plain(x[3:], 2)]), rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(y.square().sum(), list(given.values())[1:])
     assert all(gr[1].abs().sum() == 0 for gr in grads)  # expert 1 received no rows
     with pytest.raises(ValueError, match="counts sum to 6"):
-        gelu_grouped_linear(h, w, b, (3, 0, 3), lw, lb)
+        expert_ffn(x, w1, b1, w2, b2, (3, 0, 3), lw, lb)
+
+
+def _saved_bytes(fn):
+    """Bytes of the tensors autograd saves for backward while ``fn`` runs (distinct storages)."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+@pytest.mark.parametrize("case", ["gelu_sub_ln", "gelu", "swiglu", "hmoe"])
+def test_recompute_experts_keeps_values_and_gradients_and_saves_the_hidden_layer(case):
+    """recompute_experts=True: the same outputs and gradients (fp32, to rounding) as without, and the
+    experts' (k x tokens, ffn) hidden values are no longer saved for backward."""
+    torch.manual_seed(0)
+    kw = dict(num_experts=4, top_k=2, ffn_dim=256, check_finite=False)
+    kw.update({"gelu_sub_ln": dict(ffn_layernorm=True, heads=2), "gelu": {}, "swiglu": dict(expert_type="swiglu"),
+               "hmoe": dict(expert_sizes=[64, 128, 256, 512])}[case])
+    plain = MoE(32, MoEConfig(**kw))
+    rec = MoE(32, MoEConfig(**kw, recompute_experts=True))
+    rec.load_state_dict(plain.state_dict())
+    x = torch.randn(96, 32)
+    outs, saved = [], []
+    for layer in (plain, rec):
+        xi = x.clone().requires_grad_()
+        (y, aux), nbytes = _saved_bytes(lambda layer=layer, xi=xi: layer(xi))
+        (y.square().sum() + aux.loss).backward()
+        outs.append((y.detach(), xi.grad, [p.grad for p in layer.parameters()]))
+        saved.append(nbytes)
+    (y0, gx0, gp0), (y1, gx1, gp1) = outs
+    torch.testing.assert_close(y1, y0, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-6)
+    for a, b in zip(gp1, gp0):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    rows = 96 * 2 * (2 if case == "gelu_sub_ln" else 1)  # (sub-)token assignments
+    hidden_bytes = rows * (256 if case != "hmoe" else 64) * 4  # at least the narrowest expert's hidden values
+    assert saved[0] - saved[1] >= 0.95 * hidden_bytes, saved  # (less the sub-LN statistics, M x 2 values)

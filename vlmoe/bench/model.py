@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs")
     p.add_argument("--no-torchscale", dest="torchscale", action="store_false")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    p.add_argument("--recompute-experts", action="store_true",
+                   help="also time each MoE preset with recompute_experts=True (its experts' hidden layer "
+                        "recomputed in backward instead of kept), next to the preset as it is")
     p.add_argument("--train-step", action="store_true",
                    help="time forward + backward + AdamW's step (the optimizer over every parameter)")
     return p
@@ -242,15 +245,21 @@ def main(argv: list[str] | None = None) -> str:
     elif args.torchscale:
         print("torchscale not installed: `pip install --no-deps torchscale fairscale` to compare", flush=True)
 
-    for name in [n for n in args.moe.split(",") if n.strip()]:
-        model = VLMoE(VLMoEConfig.from_name(name.strip(), **over)).to(device).train()
-        moe = _vlmoe_impl(f"vlmoe {name}", model, ids, pad, autocast, args.train_step)
+    for name in [n.strip() for n in args.moe.split(",") if n.strip()]:
+        variants = [(f"vlmoe {name}", {})]
+        if args.recompute_experts:
+            variants.append((f"vlmoe {name} (recompute_experts)", {"moe": {"recompute_experts": True}}))
+        impls = []
+        for label, extra in variants:
+            torch.manual_seed(0)
+            model = VLMoE(VLMoEConfig.from_name(name, **over, **extra)).to(device).train()
+            impls.append(_vlmoe_impl(label, model, ids, pad, autocast, args.train_step))
         dense.times, dense.peak_bytes = [], None
-        measure([dense, moe], x, g, args.repeats, args.memory, device)
-        rows = format_rows([dense, moe], dense, tokens)
+        measure([dense, *impls], x, g, args.repeats, args.memory, device)
+        rows = format_rows([dense, *impls], dense, tokens)
         sections.append(["", f"{name} vs dense (ref = vlmoe {args.dense})", "", *HEADER, *rows])
         print("\n".join(sections[-1]), flush=True)
-        del moe, model
+        del impls, model
         gc.collect()
     # every section was printed as it finished
     return "\n".join([header] + [line for s in sections for line in s])

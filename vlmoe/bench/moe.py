@@ -271,6 +271,10 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, dtype: 
     else:
         impls["ideal"] = (ideal, ideal)
         impls["vlmoe"] = (ours, ours)
+    if args.recompute_experts:  # the same layer (same weights), its experts' hidden layer recomputed in backward
+        rec = MoE(d, cfg.replace(recompute_experts=True)).to(device, dtype)
+        rec.load_state_dict(ours.state_dict())
+        impls["vlmoe recompute"] = (rec, torch.compile(rec) if args.compile else rec)
     if case.compare_to_plain:
         plain = MoE(d, base).to(device, dtype)
         impls["vlmoe plain"] = (plain, plain)
@@ -339,6 +343,8 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, dtype: 
         fwd_flops = {name: 2 * 2 * d * sum(n * fe for n, fe in zip(counts, cfg.sizes)) for name in impls}
     else:
         fwd_flops["vlmoe"] = T * moe_flops_per_token(d, cfg)
+    if "vlmoe recompute" in fwd_flops:  # the model FLOPs (the recomputed fc1 is overhead, not work)
+        fwd_flops["vlmoe recompute"] = fwd_flops["vlmoe"]
     return {"case": case, "config": cfg, "results": results, "fwd_flops": fwd_flops}
 
 
@@ -394,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sub-ln", action="store_true",
                    help="experts (and the ideal's FFN) with BEiT-3's sub-LN on the hidden layer, as the model presets "
                         "have it (not for HMoE cases; use with --no-peers: the peers have none)")
+    p.add_argument("--recompute-experts", action="store_true",
+                   help="also time the layer with recompute_experts=True (activation checkpointing of the experts)")
     p.add_argument("--malloc-tuning", action="store_true",
                    help="reuse freed memory instead of page-faulting large buffers in every step "
                         "(vlmoe.runtime.reuse_freed_memory; applies to every impl; use with --no-peers: the "

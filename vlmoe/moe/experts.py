@@ -12,10 +12,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .grouped import (
     RaggedLayout,
-    gelu_grouped_linear,
+    expert_ffn,
     grouped_linear,
     ragged_linear,
 )
@@ -32,11 +33,13 @@ class GroupedExperts(nn.Module):
         ffn_layernorm: bool = False,
         bias: bool = True,
         layernorm_eps: float = 1e-5,
+        recompute: bool = False,
     ) -> None:
         super().__init__()
         self.num_experts, self.dim, self.ffn_dim = num_experts, dim, ffn_dim
         self.expert_type = expert_type
         self.layernorm_eps = layernorm_eps
+        self.recompute = recompute  # keep only the input rows for backward; recompute fc1 there
         fc1_out = 2 * ffn_dim if expert_type == "swiglu" else ffn_dim  # swiglu: [gate | up]
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, fc1_out))
         self.w2 = nn.Parameter(torch.empty(num_experts, ffn_dim, dim))
@@ -69,10 +72,18 @@ class GroupedExperts(nn.Module):
         return (
             f"num_experts={self.num_experts}, dim={self.dim}, ffn_dim={self.ffn_dim}, "
             f"type={self.expert_type}, sub_ln={self.ln_weight is not None}, bias={self.b1 is not None}"
+            + (", recompute=True" if self.recompute else "")
         )
 
     def forward(self, x: Tensor, counts: Tensor) -> Tensor:
         """(M, dim) rows sorted by expert, (E,) rows per expert -> (M, dim)."""
+        if self.recompute and torch.is_grad_enabled():
+            loop = self.expert_type == "gelu" and (not x.is_cuda or self.backend == "loop")
+            if not loop:  # any other path: plain activation checkpointing of the expert FFN
+                return checkpoint(self._forward, x, counts, use_reentrant=False)
+        return self._forward(x, counts)
+
+    def _forward(self, x: Tensor, counts: Tensor) -> Tensor:
         w1, b1, w2, b2 = self.w1, self.b1, self.w2, self.b2
         dt = _autocast_dtype(x)
         if dt is not None:  # the grouped kernels run outside autocast: cast once here
@@ -81,13 +92,14 @@ class GroupedExperts(nn.Module):
             b2 = b2.to(dt) if b2 is not None else None
         counts_list = None if (x.is_cuda and self.backend != "loop") else tuple(counts.tolist())
         with torch.autocast(x.device.type, enabled=False):
-            h = grouped_linear(x, w1, b1, counts, counts_list, self.backend)  # (M, F) or (M, 2F)
             if self.expert_type == "gelu" and counts_list is not None:
-                # loop backend: GELU (+ each expert's sub-LN) fused into fc2 block by block, recomputed in
-                # backward (no (M, F) GELU or LayerNorm buffer)
-                lw = self.ln_weight.to(h.dtype) if self.ln_weight is not None else None
-                lb = self.ln_bias.to(h.dtype) if self.ln_bias is not None else None
-                return gelu_grouped_linear(h, w2, b2, counts_list, lw, lb, self.layernorm_eps)
+                # loop backend: the whole FFN expert block by expert block in both passes (GELU and the
+                # sub-LN recomputed in backward, fc1 too with `recompute`; no (M, F) GELU / LN buffer)
+                lw = self.ln_weight.to(x.dtype) if self.ln_weight is not None else None
+                lb = self.ln_bias.to(x.dtype) if self.ln_bias is not None else None
+                return expert_ffn(x, w1, b1, w2, b2, counts_list, lw, lb, self.layernorm_eps,
+                                  recompute=self.recompute and torch.is_grad_enabled())
+            h = grouped_linear(x, w1, b1, counts, counts_list, self.backend)  # (M, F) or (M, 2F)
             if self.expert_type == "swiglu":
                 gate, up = h.chunk(2, dim=-1)
                 h = F.silu(gate) * up
@@ -153,8 +165,10 @@ class HeteroExperts(nn.Module):
     the widest expert, no per-expert Python work beyond one GEMM call.
     """
 
-    def __init__(self, dim: int, sizes: list[int], *, expert_type: str = "swiglu", bias: bool = True) -> None:
+    def __init__(self, dim: int, sizes: list[int], *, expert_type: str = "swiglu", bias: bool = True,
+                 recompute: bool = False) -> None:
         super().__init__()
+        self.recompute = recompute  # activation checkpointing of the expert FFN
         self.dim, self.sizes, self.num_experts = dim, tuple(int(s) for s in sizes), len(sizes)
         self.expert_type = expert_type
         total = sum(self.sizes)
@@ -198,6 +212,11 @@ class HeteroExperts(nn.Module):
 
     def forward(self, x: Tensor, counts: Tensor) -> Tensor:
         """(M, dim) rows sorted by expert, (E,) rows per expert -> (M, dim)."""
+        if self.recompute and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, counts, use_reentrant=False)
+        return self._forward(x, counts)
+
+    def _forward(self, x: Tensor, counts: Tensor) -> Tensor:
         M = x.shape[0]
         dt = _autocast_dtype(x)
         cast = (lambda t: None if t is None else t.to(dt)) if dt is not None else (lambda t: t)

@@ -12,6 +12,9 @@ rows straight into the output buffer, so nothing is materialised twice. On CPU t
 from :mod:`vlmoe.moe.workspace` (reused between steps instead of page-faulted in again).
 
 On CUDA with bf16 inputs ``torch._grouped_mm`` (one kernel for all experts) is used when available.
+
+``expert_ffn`` runs a whole GELU expert FFN (fc1, GELU, per-expert sub-LN, fc2) expert block by expert
+block in both passes, optionally recomputing fc1 in backward (activation checkpointing).
 """
 
 from __future__ import annotations
@@ -105,100 +108,6 @@ class _RowBias(torch.autograd.Function):
         return g, onehot.t() @ g, None
 
 
-def _scratch(h: Tensor, counts: tuple[int, ...]) -> Tensor:
-    """Room for one expert's GELU rows: (max rows per expert, ffn)."""
-    return workspace.empty((max(counts, default=0), h.shape[1]), dtype=h.dtype, device=h.device)
-
-
-class _GeluGroupedLinear(torch.autograd.Function):
-    """y = LN_e(GELU(h))_e @ w[e] + b[e], saving only h; GELU (and the optional sub-LN, each expert's
-    rows with their own affine ``(ln_w[e], ln_b[e])``) computed one expert's rows at a time.
-
-    The expert hidden layer is the largest activation of an MoE layer ((k * tokens) x ffn; for MH-MoE
-    at FLOP parity h x k x F_mh = 3.5x a top-2 layer's). Neither pass materialises GELU(h) or its
-    LayerNorm for all rows: forward and backward (which recomputes them for the weight and LayerNorm
-    gradients) write one expert's rows into scratch blocks of (max rows per expert, ffn), use them at
-    once - while they are still in cache - and reuse the blocks for the next expert. Only h and, in
-    backward, its gradient are (M, ffn) buffers (from :mod:`vlmoe.moe.workspace`, so no step
-    page-faults them in). The per-expert sub-LN affine is applied by ATen's LayerNorm kernel per block:
-    no (E, F, d) copy of the fc2 weights with the affine folded in, no gathered per-row gamma / beta.
-    """
-
-    @staticmethod
-    def forward(ctx, h: Tensor, w: Tensor, b: Tensor | None, counts: tuple[int, ...], ln_w: Tensor | None,
-                ln_b: Tensor | None, eps: float) -> Tensor:
-        M, F = h.shape
-        ln = ln_w is not None
-        out = workspace.empty((M, w.shape[2]), dtype=h.dtype, device=h.device)
-        act = _scratch(h, counts)
-        normed = _scratch(h, counts) if ln else None
-        mean, rstd = _ln_stats(h) if ln else (None, None)
-        s = 0
-        for e, n in enumerate(counts):
-            if n:
-                a = torch.ops.aten.gelu.out(h[s : s + n], out=act[:n])
-                if ln:
-                    a = torch.ops.aten.native_layer_norm.out(a, [F], ln_w[e], ln_b[e], eps, out0=normed[:n],
-                                                             out1=mean[s : s + n], out2=rstd[s : s + n])[0]
-                os = torch.mm(a, w[e], out=out[s : s + n])
-                if b is not None:
-                    os.add_(b[e])  # mm + add_ is ~1.5x faster than addmm(out=) on CPU
-            s += n
-        ctx.save_for_backward(h, w, ln_w, ln_b, mean, rstd)
-        ctx.counts, ctx.has_bias, ctx.eps = counts, b is not None, eps
-        return out
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        h, w, ln_w, ln_b, mean, rstd = ctx.saved_tensors
-        g = g.contiguous()
-        counts, ln, F = ctx.counts, ln_w is not None, h.shape[1]
-        need_h, need_w, need_b, _, need_lw, need_lb = ctx.needs_input_grad[:6]
-        need_b = need_b and ctx.has_bias
-        gw = workspace.empty_like(w) if need_w else None
-        gb = g.new_empty(w.shape[0], w.shape[2]) if need_b else None
-        gh = workspace.empty_like(h) if need_h else None
-        glw = torch.zeros_like(ln_w) if ln and need_lw else None
-        glb = torch.zeros_like(ln_b) if ln and need_lb else None
-        act = _scratch(h, counts)
-        normed, grad_normed = (_scratch(h, counts), _scratch(h, counts)) if ln else (None, None)
-        stats = _ln_stats(act) if ln else None  # recomputed statistics land here (equal to the saved ones)
-        dummy = h.new_empty(0)
-        s = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                if gw is not None:
-                    gw[e].zero_()
-                if gb is not None:
-                    gb[e].zero_()
-                continue
-            hs, gs = h[s : s + n], g[s : s + n]
-            a = torch.ops.aten.gelu.out(hs, out=act[:n])  # recomputed
-            a_in = a
-            if ln:
-                a = torch.ops.aten.native_layer_norm.out(a_in, [F], ln_w[e], ln_b[e], ctx.eps, out0=normed[:n],
-                                                         out1=stats[0][:n], out2=stats[1][:n])[0]
-            if gw is not None:
-                torch.mm(a.t(), gs, out=gw[e])
-            if gb is not None:
-                torch.sum(gs, 0, out=gb[e])
-            if need_h or glw is not None or glb is not None:
-                if ln:
-                    gn = torch.mm(gs, w[e].t(), out=grad_normed[:n])
-                    torch.ops.aten.native_layer_norm_backward.out(
-                        gn, a_in, [F], mean[s : s + n], rstd[s : s + n], ln_w[e], ln_b[e],
-                        [bool(need_h), glw is not None, glb is not None],
-                        out0=gh[s : s + n] if need_h else dummy, out1=glw[e] if glw is not None else dummy,
-                        out2=glb[e] if glb is not None else dummy)
-                    ga = gh[s : s + n] if need_h else None
-                else:
-                    ga = torch.mm(gs, w[e].t(), out=gh[s : s + n])
-                if ga is not None:
-                    torch.ops.aten.gelu_backward.grad_input(ga, hs, grad_input=ga)  # d GELU, in place
-            s += n
-        return gh, gw, gb, None, glw, glb, None
-
-
 def _ln_stats(h: Tensor) -> tuple[Tensor, Tensor]:
     """(M, 1) buffers for LayerNorm's mean and rstd, in the dtype ATen's kernels write them in (the input
     dtype on CPU; float32 for half types on CUDA)."""
@@ -208,16 +117,139 @@ def _ln_stats(h: Tensor) -> tuple[Tensor, Tensor]:
             torch.empty((h.shape[0], 1), dtype=dtype, device=h.device))
 
 
-def gelu_grouped_linear(h: Tensor, w: Tensor, b: Tensor | None, counts_list: tuple[int, ...],
-                        ln_weight: Tensor | None = None, ln_bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
-    """``grouped_linear(LN_e(GELU(h)), w, b)`` on the loop backend (``ln_weight`` / ``ln_bias``: the
-    experts' ``(E, F)`` sub-LN affine, or None for no sub-LN): GELU and LayerNorm one expert block at
-    a time, recomputed in backward; no (M, ffn) GELU or LayerNorm buffer is kept."""
-    if sum(counts_list) != h.shape[0]:
-        raise ValueError(f"gelu_grouped_linear: counts sum to {sum(counts_list)}, input has {h.shape[0]} rows")
+class _ExpertFFN(torch.autograd.Function):
+    """y = LN_e(GELU(x @ w1[e] + b1[e])) @ w2[e] + b2[e], one expert block of rows at a time, both passes.
+
+    The whole GELU expert FFN in one autograd node (the loop backend's path). Per expert block, the
+    forward runs fc1, GELU, that expert's sub-LN (ATen's LayerNorm kernel with its own affine
+    ``(ln_w[e], ln_b[e])``) and fc2; the backward recomputes GELU and the sub-LN and runs the block's
+    whole chain of gradients - fc2's weight and input gradients, LayerNorm's, GELU's, fc1's weight,
+    bias and input gradients - while the block sits in scratch buffers of (max rows per expert, ffn)
+    from :mod:`vlmoe.moe.workspace`. Kept for backward: the input rows, the sub-LN statistics and fc1's
+    output (M, ffn) - or, with ``recompute``, not even that: the backward then recomputes each block's
+    fc1 (one more GEMM per block, +1/6 of the experts' training FLOPs) and no (M, ffn) buffer exists in
+    either pass. The expert hidden layer is an MoE layer's largest activation ((k x tokens) x ffn; for
+    MH-MoE at FLOP parity h x k x F_mh = 3.5x a top-2 layer's).
+
+    Why not the plain chain of ops: GELU and LayerNorm over all rows write (M, ffn) outputs that
+    autograd keeps, each a fresh allocation above glibc's mmap threshold (page-faulted in every step);
+    and a sub-LN with per-expert affine either gathers per-row gamma / beta or folds them into an
+    (E, ffn, dim) copy of fc2's weights - weight-sized temporaries in both passes.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
+                counts: tuple[int, ...], ln_w: Tensor | None, ln_b: Tensor | None, eps: float,
+                recompute: bool) -> Tensor:
+        M, F = x.shape[0], w1.shape[2]
+        ln = ln_w is not None
+        out = workspace.empty((M, w2.shape[2]), dtype=x.dtype, device=x.device)
+        rows = max(counts, default=0)
+        kept = None if recompute else workspace.empty((M, F), dtype=x.dtype, device=x.device)
+        hid = workspace.empty((rows, F), dtype=x.dtype, device=x.device)
+        normed = workspace.empty_like(hid) if ln else None
+        mean, rstd = _ln_stats(out) if ln else (None, None)
+        s = 0
+        for e, n in enumerate(counts):
+            if n:
+                h = torch.mm(x[s : s + n], w1[e], out=hid[:n] if recompute else kept[s : s + n])
+                if b1 is not None:
+                    h.add_(b1[e])
+                a = torch.ops.aten.gelu_(h) if recompute else torch.ops.aten.gelu.out(h, out=hid[:n])
+                if ln:
+                    a = torch.ops.aten.native_layer_norm.out(a, [F], ln_w[e], ln_b[e], eps, out0=normed[:n],
+                                                             out1=mean[s : s + n], out2=rstd[s : s + n])[0]
+                os = torch.mm(a, w2[e], out=out[s : s + n])
+                if b2 is not None:
+                    os.add_(b2[e])
+            s += n
+        ctx.save_for_backward(x, w1, b1, w2, ln_w, ln_b, mean, rstd, kept)
+        ctx.counts, ctx.has_b2, ctx.eps = counts, b2 is not None, eps
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, w1, b1, w2, ln_w, ln_b, mean, rstd, kept = ctx.saved_tensors
+        g = g.contiguous()
+        counts, ln, F = ctx.counts, ln_w is not None, w1.shape[2]
+        need = ctx.needs_input_grad
+        need_x, need_w1, need_b1, need_w2, need_b2 = need[0], need[1], need[2] and b1 is not None, need[3], \
+            need[4] and ctx.has_b2
+        need_lw, need_lb = ln and need[6], ln and need[7]
+        gx = workspace.empty_like(x) if need_x else None
+        gw1 = workspace.empty_like(w1) if need_w1 else None
+        gw2 = workspace.empty_like(w2) if need_w2 else None
+        gb1 = g.new_empty(w1.shape[0], F) if need_b1 else None
+        gb2 = g.new_empty(w2.shape[0], w2.shape[2]) if need_b2 else None
+        glw = torch.zeros_like(ln_w) if need_lw else None
+        glb = torch.zeros_like(ln_b) if need_lb else None
+        rows = max(counts, default=0)
+        hid = workspace.empty((rows, F), dtype=x.dtype, device=x.device)  # fc1's output, then its gradient
+        act = workspace.empty_like(hid)  # GELU's output
+        normed = workspace.empty_like(hid) if ln else None  # LayerNorm's output, then GELU's output gradient
+        grad_normed = workspace.empty_like(hid) if ln else None
+        stats = _ln_stats(act) if ln else None  # recomputed statistics land here (equal to the saved ones)
+        dummy = x.new_empty(0)
+        s = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                for buf in (gw1, gb1, gw2, gb2):
+                    if buf is not None:
+                        buf[e].zero_()
+                continue
+            xs, gs = x[s : s + n], g[s : s + n]
+            if kept is None:
+                h = torch.mm(xs, w1[e], out=hid[:n])  # recomputed
+                if b1 is not None:
+                    h.add_(b1[e])
+            else:
+                h = kept[s : s + n]
+            a = torch.ops.aten.gelu.out(h, out=act[:n])
+            y = a
+            if ln:
+                y = torch.ops.aten.native_layer_norm.out(a, [F], ln_w[e], ln_b[e], ctx.eps, out0=normed[:n],
+                                                         out1=stats[0][:n], out2=stats[1][:n])[0]
+            if gw2 is not None:
+                torch.mm(y.t(), gs, out=gw2[e])
+            if gb2 is not None:
+                torch.sum(gs, 0, out=gb2[e])
+            if ln:
+                gy = torch.mm(gs, w2[e].t(), out=grad_normed[:n])
+                ga = normed[:n]  # LayerNorm's output is used up: its buffer takes GELU's output gradient
+                torch.ops.aten.native_layer_norm_backward.out(
+                    gy, a, [F], mean[s : s + n], rstd[s : s + n], ln_w[e], ln_b[e],
+                    [True, glw is not None, glb is not None],
+                    out0=ga, out1=glw[e] if glw is not None else dummy, out2=glb[e] if glb is not None else dummy)
+            else:
+                ga = torch.mm(gs, w2[e].t(), out=act[:n])  # GELU's output is used up
+            gh = torch.ops.aten.gelu_backward.grad_input(ga, h, grad_input=h if kept is None else ga)  # fc1's
+            if gb1 is not None:
+                torch.sum(gh, 0, out=gb1[e])
+            if gw1 is not None:
+                torch.mm(xs.t(), gh, out=gw1[e])
+            if gx is not None:
+                torch.mm(gh, w1[e].t(), out=gx[s : s + n])
+            s += n
+        return gx, gw1, gb1, gw2, gb2, None, glw, glb, None, None
+
+
+def expert_ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, counts_list: tuple[int, ...],
+               ln_weight: Tensor | None = None, ln_bias: Tensor | None = None, eps: float = 1e-5,
+               recompute: bool = False) -> Tensor:
+    """The GELU expert FFN ``fc2(LN_e(GELU(fc1(x))))`` over expert-contiguous rows on the loop backend.
+
+    Args:
+        x: (M, dim) rows sorted by expert; ``counts_list``: rows per expert (Python ints).
+        w1, b1, w2, b2: stacked (E, dim, ffn), (E, ffn), (E, ffn, dim), (E, dim) weights (biases or None).
+        ln_weight, ln_bias: the experts' (E, ffn) sub-LN affine, or None for no sub-LN.
+        recompute: keep only the input rows for backward and recompute fc1 there.
+
+    See :class:`_ExpertFFN`."""
+    if sum(counts_list) != x.shape[0]:
+        raise ValueError(f"expert_ffn: counts sum to {sum(counts_list)}, input has {x.shape[0]} rows")
     if (ln_weight is None) != (ln_bias is None):
-        raise ValueError("gelu_grouped_linear: give both ln_weight and ln_bias, or neither")
-    return _GeluGroupedLinear.apply(h.contiguous(), w, b, counts_list, ln_weight, ln_bias, eps)
+        raise ValueError("expert_ffn: give both ln_weight and ln_bias, or neither")
+    return _ExpertFFN.apply(x.contiguous(), w1, b1, w2, b2, counts_list, ln_weight, ln_bias, eps, recompute)
 
 
 def _grouped_mm_available() -> bool:

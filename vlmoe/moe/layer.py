@@ -89,7 +89,8 @@ class MoE(nn.Module):
             self.strata_routers, self.strata_norms = build_strata_routers(config, self.sub_dim, layernorm_eps)
         if config.expert_sizes is not None:
             self.experts = HeteroExperts(
-                self.sub_dim, config.expert_sizes, expert_type=config.expert_type, bias=config.bias
+                self.sub_dim, config.expert_sizes, expert_type=config.expert_type, bias=config.bias,
+                recompute=config.recompute_experts,
             )
         else:
             self.experts = GroupedExperts(
@@ -100,6 +101,7 @@ class MoE(nn.Module):
                 ffn_layernorm=config.ffn_layernorm,
                 bias=config.bias,
                 layernorm_eps=layernorm_eps,
+                recompute=config.recompute_experts,
             )
         self.register_buffer(
             "expert_param_counts", torch.tensor(self.experts.expert_params(), dtype=torch.long), persistent=False

@@ -191,7 +191,7 @@ def _local_experts(experts: nn.Module, local: range) -> nn.Module:
         new = GroupedExperts(
             len(local), experts.dim, experts.ffn_dim, expert_type=experts.expert_type,
             ffn_layernorm=experts.ln_weight is not None, bias=experts.b1 is not None,
-            layernorm_eps=experts.layernorm_eps,
+            layernorm_eps=experts.layernorm_eps, recompute=experts.recompute,
         )
         for name in ("w1", "w2", "b1", "b2", "ln_weight", "ln_bias"):
             p = getattr(experts, name)
@@ -200,7 +200,8 @@ def _local_experts(experts: nn.Module, local: range) -> nn.Module:
         return new.to(experts.w1.device, experts.w1.dtype)
     if isinstance(experts, HeteroExperts):
         sizes = [experts.sizes[e] for e in local]
-        new = HeteroExperts(experts.dim, sizes, expert_type=experts.expert_type, bias=experts.b1 is not None)
+        new = HeteroExperts(experts.dim, sizes, expert_type=experts.expert_type, bias=experts.b1 is not None,
+                            recompute=experts.recompute)
         d, o = experts.dim, sum(experts.sizes[: local.start])
         f = sum(sizes)
         new.w1.copy_(experts.w1[d * o : d * (o + f)])
