@@ -79,9 +79,9 @@ def test_bench_model_prints_the_flop_ideal_and_times_the_optimizer_step(capsys):
     from vlmoe.models.flops import flops_per_token
 
     table = model.main(["--dense", "tiny", "--moe", "tiny_moe", "--batch", "2", "--text-len", "8", "--repeats", "1",
-                        "--no-torchscale", "--no-memory", "--train-step", "--recompute-experts"])
+                        "--no-torchscale", "--no-memory", "--train-step", "--compare-recompute"])
     assert "fwd+bwd+AdamW step" in table
-    assert "| vlmoe tiny_moe (recompute_experts) |" in table
+    assert "| vlmoe tiny_moe (recompute_experts=True) |" in table
     row = next(line for line in table.splitlines() if line.startswith("| vlmoe tiny_moe"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     L = 1 + VLMoEConfig.from_name("tiny").num_patches + 8
@@ -89,3 +89,19 @@ def test_bench_model_prints_the_flop_ideal_and_times_the_optimizer_step(capsys):
         VLMoEConfig.from_name("tiny"), L)["total"]
     assert float(cells[4]) == pytest.approx(ideal, abs=0.005)
     assert float(cells[5]) == pytest.approx(float(cells[3]) / ideal, abs=0.02)
+
+
+def test_gemm_efficiency_tool_runs_at_toy_sizes():
+    """tools/gemm_efficiency.py (the BLAS-call part of the layer's gap; BLAS against oneDNN) runs end to end."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "tools" / "gemm_efficiency.py"
+    spec = importlib.util.spec_from_file_location("gemm_efficiency", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    text = mod.main(["--tokens", "32", "--experts", "2", "--dim", "16", "--ffn", "32", "--repeats", "1",
+                     "--rows", "4,8"])
+    assert "| experts: 2 blocks, own weights |" in text and "| 8 |" in text
+    counts = eval(text.split("rows per expert (T=32, top-2 of 2): ")[1].splitlines()[0])
+    assert sum(counts) == 64

@@ -13,7 +13,9 @@ Next to each model: its FLOP ideal relative to the reference - forward FLOPs per
 (:func:`vlmoe.models.flops.flops_per_token`: attention projections 8 d^2 + scores 4 L d per block, FFN
 4 d F, MoE layers router + k experts + MH-MoE projections) divided by the reference's - and the measured
 time ratio over that ideal (1.00 = the model costs exactly what its FLOPs say). ``--train-step`` adds
-AdamW's step (foreach) to every timed iteration, as a training step has it.
+AdamW's step (foreach) to every timed iteration, as a training step has it. ``--compare-recompute``
+times each MoE preset a second time with its experts' activation checkpointing flipped
+(``MoEConfig.recompute_experts``; ``base_mhmoe8`` has it on).
 
 Peak memory is the peak of live tensor bytes allocated during one forward + backward beyond what
 existed before, with the MoE workspace emptied first so that its cached buffers count (parameters
@@ -195,9 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs")
     p.add_argument("--no-torchscale", dest="torchscale", action="store_false")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
-    p.add_argument("--recompute-experts", action="store_true",
-                   help="also time each MoE preset with recompute_experts=True (its experts' hidden layer "
-                        "recomputed in backward instead of kept), next to the preset as it is")
+    p.add_argument("--compare-recompute", action="store_true",
+                   help="also time each MoE preset with its recompute_experts setting flipped (the experts' "
+                        "hidden layer recomputed in backward instead of kept, or the reverse), next to the preset")
     p.add_argument("--train-step", action="store_true",
                    help="time forward + backward + AdamW's step (the optimizer over every parameter)")
     return p
@@ -247,8 +249,13 @@ def main(argv: list[str] | None = None) -> str:
 
     for name in [n.strip() for n in args.moe.split(",") if n.strip()]:
         variants = [(f"vlmoe {name}", {})]
-        if args.recompute_experts:
-            variants.append((f"vlmoe {name} (recompute_experts)", {"moe": {"recompute_experts": True}}))
+        preset = VLMoEConfig.from_name(name, **over)
+        if args.compare_recompute and preset.moe is not None:
+            flip = not preset.moe.recompute_experts
+            extra = {"moe": {"recompute_experts": flip}}
+            if preset.moe_text is not None:
+                extra["moe_text"] = {"recompute_experts": flip}
+            variants.append((f"vlmoe {name} (recompute_experts={flip})", extra))
         impls = []
         for label, extra in variants:
             torch.manual_seed(0)

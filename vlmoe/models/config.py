@@ -310,9 +310,12 @@ PRESETS: dict[str, VLMoEConfig] = {
     "base_moe8": _BASE.replace(name="base_moe8", moe=_moe(num_experts=8, top_k=2, ffn_dim=3072)),
     "base_xmoe8": _BASE.replace(name="base_xmoe8", moe=_moe(num_experts=8, top_k=2, ffn_dim=3072, router="xmoe")),
     # MH-MoE h=4 on the X-MoE router; expert width 3072 - 768/2 = 2688 gives the same FLOPs per token
-    # as base_xmoe8 (head + merge projections included; arXiv 2411.16205 eq. 8)
+    # as base_xmoe8 (head + merge projections included; arXiv 2411.16205 eq. 8). Its experts' hidden layer
+    # (h x k sub-token rows of 2688 per token, 3.5x a top-2 layer's) is recomputed in backward, not kept:
+    # -38 % peak memory for +5 % step time (BENCHMARKS.md, "MoE backbones against their FLOP ideal")
     "base_mhmoe8": _BASE.replace(
-        name="base_mhmoe8", moe=_moe(num_experts=8, top_k=2, ffn_dim=2688, heads=4, router="xmoe")
+        name="base_mhmoe8",
+        moe=_moe(num_experts=8, top_k=2, ffn_dim=2688, heads=4, router="xmoe", recompute_experts=True),
     ),
     "base_moe8_shared": _BASE.replace(
         name="base_moe8_shared", moe=_moe(num_experts=16, top_k=2, ffn_dim=3072), moe_multiway="shared"
