@@ -77,11 +77,14 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: Tensor, counts: Tensor) -> Tensor:
         """(M, dim) rows sorted by expert, (E,) rows per expert -> (M, dim)."""
-        if self.recompute and torch.is_grad_enabled():
-            loop = self.expert_type == "gelu" and (not x.is_cuda or self.backend == "loop")
-            if not loop:  # any other path: plain activation checkpointing of the expert FFN
-                return checkpoint(self._forward, x, counts, use_reentrant=False)
+        if self.recompute and torch.is_grad_enabled() and not (self.expert_type == "gelu" and self._host_counts(x)):
+            # every path but the loop kernel (which recomputes fc1 itself): plain activation checkpointing
+            return checkpoint(self._forward, x, counts, use_reentrant=False)
         return self._forward(x, counts)
+
+    def _host_counts(self, x: Tensor) -> bool:
+        """The loop backend (counts read on the host) rather than one device-side grouped kernel."""
+        return not x.is_cuda or self.backend == "loop"
 
     def _forward(self, x: Tensor, counts: Tensor) -> Tensor:
         w1, b1, w2, b2 = self.w1, self.b1, self.w2, self.b2
@@ -90,7 +93,7 @@ class GroupedExperts(nn.Module):
             x, w1, w2 = x.to(dt), w1.to(dt), w2.to(dt)
             b1 = b1.to(dt) if b1 is not None else None
             b2 = b2.to(dt) if b2 is not None else None
-        counts_list = None if (x.is_cuda and self.backend != "loop") else tuple(counts.tolist())
+        counts_list = tuple(counts.tolist()) if self._host_counts(x) else None
         with torch.autocast(x.device.type, enabled=False):
             if self.expert_type == "gelu" and counts_list is not None:
                 # loop backend: the whole FFN expert block by expert block in both passes (GELU and the
