@@ -15,6 +15,10 @@ import importlib
 import os
 import sys
 
+from vlmoe.runtime import request_huge_pages
+
+request_huge_pages()  # before any command allocates: PyTorch reads the setting at its first large allocation
+
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("vlmoe.bench.cli", "benchmarks: `vlmoe bench moe` (MoE layer vs ideal and peers)"),

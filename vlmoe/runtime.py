@@ -13,6 +13,16 @@ loop whose allocations repeat step after step (RSS stays flat), but a process th
 allocation patterns can fragment the never-trimmed heap - one benchmark process running the peers'
 multi-GB one-hot dispatch tensors after our layers grew to the machine's 23 GiB and was killed. A no-op
 off glibc (macOS, Windows, musl), and with ``VLMOE_MALLOC_TUNING=0``.
+
+``request_huge_pages()`` (the ``vlmoe`` command calls it first thing): PyTorch's CPU allocator puts
+each tensor of >= 2 MiB on transparent huge pages when ``THP_MEM_ALLOC_ENABLE=1``, so every activation
+and gradient a training step allocates afresh costs one page fault per 2 MiB instead of one per 4 KiB
+(the kernel's THP mode must be ``madvise`` or ``always``). PyTorch reads the variable once, at its first
+large allocation: in your own script set it in the environment, or call this before creating tensors.
+On this project's 2-core benchmark VM (THP ``madvise``): zero-filling a 197 MB tensor (the text
+embedding's gradient, once per step) 56 -> 12 ms; the kernel (sys) time of a dense base model's
+training step 0.8-2.8 s -> 0.02-1.0 s. Unlike the malloc tuning it changes no reuse policy: freed memory
+still goes back to the kernel. ``THP_MEM_ALLOC_ENABLE=0`` keeps 4 KiB pages.
 """
 
 from __future__ import annotations
@@ -47,6 +57,19 @@ def reuse_freed_memory() -> bool:
     ok = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
     _done = ok
     return ok
+
+
+def request_huge_pages() -> bool:
+    """``THP_MEM_ALLOC_ENABLE=1`` unless the environment already sets it. Returns whether it is on.
+
+    Takes effect only before PyTorch's first large CPU allocation in this process (see the module notes)."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    return huge_pages_requested()
+
+
+def huge_pages_requested() -> bool:
+    """Whether ``THP_MEM_ALLOC_ENABLE`` asks PyTorch for huge pages."""
+    return os.environ.get("THP_MEM_ALLOC_ENABLE", "0") not in ("", "0")
 
 
 def set_cpu_threads(processes: int = 1, data_workers: int = 0) -> int:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlmoe.moe import MoE, MoEConfig, hmoe_expert_sizes, mhmoe_flop_parity, moe_flops_per_token, workspace
-from vlmoe.runtime import reuse_freed_memory
+from vlmoe.runtime import huge_pages_requested, reuse_freed_memory
 
 
 # ---------------------------------------------------------------------------------------------- impls
@@ -545,7 +545,8 @@ def _device_name(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     import platform
 
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+            f"huge pages {'on' if huge_pages_requested() else 'off'}")
 
 
 if __name__ == "__main__":
