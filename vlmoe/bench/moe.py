@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import statistics
 import sys
 import time
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlmoe.moe import MoE, MoEConfig, hmoe_expert_sizes, mhmoe_flop_parity, moe_flops_per_token, workspace
+from vlmoe.moe.gemm import Linear, cpu_gemm_backend
 from vlmoe.runtime import huge_pages_requested, reuse_freed_memory
 
 
@@ -47,7 +49,7 @@ from vlmoe.runtime import huge_pages_requested, reuse_freed_memory
 class DenseFFN(nn.Module):
     def __init__(self, dim: int, ffn: int, sub_ln: bool = False) -> None:
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, ffn), nn.Linear(ffn, dim)
+        self.fc1, self.fc2 = Linear(dim, ffn), Linear(ffn, dim)  # the experts' GEMM backend
         self.ln = nn.LayerNorm(ffn) if sub_ln else nn.Identity()  # BEiT-3 / Magneto's ffn_layernorm
 
     def forward(self, x: Tensor) -> Tensor:
@@ -396,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-naive", dest="naive", action="store_false")
     p.add_argument("--no-torchscale", dest="torchscale", action="store_false")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    p.add_argument("--cpu-gemm", choices=["auto", "onednn", "blas"], default=None,
+                   help="the fp32 CPU GEMM backend (sets VLMOE_CPU_GEMM; default: the environment's, else auto: "
+                        "oneDNN where available); see vlmoe.moe.gemm")
     p.add_argument("--compile", action="store_true", help="torch.compile the ideal and the vlmoe layer")
     p.add_argument("--sub-ln", action="store_true",
                    help="experts (and the ideal's FFN) with BEiT-3's sub-LN on the hidden layer, as the model presets "
@@ -512,6 +517,9 @@ def run_expert_parallel(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> str:
     args = build_parser().parse_args(argv)
+    if args.cpu_gemm:
+        os.environ["VLMOE_CPU_GEMM"] = args.cpu_gemm  # inherited by spawned workers
+    cpu_gemm_backend()  # a bad VLMOE_CPU_GEMM fails here, before any model is built
     malloc_tuned = args.malloc_tuning and reuse_freed_memory()
     if args.world_size > 1:
         return run_expert_parallel(args)
@@ -546,7 +554,7 @@ def _device_name(device: torch.device) -> str:
     import platform
 
     return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-            f"huge pages {'on' if huge_pages_requested() else 'off'}")
+            f"huge pages {'on' if huge_pages_requested() else 'off'}, fp32 GEMMs: {cpu_gemm_backend()}")
 
 
 if __name__ == "__main__":

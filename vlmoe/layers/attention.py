@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from timm.layers import use_fused_attn
 from torch import Tensor, nn
 
+from ..moe.gemm import Linear
 from .kv_cache import LayerKV
 from .multiway import MODALITIES, Multiway, Shared, Stream
 
@@ -104,9 +105,9 @@ class MultiwayAttention(nn.Module):
         def ways(factory):
             return Multiway.copies(factory, modalities=modalities) if multiway else Shared(factory())
 
-        self.qkv = ways(lambda: nn.Linear(dim, 3 * dim, bias=qkv_bias))
+        self.qkv = ways(lambda: Linear(dim, 3 * dim, bias=qkv_bias))
         self.norm = ways(lambda: nn.LayerNorm(dim, eps=eps)) if sub_ln else Shared(nn.Identity())
-        self.proj = ways(lambda: nn.Linear(dim, dim))
+        self.proj = ways(lambda: Linear(dim, dim))
         self.attn_drop = attn_drop
         self.proj_drop = nn.Dropout(proj_drop)
 

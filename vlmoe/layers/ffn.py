@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import Tensor, nn
 
+from ..moe.gemm import use_fast_linears
+
 
 class GELUFp32(nn.Module):
     """Exact GELU evaluated in float32 and cast back (BEiT-3 does this for fp16/bf16 stability)."""
@@ -41,4 +43,5 @@ def FeedForward(
         act_drop: dropout after the activation.
     """
     norm = partial(nn.LayerNorm, eps=eps) if sub_ln else None
-    return Mlp(dim, hidden_dim, act_layer=GELUFp32, norm_layer=norm, drop=(act_drop, drop))
+    # fc1 / fc2 through vlmoe's fp32 CPU GEMM backend (same modules and state dict, see vlmoe.moe.gemm)
+    return use_fast_linears(Mlp(dim, hidden_dim, act_layer=GELUFp32, norm_layer=norm, drop=(act_drop, drop)))

@@ -23,12 +23,14 @@ import torch
 from torch import Tensor
 
 from . import workspace
+from .gemm import rows_mm, use_onednn
 
 
 class _GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None, counts: tuple[int, ...]) -> Tensor:
-        out = _expert_rows_forward(x, w, b, counts)
+        ctx.onednn = use_onednn(x)
+        out = _expert_rows_forward(x, w, b, counts, onednn=ctx.onednn)
         ctx.save_for_backward(x, w)
         ctx.counts, ctx.has_bias = counts, b is not None
         return out
@@ -39,12 +41,12 @@ class _GroupedLinear(torch.autograd.Function):
         g = g.contiguous()
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         gw, gb = _param_grads(x, g, w, ctx.counts, need_w, need_b and ctx.has_bias)
-        gx = _input_grad(g, w, ctx.counts, x.shape) if need_x else None
+        gx = _input_grad(g, w, ctx.counts, x.shape, ctx.onednn) if need_x else None
         return gx, gw, gb, None
 
 
 def _expert_rows_forward(
-    x: Tensor, w: Tensor, b: Tensor | None, counts: tuple[int, ...], act=None
+    x: Tensor, w: Tensor, b: Tensor | None, counts: tuple[int, ...], act=None, onednn: bool | None = None
 ) -> Tensor:
     """out[rows of e] = act(x[rows of e]) @ w[e] + b[e], expert by expert, into one (M, N) buffer."""
     out = workspace.empty((x.shape[0], w.shape[2]), dtype=x.dtype, device=x.device)
@@ -52,11 +54,7 @@ def _expert_rows_forward(
     for e, n in enumerate(counts):
         if n:
             rows = x[s : s + n] if act is None else act(x[s : s + n])
-            os = torch.mm(rows, w[e], out=out[s : s + n])
-            if b is not None:
-                # mm + add_ is ~1.5x faster than addmm(out=) on CPU (the latter copies the
-                # broadcast bias into the output and runs a beta=1 GEMM)
-                os.add_(b[e])
+            rows_mm(rows, w[e], out[s : s + n], onednn, None if b is None else b[e])
             s += n
     return out
 
@@ -78,13 +76,14 @@ def _param_grads(
     return gw, gb
 
 
-def _input_grad(g: Tensor, w: Tensor, counts: tuple[int, ...], shape: torch.Size) -> Tensor:
+def _input_grad(g: Tensor, w: Tensor, counts: tuple[int, ...], shape: torch.Size,
+                onednn: bool | None = None) -> Tensor:
     """Rows of the input gradient, expert by expert: g_e @ w[e]^T."""
     gx = workspace.empty(shape, dtype=g.dtype, device=g.device)
     s = 0
     for e, n in enumerate(counts):
         if n:
-            torch.mm(g[s : s + n], w[e].t(), out=gx[s : s + n])
+            rows_mm(g[s : s + n], w[e].t(), gx[s : s + n], onednn)
         s += n
     return gx
 
@@ -153,30 +152,28 @@ class _ExpertFFN(torch.autograd.Function):
         kept = None if recompute else workspace.empty((M, F), dtype=x.dtype, device=x.device)
         hid = workspace.empty((rows, F), dtype=x.dtype, device=x.device)
         mean, rstd = _ln_stats(out) if ln else (None, None)
+        dnn = use_onednn(x)
         s = 0
         for e, n in enumerate(counts):
             if n:
-                h = torch.mm(x[s : s + n], w1[e], out=hid[:n] if recompute else kept[s : s + n])
-                if b1 is not None:
-                    h.add_(b1[e])
+                h = rows_mm(x[s : s + n], w1[e], hid[:n] if recompute else kept[s : s + n], dnn,
+                            None if b1 is None else b1[e])
                 a = torch.ops.aten.gelu_(h) if recompute else torch.ops.aten.gelu.out(h, out=hid[:n])
                 if ln:
                     a, mu, rs = torch.ops.aten.native_layer_norm(a, [F], ln_w[e], ln_b[e], eps)
                     mean[s : s + n].copy_(mu.view(n, 1))
                     rstd[s : s + n].copy_(rs.view(n, 1))
-                os = torch.mm(a, w2[e], out=out[s : s + n])
-                if b2 is not None:
-                    os.add_(b2[e])
+                rows_mm(a, w2[e], out[s : s + n], dnn, None if b2 is None else b2[e])
             s += n
         ctx.save_for_backward(x, w1, b1, w2, ln_w, ln_b, mean, rstd, kept)
-        ctx.counts, ctx.has_b2, ctx.eps = counts, b2 is not None, eps
+        ctx.counts, ctx.has_b2, ctx.eps, ctx.onednn = counts, b2 is not None, eps, dnn
         return out
 
     @staticmethod
     def backward(ctx, g: Tensor):
         x, w1, b1, w2, ln_w, ln_b, mean, rstd, kept = ctx.saved_tensors
         g = g.contiguous()
-        counts, ln, F = ctx.counts, ln_w is not None, w1.shape[2]
+        counts, ln, F, dnn = ctx.counts, ln_w is not None, w1.shape[2], ctx.onednn
         need = ctx.needs_input_grad
         need_x, need_w1, need_b1, need_w2, need_b2 = need[0], need[1], need[2] and b1 is not None, need[3], \
             need[4] and ctx.has_b2
@@ -201,9 +198,7 @@ class _ExpertFFN(torch.autograd.Function):
                 continue
             xs, gs = x[s : s + n], g[s : s + n]
             if kept is None:
-                h = torch.mm(xs, w1[e], out=hid[:n])  # recomputed
-                if b1 is not None:
-                    h.add_(b1[e])
+                h = rows_mm(xs, w1[e], hid[:n], dnn, None if b1 is None else b1[e])  # recomputed
             else:
                 h = kept[s : s + n]
             a = torch.ops.aten.gelu.out(h, out=act[:n])
@@ -214,7 +209,7 @@ class _ExpertFFN(torch.autograd.Function):
                 torch.sum(gs, 0, out=gb2[e])
             if ln:
                 del y
-                gy = torch.mm(gs, w2[e].t(), out=grad_normed[:n])
+                gy = rows_mm(gs, w2[e].t(), grad_normed[:n], dnn)
                 ga, gl, gb = torch.ops.aten.native_layer_norm_backward(
                     gy, a, [F], mean[s : s + n], rstd[s : s + n], ln_w[e], ln_b[e],
                     [True, glw is not None, glb is not None])
@@ -223,14 +218,14 @@ class _ExpertFFN(torch.autograd.Function):
                 if glb is not None:
                     glb[e] = gb
             else:
-                ga = torch.mm(gs, w2[e].t(), out=act[:n])  # GELU's output is used up
+                ga = rows_mm(gs, w2[e].t(), act[:n], dnn)  # GELU's output is used up
             gh = torch.ops.aten.gelu_backward.grad_input(ga, h, grad_input=h if kept is None else ga)  # fc1's
             if gb1 is not None:
                 torch.sum(gh, 0, out=gb1[e])
             if gw1 is not None:
                 torch.mm(xs.t(), gh, out=gw1[e])
             if gx is not None:
-                torch.mm(gh, w1[e].t(), out=gx[s : s + n])
+                rows_mm(gh, w1[e].t(), gx[s : s + n], dnn)
             s += n
         return gx, gw1, gb1, gw2, gb2, None, glw, glb, None, None
 

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from .config import MoEConfig
 from .dispatch import DispatchPlan, combine, dispatch, expert_capacity, make_plan
 from .experts import GroupedExperts, HeteroExperts
+from .gemm import Linear
 from .losses import load_balance_loss, p_penalty_loss, router_entropy_loss, router_z_loss
 from .routers import Router, RouterOutput, build_router
 from .stats import MoEAux, RoutingStats
@@ -76,8 +77,8 @@ class MoE(nn.Module):
         self.dim, self.config = dim, config
         self.sub_dim = dim // config.heads
         if config.use_head_projections:
-            self.head_proj = nn.Linear(dim, dim)
-            self.merge_proj = nn.Linear(dim, dim)
+            self.head_proj = Linear(dim, dim)
+            self.merge_proj = Linear(dim, dim)
         else:
             self.head_proj = self.merge_proj = None
         if config.strata is None:
