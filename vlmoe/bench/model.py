@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import os
 import statistics
 import sys
 import time
@@ -39,10 +38,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from vlmoe.bench.moe import _device_name, peak_memory
+from vlmoe.bench.moe import _device_name, add_cpu_gemm_argument, apply_cpu_gemm_argument, peak_memory
 from vlmoe.models import VLMoE, VLMoEConfig
 from vlmoe.moe import MoE
-from vlmoe.moe.gemm import cpu_gemm_backend
 
 
 @dataclass
@@ -215,9 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs")
     p.add_argument("--no-torchscale", dest="torchscale", action="store_false")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
-    p.add_argument("--cpu-gemm", choices=["auto", "onednn", "blas"], default=None,
-                   help="the fp32 CPU GEMM backend (sets VLMOE_CPU_GEMM; default: the environment's, else auto: "
-                        "oneDNN where available); see vlmoe.moe.gemm")
+    add_cpu_gemm_argument(p)
     p.add_argument("--compare-recompute", action="store_true",
                    help="also time each MoE preset with its recompute_experts setting flipped (the experts' "
                         "hidden layer recomputed in backward instead of kept, or the reverse), next to the preset")
@@ -228,9 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> str:
     args = build_parser().parse_args(argv)
-    if args.cpu_gemm:
-        os.environ["VLMOE_CPU_GEMM"] = args.cpu_gemm  # inherited by spawned workers
-    cpu_gemm_backend()  # a bad VLMOE_CPU_GEMM fails here, before any model is built
+    apply_cpu_gemm_argument(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -381,6 +381,20 @@ def _ms(t: float) -> str:
     return f"{ms:.0f}" if ms >= 100 else f"{ms:.2f}" if ms < 10 else f"{ms:.1f}"
 
 
+def add_cpu_gemm_argument(p: argparse.ArgumentParser) -> None:
+    """``--cpu-gemm``, shared by the bench commands."""
+    p.add_argument("--cpu-gemm", choices=["auto", "onednn", "blas"], default=None,
+                   help="the fp32 CPU GEMM backend (sets VLMOE_CPU_GEMM; default: the environment's, else auto: "
+                        "oneDNN where available); see vlmoe.moe.gemm")
+
+
+def apply_cpu_gemm_argument(args: argparse.Namespace) -> None:
+    """Set ``--cpu-gemm`` for this process and its workers; a bad ``VLMOE_CPU_GEMM`` fails here."""
+    if args.cpu_gemm:
+        os.environ["VLMOE_CPU_GEMM"] = args.cpu_gemm  # inherited by spawned workers
+    cpu_gemm_backend()  # before any model is built
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlmoe bench moe", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -398,9 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-naive", dest="naive", action="store_false")
     p.add_argument("--no-torchscale", dest="torchscale", action="store_false")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
-    p.add_argument("--cpu-gemm", choices=["auto", "onednn", "blas"], default=None,
-                   help="the fp32 CPU GEMM backend (sets VLMOE_CPU_GEMM; default: the environment's, else auto: "
-                        "oneDNN where available); see vlmoe.moe.gemm")
+    add_cpu_gemm_argument(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the ideal and the vlmoe layer")
     p.add_argument("--sub-ln", action="store_true",
                    help="experts (and the ideal's FFN) with BEiT-3's sub-LN on the hidden layer, as the model presets "
@@ -517,9 +529,7 @@ def run_expert_parallel(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> str:
     args = build_parser().parse_args(argv)
-    if args.cpu_gemm:
-        os.environ["VLMOE_CPU_GEMM"] = args.cpu_gemm  # inherited by spawned workers
-    cpu_gemm_backend()  # a bad VLMOE_CPU_GEMM fails here, before any model is built
+    apply_cpu_gemm_argument(args)
     malloc_tuned = args.malloc_tuning and reuse_freed_memory()
     if args.world_size > 1:
         return run_expert_parallel(args)

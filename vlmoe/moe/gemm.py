@@ -160,12 +160,9 @@ def use_fast_linears(module: nn.Module) -> nn.Module:
 
 def _register_flop_formula() -> None:
     op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-    try:
-        from torch.utils.flop_counter import register_flop_formula
-    except ImportError:
-        return
     if op is None:
         return
+    from torch.utils.flop_counter import register_flop_formula
 
     @register_flop_formula(op)
     def _linear_flops(x_shape, *args, out_shape=None, **kwargs) -> int:
