@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmoe.moe import gemm
-from vlmoe.moe.gemm import Linear, cpu_gemm, cpu_gemm_backend, linear, rows_mm, use_fast_linears
+from vlmoe.moe.gemm import Linear, cpu_gemm, cpu_gemm_backend, linear, rows_mm, rows_product, use_fast_linears
 from vlmoe.moe.grouped import expert_ffn
 
 needs_onednn = pytest.mark.skipif(not gemm.onednn_available(), reason="oneDNN's fp32 linear not available")
@@ -86,6 +86,11 @@ def test_rows_mm_both_backends(bias):
         out = torch.full((13, 40), float("nan"))
         assert rows_mm(a, b, out, onednn, c) is out
         torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-4)
+    for onednn in (True, False):  # rows_product: oneDNN's own result, or the BLAS's into the scratch
+        scratch = torch.full((13, 40), float("nan"))
+        y = rows_product(a, b, scratch, onednn, c)
+        assert (y is scratch) != onednn and torch.isnan(scratch).all() == onednn
+        torch.testing.assert_close(y, ref.float(), rtol=1e-5, atol=1e-4)
     out = torch.empty(13, 40)
     rows_mm(a, b, out, False, c)  # the BLAS path is the code it replaced: mm, then add_
     assert torch.equal(out, torch.mm(a, b) if c is None else torch.mm(a, b).add_(c))

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from . import workspace
-from .gemm import rows_mm, use_onednn
+from .gemm import rows_mm, rows_product, use_onednn
 
 
 class _GroupedLinear(torch.autograd.Function):
@@ -116,29 +116,44 @@ def _ln_stats(h: Tensor) -> tuple[Tensor, Tensor]:
             torch.empty((h.shape[0], 1), dtype=dtype, device=h.device))
 
 
+_LN_ALGEBRA_MAX_OFFSET = 4.0  # see _ExpertFFN: the largest |mean| / std of a sub-LN row for the fc2 shortcut
+
+
 class _ExpertFFN(torch.autograd.Function):
     """y = LN_e(GELU(x @ w1[e] + b1[e])) @ w2[e] + b2[e], one expert block of rows at a time, both passes.
 
     The whole GELU expert FFN in one autograd node (the loop backend's path). Per expert block, the
     forward runs fc1, GELU, that expert's sub-LN (ATen's LayerNorm kernel with its own affine
-    ``(ln_w[e], ln_b[e])``) and fc2; the backward recomputes GELU and the sub-LN and runs the block's
-    whole chain of gradients - fc2's weight and input gradients, LayerNorm's, GELU's, fc1's weight,
-    bias and input gradients - while the block sits in scratch buffers of (max rows per expert, ffn)
-    from :mod:`vlmoe.moe.workspace`. Kept for backward: the input rows, the sub-LN statistics and fc1's
-    output (M, ffn) - or, with ``recompute``, not even that: the backward then recomputes each block's
-    fc1 (one more GEMM per block, +1/6 of the experts' training FLOPs) and no (M, ffn) buffer exists in
-    either pass. The expert hidden layer is an MoE layer's largest activation ((k x tokens) x ffn; for
-    MH-MoE at FLOP parity h x k x F_mh = 3.5x a top-2 layer's).
+    ``(ln_w[e], ln_b[e])``) and fc2; the backward recomputes GELU and runs the block's whole chain of
+    gradients - fc2's weight and input gradients, LayerNorm's, GELU's, fc1's weight, bias and input
+    gradients - while the block's (rows, ffn) tensors live only for that block. Kept for backward: the
+    input rows, the sub-LN statistics and fc1's output (M, ffn) - or, with ``recompute``, not even that:
+    the backward then recomputes each block's fc1 (one more GEMM per block, +1/6 of the experts'
+    training FLOPs) and no (M, ffn) tensor exists in either pass. The expert hidden layer is an MoE
+    layer's largest activation ((k x tokens) x ffn; for MH-MoE at FLOP parity h x k x F_mh = 3.5x a
+    top-2 layer's).
 
     Why not the plain chain of ops: GELU and LayerNorm over all rows write (M, ffn) outputs that
     autograd keeps, each a fresh allocation above glibc's mmap threshold (page-faulted in every step);
     and a sub-LN with per-expert affine either gathers per-row gamma / beta or folds them into an
     (E, ffn, dim) copy of fc2's weights - weight-sized temporaries in both passes.
 
-    The sub-LN calls ATen's functional LayerNorm kernels and lets their (block rows, ffn) outputs be
-    freed after the block: the ``out=`` variants of ``native_layer_norm`` and its backward are
-    composite (the functional kernel, then a ``copy_`` into ``out``), which costs as much again as the
-    normalisation (MH-MoE's ``copy_`` self time: 370 -> 110 ms per step of base_mhmoe8).
+    Element-wise passes over a block's (rows, ffn) tensors cost a fifth to a quarter of its GEMMs at
+    MH-MoE's widths, so the kernel runs as few as it can:
+
+    - oneDNN's GEMM results are used where they are made, without a copy into a buffer (on the BLAS,
+      which can write into one, the (rows, ffn) products go to scratch from :mod:`vlmoe.moe.workspace`);
+      only fc1's output kept for backward is copied, into one (M, ffn) buffer.
+    - The sub-LN is not recomputed in backward for fc2's weight gradient. With ``n = (a - mu) * rstd``
+      the LN output is ``y = n * gamma + beta``, so ``y^T g = gamma * (a^T (rstd * g) - 1 (mu * rstd)^T g)
+      + beta (1^T g)``: one GEMM on GELU's output and (ffn, dim) corrections, instead of a LayerNorm pass
+      and its (rows, ffn) output. The subtraction cancels what a row's mean adds to ``a``: its rounding
+      error grows with ``|mu| * rstd`` (the mean over the spread), so a block whose rows exceed
+      ``_LN_ALGEBRA_MAX_OFFSET`` recomputes the LN instead (a GELU output's mean is below its spread in
+      practice), and so do half types and non-CPU devices (where the check would be a host sync). The
+      fp32 gradient stays within a few times plain autograd's rounding (``tests/moe/test_layer.py``).
+    - LayerNorm calls ATen's functional kernels: the ``out=`` variants of ``native_layer_norm`` and its
+      backward are composite (the functional kernel, then a ``copy_`` into ``out``).
     """
 
     @staticmethod
@@ -147,33 +162,39 @@ class _ExpertFFN(torch.autograd.Function):
                 recompute: bool) -> Tensor:
         M, F = x.shape[0], w1.shape[2]
         ln = ln_w is not None
+        dnn = use_onednn(x)
         out = workspace.empty((M, w2.shape[2]), dtype=x.dtype, device=x.device)
         rows = max(counts, default=0)
+        # fc1's output: kept for backward (into one buffer, so that the saved tensors do not depend on the
+        # routing) or, with recompute, oneDNN's own result / scratch on the BLAS; GELU's output: scratch
         kept = None if recompute else workspace.empty((M, F), dtype=x.dtype, device=x.device)
-        hid = workspace.empty((rows, F), dtype=x.dtype, device=x.device)
+        hid = None if recompute and dnn else workspace.empty((rows, F), dtype=x.dtype, device=x.device)
         mean, rstd = _ln_stats(out) if ln else (None, None)
-        dnn = use_onednn(x)
         s = 0
         for e, n in enumerate(counts):
             if n:
-                h = rows_mm(x[s : s + n], w1[e], hid[:n] if recompute else kept[s : s + n], dnn,
-                            None if b1 is None else b1[e])
+                b1e = None if b1 is None else b1[e]
+                if recompute:
+                    h = rows_product(x[s : s + n], w1[e], None if hid is None else hid[:n], dnn, b1e)
+                else:
+                    h = rows_mm(x[s : s + n], w1[e], kept[s : s + n], dnn, b1e)
                 a = torch.ops.aten.gelu_(h) if recompute else torch.ops.aten.gelu.out(h, out=hid[:n])
                 if ln:
                     a, mu, rs = torch.ops.aten.native_layer_norm(a, [F], ln_w[e], ln_b[e], eps)
                     mean[s : s + n].copy_(mu.view(n, 1))
                     rstd[s : s + n].copy_(rs.view(n, 1))
                 rows_mm(a, w2[e], out[s : s + n], dnn, None if b2 is None else b2[e])
+                del a, h
             s += n
         ctx.save_for_backward(x, w1, b1, w2, ln_w, ln_b, mean, rstd, kept)
-        ctx.counts, ctx.has_b2, ctx.eps, ctx.onednn = counts, b2 is not None, eps, dnn
+        ctx.counts, ctx.has_b2, ctx.eps, ctx.onednn, ctx.recompute = counts, b2 is not None, eps, dnn, recompute
         return out
 
     @staticmethod
     def backward(ctx, g: Tensor):
         x, w1, b1, w2, ln_w, ln_b, mean, rstd, kept = ctx.saved_tensors
         g = g.contiguous()
-        counts, ln, F, dnn = ctx.counts, ln_w is not None, w1.shape[2], ctx.onednn
+        counts, ln, F, dnn, recompute = ctx.counts, ln_w is not None, w1.shape[2], ctx.onednn, ctx.recompute
         need = ctx.needs_input_grad
         need_x, need_w1, need_b1, need_w2, need_b2 = need[0], need[1], need[2] and b1 is not None, need[3], \
             need[4] and ctx.has_b2
@@ -185,10 +206,15 @@ class _ExpertFFN(torch.autograd.Function):
         gb2 = g.new_empty(w2.shape[0], w2.shape[2]) if need_b2 else None
         glw = torch.zeros_like(ln_w) if need_lw else None
         glb = torch.zeros_like(ln_b) if need_lb else None
+        ln_algebra = ln and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)  # see the class
         rows = max(counts, default=0)
-        hid = workspace.empty((rows, F), dtype=x.dtype, device=x.device)  # fc1's output, then its gradient
-        act = workspace.empty_like(hid)  # GELU's output (without sub-LN, then its gradient)
-        grad_normed = workspace.empty_like(hid) if ln else None
+
+        def scratch() -> Tensor | None:
+            return None if dnn else workspace.empty((rows, F), dtype=x.dtype, device=x.device)
+
+        hid = scratch() if recompute else None  # fc1's recomputed output, then its gradient
+        act = workspace.empty((rows, F), dtype=x.dtype, device=x.device)  # GELU's output
+        grad_normed = scratch() if ln else None  # the sub-LN output's gradient
         s = 0
         for e, n in enumerate(counts):
             if n == 0:
@@ -197,35 +223,47 @@ class _ExpertFFN(torch.autograd.Function):
                         buf[e].zero_()
                 continue
             xs, gs = x[s : s + n], g[s : s + n]
-            if kept is None:
-                h = rows_mm(xs, w1[e], hid[:n], dnn, None if b1 is None else b1[e])  # recomputed
+            if recompute:
+                h = rows_product(xs, w1[e], None if hid is None else hid[:n], dnn, None if b1 is None else b1[e])
             else:
                 h = kept[s : s + n]
             a = torch.ops.aten.gelu.out(h, out=act[:n])
-            y = torch.ops.aten.native_layer_norm(a, [F], ln_w[e], ln_b[e], ctx.eps)[0] if ln else a
+            mu, rs = (mean[s : s + n], rstd[s : s + n]) if ln else (None, None)
+            # y^T g without y (see the class docstring), unless a row's mean dwarfs its spread
+            algebra = ln_algebra and gw2 is not None and float((mu.abs() * rs).max()) <= _LN_ALGEBRA_MAX_OFFSET
+            gsum = torch.sum(gs, 0, out=gb2[e]) if gb2 is not None else gs.sum(0) if algebra else None
             if gw2 is not None:
-                torch.mm(y.t(), gs, out=gw2[e])
-            if gb2 is not None:
-                torch.sum(gs, 0, out=gb2[e])
+                if algebra:  # gamma * (a^T (rstd g) - (mu rstd)^T g) + beta g_sum
+                    gsr = gs * rs
+                    torch.mm(a.t(), gsr, out=gw2[e])
+                    gw2[e].sub_((gsr * mu).sum(0)).mul_(ln_w[e].unsqueeze(1)).addr_(ln_b[e], gsum)
+                    del gsr
+                else:
+                    y = torch.ops.aten.native_layer_norm(a, [F], ln_w[e], ln_b[e], ctx.eps)[0] if ln else a
+                    torch.mm(y.t(), gs, out=gw2[e])
+                    del y
             if ln:
-                del y
-                gy = rows_mm(gs, w2[e].t(), grad_normed[:n], dnn)
+                gy = rows_product(gs, w2[e].t(), None if grad_normed is None else grad_normed[:n], dnn)
                 ga, gl, gb = torch.ops.aten.native_layer_norm_backward(
-                    gy, a, [F], mean[s : s + n], rstd[s : s + n], ln_w[e], ln_b[e],
+                    gy, a, [F], mu, rs, ln_w[e], ln_b[e],
                     [True, glw is not None, glb is not None])
+                del gy
                 if glw is not None:
                     glw[e] = gl
                 if glb is not None:
                     glb[e] = gb
             else:
-                ga = rows_mm(gs, w2[e].t(), act[:n], dnn)  # GELU's output is used up
-            gh = torch.ops.aten.gelu_backward.grad_input(ga, h, grad_input=h if kept is None else ga)  # fc1's
+                ga = rows_product(gs, w2[e].t(), act[:n], dnn)  # GELU's output is used up
+            del a
+            # fc1's gradient: into fc1's recomputed output (dead now); a kept one may be needed again
+            gh = torch.ops.aten.gelu_backward.grad_input(ga, h, grad_input=h if recompute else ga)
             if gb1 is not None:
                 torch.sum(gh, 0, out=gb1[e])
             if gw1 is not None:
                 torch.mm(xs.t(), gh, out=gw1[e])
             if gx is not None:
                 rows_mm(gh, w1[e].t(), gx[s : s + n], dnn)
+            del ga, gh, h
             s += n
         return gx, gw1, gb1, gw2, gb2, None, glw, glb, None, None
 
