@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import platform
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -100,7 +103,7 @@ def test_backend_selection_and_bad_values(monkeypatch):
     monkeypatch.setenv("VLMOE_CPU_GEMM", "blas")
     assert cpu_gemm_backend() == "blas"
     monkeypatch.setenv("VLMOE_CPU_GEMM", "auto")
-    assert cpu_gemm_backend() == ("onednn" if gemm.onednn_available() else "blas")
+    assert cpu_gemm_backend() == gemm.auto_backend()
     with cpu_gemm("blas") as mode:
         assert mode == cpu_gemm_backend() == "blas"
     monkeypatch.setenv("VLMOE_CPU_GEMM", "mkl")
@@ -108,6 +111,22 @@ def test_backend_selection_and_bad_values(monkeypatch):
         cpu_gemm_backend()
     with pytest.raises(ValueError, match="cpu_gemm='fast'"), cpu_gemm("fast"):
         pass
+
+
+def test_auto_backend_follows_the_cpu_vendor(monkeypatch):
+    """MKL where it runs its fastest code (Intel CPUs), oneDNN elsewhere on x86-64 (AMD: 2x at expert rows)."""
+    if platform.machine() in ("x86_64", "AMD64") and os.path.exists("/proc/cpuinfo"):
+        assert gemm.cpu_vendor() in ("GenuineIntel", "AuthenticAMD", "HygonGenuine", "CentaurHauls")
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: True)
+    monkeypatch.setattr(gemm, "cpu_vendor", lambda: "GenuineIntel")
+    assert gemm.auto_backend() == "blas"
+    monkeypatch.setattr(gemm, "cpu_vendor", lambda: "AuthenticAMD")
+    assert gemm.auto_backend() == ("onednn" if gemm.onednn_available() else "blas")
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: False)  # e.g. an OpenBLAS build
+    monkeypatch.setattr(gemm, "cpu_vendor", lambda: "GenuineIntel")
+    assert gemm.auto_backend() == ("onednn" if gemm.onednn_available() else "blas")
+    with cpu_gemm("auto") as mode:
+        assert mode == gemm.auto_backend()
 
 
 @needs_onednn

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from vlmoe.bench.moe import _device_name, add_cpu_gemm_argument, apply_cpu_gemm_argument, peak_memory
 from vlmoe.models import VLMoE, VLMoEConfig
 from vlmoe.moe import MoE
+from vlmoe.runtime import reuse_freed_memory
 
 
 @dataclass
@@ -219,11 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "hidden layer recomputed in backward instead of kept, or the reverse), next to the preset")
     p.add_argument("--train-step", action="store_true",
                    help="time forward + backward + AdamW's step (the optimizer over every parameter)")
+    p.add_argument("--malloc-tuning", action="store_true",
+                   help="reuse freed memory instead of page-faulting large buffers in every step "
+                        "(vlmoe.runtime.reuse_freed_memory; applies to every model, the dense reference "
+                        "included: the ratios then hold no page faults on either side)")
     return p
 
 
 def main(argv: list[str] | None = None) -> str:
     args = build_parser().parse_args(argv)
+    malloc_tuned = args.malloc_tuning and reuse_freed_memory()
     apply_cpu_gemm_argument(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -246,7 +252,7 @@ def main(argv: list[str] | None = None) -> str:
         f"device={device} ({_device_name(device)}), dtype={args.dtype}, torch={torch.__version__}, "
         f"batch={args.batch}, image={dense_cfg.img_size}px ({1 + dense_cfg.num_patches} tokens), "
         f"text={args.text_len} tokens, {'fwd+bwd+AdamW step' if args.train_step else 'fwd+bwd'}, "
-        f"median of {args.repeats}"
+        f"median of {args.repeats}, malloc tuning {'on' if malloc_tuned else 'off'}"
     )
     print(header, flush=True)
     dense = _vlmoe_impl(f"vlmoe {args.dense}", VLMoE(dense_cfg).to(device).train(), ids, pad, autocast,

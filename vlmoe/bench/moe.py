@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlmoe.moe import MoE, MoEConfig, hmoe_expert_sizes, mhmoe_flop_parity, moe_flops_per_token, workspace
-from vlmoe.moe.gemm import Linear, cpu_gemm_backend
+from vlmoe.moe.gemm import Linear, cpu_gemm_backend, cpu_vendor
 from vlmoe.runtime import huge_pages_requested, reuse_freed_memory
 
 
@@ -563,7 +563,9 @@ def _device_name(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     import platform
 
-    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+    vendor = cpu_vendor()
+    return (f"{platform.processor() or platform.machine()}{', ' + vendor if vendor else ''}, "
+            f"{torch.get_num_threads()} threads, "
             f"huge pages {'on' if huge_pages_requested() else 'off'}, fp32 GEMMs: {cpu_gemm_backend()}")
 
 

@@ -2,15 +2,21 @@
 
 ATen's fp32 ``torch.mm`` / ``F.linear`` call the BLAS PyTorch was built with (MKL on x86-64 builds).
 oneDNN ships in the same build (``torch.ops.mkldnn._linear_pointwise``, the kernel Inductor's CPU
-backend uses for linears) and computes the same full-fp32 product. On this project's benchmark VM (AMD
-EPYC, AVX-512) it is faster, and most of all at the row counts an expert gets in an MoE layer: an fc1
-GEMM of 128 x 768 x 3072 runs at ~150 GFLOP/s through oneDNN against ~85 through MKL, which reaches
-its own best (~115-170) only from ~512 rows (``python tools/gemm_efficiency.py``).
+backend uses for linears) and computes the same full-fp32 product. Which one is faster depends on the
+CPU's maker, because MKL picks its fastest code paths only on Intel's processors:
 
-``VLMOE_CPU_GEMM`` picks the backend: ``auto`` (the default: oneDNN where it is available on x86-64,
-else BLAS), ``onednn`` (an error where it is not available) or ``blas``. :func:`cpu_gemm` sets it for a
-block of code (benchmarks, tests). What goes through it: fp32 CPU tensors outside autocast and
-``torch.compile`` (Inductor picks its own kernels); every other dtype or device takes ATen's path.
+- AMD EPYC (AVX-512; an earlier benchmark VM of this project): oneDNN, most of all at the row counts an
+  expert gets in an MoE layer - an fc1 GEMM of 128 x 768 x 3072 at ~150 GFLOP/s against ~85 through MKL,
+  which reaches its own best (~115-170) only from ~512 rows;
+- Intel Xeon (AVX-512, 2 cores): MKL, 5-25 % faster than oneDNN on fc1 shapes from 128 to 2,088 rows
+  and level on fc2 (``python tools/gemm_efficiency.py``); a whole ``base`` / ``base_moe8`` /
+  ``base_mhmoe8`` training step 9-20 % faster (BENCHMARKS.md, issue 17's sixth round).
+
+``VLMOE_CPU_GEMM`` picks the backend: ``auto`` (the default: ATen's BLAS where it is MKL on an Intel
+CPU, else oneDNN where it is available on x86-64, else BLAS), ``onednn`` (an error where it is not
+available) or ``blas``. :func:`cpu_gemm` sets it for a block of code (benchmarks, tests). What goes
+through it: fp32 CPU tensors outside autocast and ``torch.compile`` (Inductor picks its own kernels);
+every other dtype or device takes ATen's path.
 
 - :func:`rows_mm` - ``out = a @ b``, the expert kernels' row GEMMs (one expert's block of rows).
 - :func:`linear` / :class:`Linear` - ``F.linear`` / ``nn.Linear`` with oneDNN for the forward product
@@ -47,6 +53,32 @@ def onednn_available() -> bool:
     return hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def cpu_vendor() -> str:
+    """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``, ...), or ``""`` where it cannot be read."""
+    return _cpu_vendor()
+
+
+@functools.cache
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    proc = platform.processor()  # Windows: "Intel64 Family 6 ... GenuineIntel"
+    return next((v for v in ("GenuineIntel", "AuthenticAMD") if v in proc), "")
+
+
+def auto_backend() -> str:
+    """What ``auto`` means on this machine: ``"blas"`` where ATen's BLAS is MKL on an Intel CPU (MKL is
+    fastest there), else ``"onednn"`` where :func:`onednn_available`, else ``"blas"``."""
+    if torch.backends.mkl.is_available() and cpu_vendor() == "GenuineIntel":
+        return "blas"
+    return "onednn" if onednn_available() else "blas"
+
+
 def _resolve(mode: str, source: str) -> str:
     mode = mode.strip().lower()
     if mode not in BACKENDS:
@@ -55,7 +87,7 @@ def _resolve(mode: str, source: str) -> str:
         raise RuntimeError(f"{source}=onednn: oneDNN's fp32 linear is not available in this torch build / on "
                            f"this machine ({platform.machine()})")
     if mode == "auto":
-        return "onednn" if onednn_available() else "blas"
+        return auto_backend()
     return mode
 
 
