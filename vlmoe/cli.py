@@ -15,9 +15,11 @@ import importlib
 import os
 import sys
 
-from vlmoe.runtime import request_huge_pages
+from vlmoe.runtime import malloc_tuning_requested, request_huge_pages, reuse_freed_memory
 
 request_huge_pages()  # before any command allocates: PyTorch reads the setting at its first large allocation
+if malloc_tuning_requested():  # VLMOE_MALLOC_TUNING=1: freed memory reused without page faults
+    reuse_freed_memory()
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
