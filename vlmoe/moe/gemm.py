@@ -60,13 +60,10 @@ def cpu_vendor() -> str:
 
 @functools.cache
 def _cpu_vendor() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.partition(":")[2].strip()
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+        for line in f:
+            if line.startswith("vendor_id"):
+                return line.partition(":")[2].strip()
     proc = platform.processor()  # Windows: "Intel64 Family 6 ... GenuineIntel"
     return next((v for v in ("GenuineIntel", "AuthenticAMD") if v in proc), "")
 

@@ -316,43 +316,33 @@ class _ExpertFFN(torch.autograd.Function):
                 ga = _folded_ln_fc2_backward(a, gs, zs[s : s + n], mu, rs, w2[e], ln_w[e], ln_b[e],
                                              None if gw2 is None else gw2[e], None if gb2 is None else gb2[e],
                                              glw, glb, e, None if grad_normed is None else grad_normed[:n], dnn)
-                gh = torch.ops.aten.gelu_backward.grad_input(ga, h, grad_input=h if recompute else ga)
-                del a, ga
-                if gb1 is not None:
-                    torch.sum(gh, 0, out=gb1[e])
-                if gw1 is not None:
-                    torch.mm(xs.t(), gh, out=gw1[e])
-                if gx is not None:
-                    rows_mm(gh, w1[e].t(), gx[s : s + n], dnn)
-                del gh, h
-                s += n
-                continue
-            # y^T g without y (see the class docstring), unless a row's mean dwarfs its spread
-            algebra = (ln_algebra and gw2 is not None and n >= 2 * w2.shape[2]
-                       and float((mu.abs() * rs).max()) <= _LN_ALGEBRA_MAX_OFFSET)
-            gsum = torch.sum(gs, 0, out=gb2[e]) if gb2 is not None else gs.sum(0) if algebra else None
-            if gw2 is not None:
-                if algebra:  # gamma * (a^T (rstd g) - (mu rstd)^T g) + beta g_sum
-                    gsr = gs * rs
-                    torch.mm(a.t(), gsr, out=gw2[e])
-                    gw2[e].sub_((gsr * mu).sum(0)).mul_(ln_w[e].unsqueeze(1)).addr_(ln_b[e], gsum)
-                    del gsr
-                else:
-                    y = torch.ops.aten.native_layer_norm(a, [F], ln_w[e], ln_b[e], ctx.eps)[0] if ln else a
-                    torch.mm(y.t(), gs, out=gw2[e])
-                    del y
-            if ln:
-                gy = rows_product(gs, w2[e].t(), None if grad_normed is None else grad_normed[:n], dnn)
-                ga, gl, gb = torch.ops.aten.native_layer_norm_backward(
-                    gy, a, [F], mu, rs, ln_w[e], ln_b[e],
-                    [True, glw is not None, glb is not None])
-                del gy
-                if glw is not None:
-                    glw[e] = gl
-                if glb is not None:
-                    glb[e] = gb
             else:
-                ga = rows_product(gs, w2[e].t(), act[:n], dnn)  # GELU's output is used up
+                # y^T g without y (see the class docstring), unless a row's mean dwarfs its spread
+                algebra = (ln_algebra and gw2 is not None and n >= 2 * w2.shape[2]
+                           and float((mu.abs() * rs).max()) <= _LN_ALGEBRA_MAX_OFFSET)
+                gsum = torch.sum(gs, 0, out=gb2[e]) if gb2 is not None else gs.sum(0) if algebra else None
+                if gw2 is not None:
+                    if algebra:  # gamma * (a^T (rstd g) - (mu rstd)^T g) + beta g_sum
+                        gsr = gs * rs
+                        torch.mm(a.t(), gsr, out=gw2[e])
+                        gw2[e].sub_((gsr * mu).sum(0)).mul_(ln_w[e].unsqueeze(1)).addr_(ln_b[e], gsum)
+                        del gsr
+                    else:
+                        y = torch.ops.aten.native_layer_norm(a, [F], ln_w[e], ln_b[e], ctx.eps)[0] if ln else a
+                        torch.mm(y.t(), gs, out=gw2[e])
+                        del y
+                if ln:
+                    gy = rows_product(gs, w2[e].t(), None if grad_normed is None else grad_normed[:n], dnn)
+                    ga, gl, gb = torch.ops.aten.native_layer_norm_backward(
+                        gy, a, [F], mu, rs, ln_w[e], ln_b[e],
+                        [True, glw is not None, glb is not None])
+                    del gy
+                    if glw is not None:
+                        glw[e] = gl
+                    if glb is not None:
+                        glb[e] = gb
+                else:
+                    ga = rows_product(gs, w2[e].t(), act[:n], dnn)  # GELU's output is used up
             del a
             # fc1's gradient: into fc1's recomputed output (dead now); a kept one may be needed again
             gh = torch.ops.aten.gelu_backward.grad_input(ga, h, grad_input=h if recompute else ga)
