@@ -291,6 +291,19 @@ def test_aux_sums_over_layers():
     assert sum([aa, ab]).loss.item() == pytest.approx(s.loss.item())
 
 
+def _small_expert_inputs(rows: int, bias: bool, sub_ln: bool):
+    """fp64 leaves for the expert FFN kernel: x (rows, 4), 3 experts of 4 -> 5 -> 4, biases and sub-LN optional."""
+    torch.manual_seed(0)
+    dt = torch.float64
+    x = torch.randn(rows, 4, dtype=dt, requires_grad=True)
+    w1, w2 = torch.randn(3, 4, 5, dtype=dt, requires_grad=True), torch.randn(3, 5, 4, dtype=dt, requires_grad=True)
+    b1 = torch.randn(3, 5, dtype=dt, requires_grad=True) if bias else None
+    b2 = torch.randn(3, 4, dtype=dt, requires_grad=True) if bias else None
+    lw = torch.randn(3, 5, dtype=dt, requires_grad=True) if sub_ln else None
+    lb = torch.randn(3, 5, dtype=dt, requires_grad=True) if sub_ln else None
+    return x, w1, b1, w2, b2, lw, lb
+
+
 @pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("sub_ln", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
@@ -300,14 +313,7 @@ def test_expert_ffn_kernel_gradients_and_idle_experts(recompute, sub_ln, bias):
     (gradcheck), zero gradients for an idle expert, a count that does not match the rows refused."""
     from vlmoe.moe.grouped import expert_ffn
 
-    torch.manual_seed(0)
-    dt = torch.float64
-    x = torch.randn(7, 4, dtype=dt, requires_grad=True)
-    w1, w2 = torch.randn(3, 4, 5, dtype=dt, requires_grad=True), torch.randn(3, 5, 4, dtype=dt, requires_grad=True)
-    b1 = torch.randn(3, 5, dtype=dt, requires_grad=True) if bias else None
-    b2 = torch.randn(3, 4, dtype=dt, requires_grad=True) if bias else None
-    lw = torch.randn(3, 5, dtype=dt, requires_grad=True) if sub_ln else None
-    lb = torch.randn(3, 5, dtype=dt, requires_grad=True) if sub_ln else None
+    x, w1, b1, w2, b2, lw, lb = _small_expert_inputs(7, bias, sub_ln)
     counts = (3, 0, 4)
     names = ["x", "w1", "b1", "w2", "b2", "lw", "lb"]
     given = {n: t for n, t in zip(names, (x, w1, b1, w2, b2, lw, lb)) if t is not None}
@@ -340,13 +346,7 @@ def test_expert_ffn_folded_sub_ln_exact(recompute, bias):
     the same values as plain ops and exact gradients for every input (gradcheck, fp64)."""
     from vlmoe.moe.grouped import expert_ffn
 
-    torch.manual_seed(0)
-    dt = torch.float64
-    x = torch.randn(19, 4, dtype=dt, requires_grad=True)
-    w1, w2 = torch.randn(3, 4, 5, dtype=dt, requires_grad=True), torch.randn(3, 5, 4, dtype=dt, requires_grad=True)
-    b1 = torch.randn(3, 5, dtype=dt, requires_grad=True) if bias else None
-    b2 = torch.randn(3, 4, dtype=dt, requires_grad=True) if bias else None
-    lw, lb = torch.randn(3, 5, dtype=dt, requires_grad=True), torch.randn(3, 5, dtype=dt, requires_grad=True)
+    x, w1, b1, w2, b2, lw, lb = _small_expert_inputs(19, bias, True)
     counts = (9, 0, 10)
     given = [t for t in (x, w1, b1, w2, b2, lw, lb) if t is not None]
 
