@@ -11,7 +11,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmoe.moe import gemm
-from vlmoe.moe.gemm import Linear, cpu_gemm, cpu_gemm_backend, linear, rows_mm, rows_product, use_fast_linears
+from vlmoe.moe.gemm import (
+    Linear,
+    cpu_gemm,
+    cpu_gemm_backend,
+    linear,
+    onednn_takes,
+    rows_mm,
+    rows_product,
+    use_fast_linears,
+)
 from vlmoe.moe.grouped import expert_ffn
 
 needs_onednn = pytest.mark.skipif(not gemm.onednn_available(), reason="oneDNN's fp32 linear not available")
@@ -82,21 +91,26 @@ def test_linear_names_the_mismatched_shapes():
 @pytest.mark.parametrize("bias", [True, False])
 def test_rows_mm_both_backends(bias):
     torch.manual_seed(0)
-    a, b = torch.randn(13, 32), torch.randn(32, 40)
+    a, w = torch.randn(13, 32), torch.randn(40, 32)  # w: an (out, in) weight, as oneDNN reads it
     c = torch.randn(40) if bias else None
-    ref = a.double() @ b.double() + (0 if c is None else c.double())
-    for onednn in (True, False):
-        out = torch.full((13, 40), float("nan"))
-        assert rows_mm(a, b, out, onednn, c) is out
-        torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-4)
-    for onednn in (True, False):  # rows_product: oneDNN's own result, or the BLAS's into the scratch
-        scratch = torch.full((13, 40), float("nan"))
-        y = rows_product(a, b, scratch, onednn, c)
-        assert (y is scratch) != onednn and torch.isnan(scratch).all() == onednn
+    ref = a.double() @ w.double().t() + (0 if c is None else c.double())
+    for b in (w.t(), w.t().contiguous()):  # oneDNN's layout, and a row-major (in, out) b (always the BLAS)
+        dnn = b.t().is_contiguous()
+        assert onednn_takes(b, True) == dnn and not onednn_takes(b, False)
+        for onednn in (True, False):
+            out = torch.full((13, 40), float("nan"))
+            assert rows_mm(a, b, out, onednn, c) is out
+            torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-4)
+        for onednn in (True, False):  # rows_product: oneDNN's own result, or the BLAS's into the scratch
+            scratch = torch.full((13, 40), float("nan"))
+            y = rows_product(a, b, scratch, onednn, c)
+            assert (y is scratch) != (onednn and dnn) and torch.isnan(scratch).all() == (onednn and dnn)
+            torch.testing.assert_close(y, ref.float(), rtol=1e-5, atol=1e-4)
+        y = rows_product(a, b, None, False, c)  # no scratch: the BLAS's result in a fresh tensor
         torch.testing.assert_close(y, ref.float(), rtol=1e-5, atol=1e-4)
-    out = torch.empty(13, 40)
-    rows_mm(a, b, out, False, c)  # the BLAS path is the code it replaced: mm, then add_
-    assert torch.equal(out, torch.mm(a, b) if c is None else torch.mm(a, b).add_(c))
+        out = torch.empty(13, 40)
+        rows_mm(a, b, out, False, c)  # the BLAS path is the code it replaced: mm, then add_
+        assert torch.equal(out, torch.mm(a, b) if c is None else torch.mm(a, b).add_(c))
 
 
 def test_backend_selection_and_bad_values(monkeypatch):

@@ -18,11 +18,13 @@ available) or ``blas``. :func:`cpu_gemm` sets it for a block of code (benchmarks
 through it: fp32 CPU tensors outside autocast and ``torch.compile`` (Inductor picks its own kernels);
 every other dtype or device takes ATen's path.
 
-- :func:`rows_mm` - ``out = a @ b``, the expert kernels' row GEMMs (one expert's block of rows).
+- :func:`rows_mm` - ``out = a @ b``, the expert kernels' row GEMMs (one expert's block of rows); oneDNN
+  only where ``b`` is the transpose of an (out, in) weight (:func:`onednn_takes`), else the BLAS.
 - :func:`linear` / :class:`Linear` - ``F.linear`` / ``nn.Linear`` with oneDNN for the forward product
-  (bias fused) and the input gradient; the weight gradient, a reduction over all the rows, stays with the
-  BLAS. :class:`Linear` is an ``nn.Linear`` (same parameters and state dict); :func:`use_fast_linears`
-  converts a module's ``nn.Linear`` children in place (timm's ``Mlp`` builds its own).
+  (bias fused); the input gradient (a product with the transposed weight) and the weight gradient (a
+  reduction over all the rows) stay with the BLAS. :class:`Linear` is an ``nn.Linear`` (same parameters
+  and state dict); :func:`use_fast_linears` converts a module's ``nn.Linear`` children in place (timm's
+  ``Mlp`` builds its own).
 
 ``torch.utils.flop_counter.FlopCounterMode`` counts oneDNN's linear as it counts ``aten.mm``: this
 module registers its FLOP formula (2 x rows x in x out).
@@ -127,26 +129,39 @@ def _dnn(a: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(a, w, b, "none", [], "")
 
 
+def onednn_takes(b: Tensor, onednn: bool) -> bool:
+    """Whether ``a @ b`` goes through oneDNN (``onednn``: the backend the caller decided): only where ``b.t()``,
+    the (out, in) weight oneDNN reads, is contiguous. oneDNN's linear reorders a transposed weight in every
+    call and loses a third of its throughput to it (an fc1 GEMM of 128 x 768 x 3072 with eight weight sets:
+    57-64 GFLOP/s against 83-122 with (out, in) weights, on an AMD EPYC VM), where the BLAS reads either
+    layout at ~75-110; so a row-major (in, out) ``b`` - the experts' stacked weights in forward, a linear's
+    weight in its input gradient - takes the BLAS."""
+    return onednn and b.t().is_contiguous()
+
+
 def rows_mm(a: Tensor, b: Tensor, out: Tensor, onednn: bool | None = None, bias: Tensor | None = None) -> Tensor:
     """``out = a @ b (+ bias)`` for 2-D ``a`` (M, K), ``b`` (K, N), ``out`` (M, N), ``bias`` (N,); returns ``out``.
 
     ``onednn``: the backend decided by the caller (an autograd function decides once in its forward, so
-    its backward runs on the same one); None decides from ``a``. oneDNN fuses the bias; on the BLAS,
-    ``mm`` then ``add_`` (~1.5x faster on CPU than ``addmm(out=)``, which copies the broadcast bias into
-    the output and runs a beta=1 GEMM)."""
-    if use_onednn(a) if onednn is None else onednn:
+    its backward runs on the same one); None decides from ``a``. oneDNN (where :func:`onednn_takes` ``b``)
+    fuses the bias; on the BLAS, ``mm`` then ``add_`` (~1.5x faster on CPU than ``addmm(out=)``, which
+    copies the broadcast bias into the output and runs a beta=1 GEMM)."""
+    if onednn_takes(b, use_onednn(a) if onednn is None else onednn):
         return out.copy_(_dnn(a, b.t(), bias))  # oneDNN has no out= variant; the copy is of one block
     torch.mm(a, b, out=out)
     return out if bias is None else out.add_(bias)
 
 
-def rows_product(a: Tensor, b: Tensor, scratch: Tensor, onednn: bool, bias: Tensor | None = None) -> Tensor:
-    """``a @ b (+ bias)``: on oneDNN its own fresh result, on the BLAS written into ``scratch`` (M, N).
+def rows_product(a: Tensor, b: Tensor, scratch: Tensor | None, onednn: bool, bias: Tensor | None = None) -> Tensor:
+    """``a @ b (+ bias)``: through oneDNN its own fresh result, on the BLAS written into ``scratch`` (M, N)
+    (a fresh tensor where it is None: pass one wherever ``onednn_takes(b, onednn)`` is False).
 
     For a product that is used where it is made: skips :func:`rows_mm`'s copy of oneDNN's result into a
     buffer, a pass over (M, N) that costs a quarter of the GEMM at an expert FFN's hidden width."""
-    if onednn:
+    if onednn_takes(b, onednn):
         return _dnn(a, b.t(), bias)
+    if scratch is None:
+        scratch = a.new_empty(a.shape[0], b.shape[1])
     return rows_mm(a, b, scratch, False, bias)
 
 
@@ -161,7 +176,7 @@ class _OneDNNLinear(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         x, w = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad
-        gx = _dnn(g, w.t()) if need_x else None
+        gx = torch.mm(g, w) if need_x else None  # w.t() is transposed for oneDNN (see onednn_takes)
         gw = torch.mm(g.t(), x) if need_w else None
         gb = g.sum(0) if need_b and ctx.has_bias else None
         return gx, gw, gb
@@ -170,7 +185,7 @@ class _OneDNNLinear(torch.autograd.Function):
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear`` (``x @ weight.T + bias``), through oneDNN for fp32 CPU tensors (see the module)."""
     if not (use_onednn(x) and weight.dtype == torch.float32 and x.dim() >= 1 and weight.dim() == 2
-            and (bias is None or bias.dtype == torch.float32)):
+            and weight.is_contiguous() and (bias is None or bias.dtype == torch.float32)):
         return F.linear(x, weight, bias)
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"linear: input of shape {tuple(x.shape)} does not match a weight of shape "

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from . import workspace
-from .gemm import rows_mm, rows_product, use_onednn
+from .gemm import onednn_takes, rows_mm, rows_product, use_onednn
 
 
 class _GroupedLinear(torch.autograd.Function):
@@ -166,7 +166,7 @@ def _folded_ln_fc2_backward(a: Tensor, g: Tensor, z: Tensor, mu: Tensor, rs: Ten
     p = -rs.square() * c2
     q = -rs * c1 - p * mu
     lhs = torch.cat([gsr, q.unsqueeze(1)], 1)  # (n, D + 1)
-    rhs = torch.cat([wg.t(), wg.new_ones(1, F)], 0)  # (D + 1, F)
+    rhs = torch.cat([wg, wg.new_ones(F, 1)], 1).t()  # (D + 1, F), the transpose of an (out, in) weight
     ga = rows_product(lhs, rhs, scratch, dnn)
     return ga.addcmul_(a, p.unsqueeze(1))
 
@@ -230,7 +230,8 @@ class _ExpertFFN(torch.autograd.Function):
         # fc1's output: kept for backward (into one buffer, so that the saved tensors do not depend on the
         # routing) or, with recompute, oneDNN's own result / scratch on the BLAS; GELU's output: scratch
         kept = None if recompute else workspace.empty((M, F), dtype=x.dtype, device=x.device)
-        hid = None if recompute and dnn else workspace.empty((rows, F), dtype=x.dtype, device=x.device)
+        hid = None if recompute and onednn_takes(w1[0], dnn) else workspace.empty((rows, F), dtype=x.dtype,
+                                                                                  device=x.device)
         mean, rstd = _ln_stats(out) if ln else (None, None)
         folded = [False] * len(counts)  # blocks whose sub-LN is folded into fc2 (see the class docstring)
         zs = None  # GELU's output times the folded fc2 weights, (M, D), kept for backward
@@ -292,12 +293,14 @@ class _ExpertFFN(torch.autograd.Function):
         ln_algebra = ln and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)  # see the class
         rows = max(counts, default=0)
 
-        def scratch() -> Tensor | None:
-            return None if dnn else workspace.empty((rows, F), dtype=x.dtype, device=x.device)
+        def scratch(needed: bool) -> Tensor | None:  # for a product the BLAS writes (see rows_product)
+            return workspace.empty((rows, F), dtype=x.dtype, device=x.device) if needed else None
 
-        hid = scratch() if recompute else None  # fc1's recomputed output, then its gradient
+        # fc1's recomputed output, then its gradient
+        hid = scratch(not onednn_takes(w1[0], dnn)) if recompute else None
         act = workspace.empty((rows, F), dtype=x.dtype, device=x.device)  # GELU's output
-        grad_normed = scratch() if ln else None  # the sub-LN output's gradient
+        # the sub-LN output's gradient (or, folded, its input's: a product of the same layout)
+        grad_normed = scratch(not onednn_takes(w2[0].t(), dnn)) if ln else None
         s = 0
         for e, n in enumerate(counts):
             if n == 0:
