@@ -2,16 +2,20 @@
 
     python tools/gemm_efficiency.py --tokens 512 --experts 8 --dim 768 --ffn 3072
 
-Three tables (fp32, GFLOP/s; median of ``--repeats`` interleaved calls):
+Four tables (fp32, GFLOP/s; median of ``--repeats`` interleaved calls):
 
 1. ``rows``: one fc1 / fc2 GEMM shape at a given number of rows (the rows an expert gets), hot weights;
 2. ``layer``: the six GEMMs of a top-k layer's forward + backward over its experts' real row counts
    (from a router over random tokens), each expert with its own weights - against the same six GEMMs
    of the ideal (k x a dense FFN over all T rows, one weight set): the part of ``vlmoe bench moe``'s
-   gap that is in the BLAS calls themselves, before any routing, dispatch or element-wise work;
+   gap that is in the BLAS calls themselves (``torch.mm``, whatever ``VLMOE_CPU_GEMM`` says), before any
+   routing, dispatch or element-wise work;
 3. ``library``: the same fc1 shapes through ATen's BLAS (``torch.mm``: MKL on x86 builds) and through
    oneDNN (``torch.ops.mkldnn._linear_pointwise``, the kernel Inductor's CPU backend uses for linears),
-   full fp32 both: which fraction of the machine's floating-point throughput each library reaches.
+   full fp32 both: which fraction of the machine's floating-point throughput each library reaches;
+4. ``layout``: fc1 and fc2 with eight weight sets through oneDNN with (out, in) weights, oneDNN with
+   transposed ones (the experts' (E, in, out) weights, a linear's input gradient), the BLAS, and the
+   engine's ``rows_mm`` (which takes the BLAS for a transposed weight: ``vlmoe.moe.gemm.onednn_takes``).
 """
 
 from __future__ import annotations
@@ -50,6 +54,40 @@ def _six_gemms(x, h, gy, w1, w2, counts, out):
         s += n
 
 
+def _layout_calls(xs, w_in_out, w_out_in, out, lin) -> tuple:
+    from vlmoe.moe.gemm import rows_mm, use_onednn
+
+    E, dnn = len(xs), use_onednn(xs[0])
+    return (
+        lambda: [lin(xs[e], w_out_in[e], None, "none", [], "") for e in range(E)],
+        lambda: [lin(xs[e], w_in_out[e].t(), None, "none", [], "") for e in range(E)],
+        lambda: [torch.mm(xs[e], w_in_out[e], out=out) for e in range(E)],
+        lambda: [rows_mm(xs[e], w_in_out[e], out, dnn) for e in range(E)],
+    )
+
+
+def _layout_table(args: argparse.Namespace, lin) -> list[str]:
+    """Table 4: oneDNN with an (out, in) weight, with a transposed one, and the BLAS, per product and rows.
+
+    Eight weight sets each (cold in cache, as an MoE layer's experts); ``rows_mm`` is the engine's own
+    call with the experts' (E, in, out) weights (:func:`vlmoe.moe.gemm.onednn_takes` picks the library)."""
+    from vlmoe.moe.gemm import cpu_gemm_backend
+
+    d, f, E = args.dim, args.ffn, args.experts
+    lines = [f"| product | rows | oneDNN, (out, in) weight | oneDNN, transposed weight | BLAS | rows_mm "
+             f"({cpu_gemm_backend()}) |", "|---|---:|---:|---:|---:|---:|"]
+    for r in [int(v) for v in args.layout_rows.split(",")]:
+        for name, i, o in ((f"fc1 ({d} -> {f})", d, f), (f"fc2 ({f} -> {d})", f, d)):
+            xs = [torch.randn(r, i) for _ in range(E)]
+            w_in_out = torch.randn(E, i, o)  # the experts' layout; its [e].t() is a transposed (out, in) weight
+            w_out_in = torch.randn(E, o, i)
+            out = torch.empty(r, o)
+            ts = [_median(fn, args.repeats) for fn in _layout_calls(xs, w_in_out, w_out_in, out, lin)]
+            fl = 2 * E * r * i * o
+            lines.append(f"| {name} | {r} | " + " | ".join(f"{fl / t / 1e9:.0f}" for t in ts) + " |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=512)
@@ -59,6 +97,7 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--ffn", type=int, default=3072)
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--rows", default="64,128,192,256,512,1024", help="row counts of table 1")
+    p.add_argument("--layout-rows", default="128,512,1576", help="row counts of table 4")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     d, f, E, k, T = args.dim, args.ffn, args.experts, args.top_k, args.tokens
@@ -130,6 +169,7 @@ def main(argv: list[str] | None = None) -> str:
             ta, tb = _median(a, args.repeats), _median(b, args.repeats)
             lines.append(f"| {name} | {flops / ta / 1e9:.0f} | {flops / tb / 1e9:.0f} | {ta / tb:.2f} |")
         lines.append(f"\nmax |error| against fp64 on one block: BLAS {err_mm:.1e}, oneDNN {err_dnn:.1e}")
+        lines += ["", *_layout_table(args, lin)]
     text = "\n".join(lines)
     print(text)
     return text

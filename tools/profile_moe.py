@@ -33,6 +33,9 @@ def main() -> None:
     g = torch.randn_like(x)
 
     def step() -> None:
+        for p in layer.parameters():  # as a training loop's zero_grad(set_to_none=True): no accumulation
+            p.grad = None
+        x.grad = None
         y, aux = layer(x)
         torch.autograd.backward([y, aux.loss], [g, torch.ones_like(aux.loss)])
 

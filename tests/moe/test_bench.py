@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vlmoe.bench import moe as bench
+from vlmoe.moe import gemm
 
 
 def test_bench_moe_prints_a_table_with_ideal_and_peers(capsys):
@@ -101,7 +102,9 @@ def test_gemm_efficiency_tool_runs_at_toy_sizes():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     text = mod.main(["--tokens", "32", "--experts", "2", "--dim", "16", "--ffn", "32", "--repeats", "1",
-                     "--rows", "4,8"])
+                     "--rows", "4,8", "--layout-rows", "4"])
     assert "| experts: 2 blocks, own weights |" in text and "| 8 |" in text
+    if gemm.onednn_available():  # the weight-layout table: both products at the one row count
+        assert "| fc1 (16 -> 32) | 4 |" in text and "| fc2 (32 -> 16) | 4 |" in text
     counts = eval(text.split("rows per expert (T=32, top-2 of 2): ")[1].splitlines()[0])
     assert sum(counts) == 64

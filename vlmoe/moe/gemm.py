@@ -10,7 +10,11 @@ CPU's maker, because MKL picks its fastest code paths only on Intel's processors
   which reaches its own best (~115-170) only from ~512 rows;
 - Intel Xeon (AVX-512, 2 cores): MKL, 5-25 % faster than oneDNN on fc1 shapes from 128 to 2,088 rows
   and level on fc2 (``python tools/gemm_efficiency.py``); a whole ``base`` / ``base_moe8`` /
-  ``base_mhmoe8`` training step 9-20 % faster (BENCHMARKS.md, issue 17's sixth round).
+  ``base_mhmoe8`` training step 9-20 % faster (BENCHMARKS.md, issue 17's sixth round);
+- AMD EPYC (Zen 3, AVX2, 2 cores; the seventh round): oneDNN 5-20 % ahead of MKL with an (out, in)
+  weight, but a third slower than MKL with a transposed one, which oneDNN reorders in every call - hence
+  :func:`onednn_takes`: whichever the backend, a product whose weight is not (out, in)-contiguous takes
+  the BLAS (a ``base_moe8`` training step 15 % faster on that VM, the dense ``base`` 3 %).
 
 ``VLMOE_CPU_GEMM`` picks the backend: ``auto`` (the default: ATen's BLAS where it is MKL on an Intel
 CPU, else oneDNN where it is available on x86-64, else BLAS), ``onednn`` (an error where it is not
