@@ -13,7 +13,7 @@ Four tables (fp32, GFLOP/s; median of ``--repeats`` interleaved calls):
 3. ``library``: the same fc1 shapes through ATen's BLAS (``torch.mm``: MKL on x86 builds) and through
    oneDNN (``torch.ops.mkldnn._linear_pointwise``, the kernel Inductor's CPU backend uses for linears),
    full fp32 both: which fraction of the machine's floating-point throughput each library reaches;
-4. ``layout``: fc1 and fc2 with eight weight sets through oneDNN with (out, in) weights, oneDNN with
+4. ``layout``: fc1 and fc2 with one weight set per expert through oneDNN with (out, in) weights, oneDNN with
    transposed ones (the experts' (E, in, out) weights, a linear's input gradient), the BLAS, and the
    engine's ``rows_mm`` (which takes the BLAS for a transposed weight: ``vlmoe.moe.gemm.onednn_takes``).
 """
@@ -69,7 +69,7 @@ def _layout_calls(xs, w_in_out, w_out_in, out, lin) -> tuple:
 def _layout_table(args: argparse.Namespace, lin) -> list[str]:
     """Table 4: oneDNN with an (out, in) weight, with a transposed one, and the BLAS, per product and rows.
 
-    Eight weight sets each (cold in cache, as an MoE layer's experts); ``rows_mm`` is the engine's own
+    One weight set per expert (``--experts``; cold in cache, as an MoE layer's); ``rows_mm`` is the engine's own
     call with the experts' (E, in, out) weights (:func:`vlmoe.moe.gemm.onednn_takes` picks the library)."""
     from vlmoe.moe.gemm import cpu_gemm_backend
 
