@@ -146,11 +146,15 @@ def test_auto_backend_follows_the_cpu_vendor(monkeypatch):
 @needs_onednn
 @pytest.mark.parametrize("sub_ln", [True, False])
 @pytest.mark.parametrize("recompute", [True, False])
-def test_expert_ffn_same_on_both_backends(sub_ln, recompute):
+@pytest.mark.parametrize("w1_layout", ["out_in", "in_out"])
+def test_expert_ffn_same_on_both_backends(sub_ln, recompute, w1_layout):
+    """The kernel gives the same values and gradients on oneDNN and the BLAS, with fc1's weights stored as
+    the experts module stores them (each expert's (out, in) matrix contiguous) or row-major (E, in, out)."""
     torch.manual_seed(0)
     E, d, f, counts = 3, 16, 40, (5, 0, 9)
     x = torch.randn(sum(counts), d, requires_grad=True)
-    w1, b1 = (torch.randn(E, d, f) * 0.2).requires_grad_(), torch.randn(E, f, requires_grad=True)
+    w1 = torch.randn(E, f, d).transpose(1, 2) if w1_layout == "out_in" else torch.randn(E, d, f)
+    w1, b1 = (w1 * 0.2).requires_grad_(), torch.randn(E, f, requires_grad=True)
     w2, b2 = (torch.randn(E, f, d) * 0.2).requires_grad_(), torch.randn(E, d, requires_grad=True)
     lw = (1 + 0.1 * torch.randn(E, f)).requires_grad_() if sub_ln else None
     lb = (0.1 * torch.randn(E, f)).requires_grad_() if sub_ln else None
@@ -160,6 +164,7 @@ def test_expert_ffn_same_on_both_backends(sub_ln, recompute):
         with cpu_gemm(mode):  # forward and backward inside: the backward keeps the forward's backend anyway
             runs[mode] = _grads(lambda: expert_ffn(x, w1, b1, w2, b2, counts, lw, lb, recompute=recompute), *ts)
     (y1, g1), (y2, g2) = runs["onednn"], runs["blas"]
+    assert w1.is_contiguous() == (w1_layout == "in_out")
     torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -291,12 +291,15 @@ def test_aux_sums_over_layers():
     assert sum([aa, ab]).loss.item() == pytest.approx(s.loss.item())
 
 
-def _small_expert_inputs(rows: int, bias: bool, sub_ln: bool):
-    """fp64 leaves for the expert FFN kernel: x (rows, 4), 3 experts of 4 -> 5 -> 4, biases and sub-LN optional."""
+def _small_expert_inputs(rows: int, bias: bool, sub_ln: bool, w1_out_in: bool = False):
+    """fp64 leaves for the expert FFN kernel: x (rows, 4), 3 experts of 4 -> 5 -> 4, biases and sub-LN optional;
+    ``w1_out_in``: fc1's (3, 4, 5) weights stored as the experts module stores them, each expert's (out, in)
+    matrix contiguous."""
     torch.manual_seed(0)
     dt = torch.float64
     x = torch.randn(rows, 4, dtype=dt, requires_grad=True)
-    w1, w2 = torch.randn(3, 4, 5, dtype=dt, requires_grad=True), torch.randn(3, 5, 4, dtype=dt, requires_grad=True)
+    w1 = torch.randn(3, 5, 4, dtype=dt).transpose(1, 2) if w1_out_in else torch.randn(3, 4, 5, dtype=dt)
+    w1, w2 = w1.requires_grad_(), torch.randn(3, 5, 4, dtype=dt, requires_grad=True)
     b1 = torch.randn(3, 5, dtype=dt, requires_grad=True) if bias else None
     b2 = torch.randn(3, 4, dtype=dt, requires_grad=True) if bias else None
     lw = torch.randn(3, 5, dtype=dt, requires_grad=True) if sub_ln else None
@@ -307,13 +310,15 @@ def _small_expert_inputs(rows: int, bias: bool, sub_ln: bool):
 @pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("sub_ln", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
-def test_expert_ffn_kernel_gradients_and_idle_experts(recompute, sub_ln, bias):
+@pytest.mark.parametrize("w1_out_in", [False, True])
+def test_expert_ffn_kernel_gradients_and_idle_experts(recompute, sub_ln, bias, w1_out_in):
     """The expert FFN kernel (GELU + each expert's LayerNorm + fc2 by expert block; fc1 kept or
     recomputed in backward): exact values against plain ops, exact gradients for every input
-    (gradcheck), zero gradients for an idle expert, a count that does not match the rows refused."""
+    (gradcheck), zero gradients for an idle expert, a count that does not match the rows refused; with
+    fc1's weights row-major or in the experts module's (out, in) storage."""
     from vlmoe.moe.grouped import expert_ffn
 
-    x, w1, b1, w2, b2, lw, lb = _small_expert_inputs(7, bias, sub_ln)
+    x, w1, b1, w2, b2, lw, lb = _small_expert_inputs(7, bias, sub_ln, w1_out_in)
     counts = (3, 0, 4)
     names = ["x", "w1", "b1", "w2", "b2", "lw", "lb"]
     given = {n: t for n, t in zip(names, (x, w1, b1, w2, b2, lw, lb)) if t is not None}
@@ -492,3 +497,28 @@ def test_recompute_experts_keeps_values_and_gradients_and_saves_the_hidden_layer
     rows = 96 * 2 * (2 if case == "gelu_sub_ln" else 1)  # (sub-)token assignments
     hidden_bytes = rows * (256 if case != "hmoe" else 64) * 4  # at least the narrowest expert's hidden values
     assert saved[0] - saved[1] >= 0.95 * hidden_bytes, saved  # (less the sub-LN statistics, M x 2 values)
+
+
+def test_experts_store_fc1_out_in_and_load_any_layout(tmp_path):
+    """``w1`` (E, dim, ffn) is stored as each expert's contiguous (out, in) matrix; the kernel writes its
+    gradient in the same strides (so that autograd does not copy it into them); a row-major state dict (an older checkpoint) loads into it
+    and gives the same outputs; a saved and reloaded layer is identical."""
+    torch.manual_seed(0)
+    layer = MoE(16, MoEConfig(num_experts=3, top_k=2, ffn_dim=24))
+    w1 = layer.experts.w1
+    assert w1.shape == (3, 16, 24) and w1.stride() == (24 * 16, 1, 16) and w1[0].t().is_contiguous()
+    x = torch.randn(20, 16)
+    y, aux = layer(x)
+    (gw1,) = torch.autograd.grad(y.square().sum() + aux.loss, [w1])  # the kernel's own buffer
+    assert gw1.stride() == w1.stride()
+    old = {k: v.contiguous() for k, v in layer.state_dict().items()}  # what a row-major layer saved
+    assert old["experts.w1"].is_contiguous()
+    fresh = MoE(16, MoEConfig(num_experts=3, top_k=2, ffn_dim=24))
+    fresh.load_state_dict(old)
+    assert fresh.experts.w1.stride() == w1.stride()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x)[0], layer(x)[0], rtol=0, atol=0)
+    torch.save(layer.state_dict(), tmp_path / "layer.pt")
+    again = MoE(16, MoEConfig(num_experts=3, top_k=2, ffn_dim=24))
+    again.load_state_dict(torch.load(tmp_path / "layer.pt", weights_only=True))
+    assert torch.equal(again.experts.w1, w1)

@@ -31,6 +31,16 @@ def test_freed_buffer_is_reused(pool):
     assert pool.stats()["buffers"] == 1
 
 
+def test_empty_like_keeps_a_dense_layout(pool):
+    cpu = torch.device("cpu")
+    t = torch.empty(3, 24, 16).transpose(1, 2)  # each (16, 24) slice column-major
+    assert pool.empty_like(t).stride() == t.stride()
+    assert pool.empty_like(torch.empty(4, 5)).stride() == (5, 1)
+    sliced = torch.empty(4, 10)[:, ::2]  # not dense: a row-major buffer of its shape
+    assert pool.empty_like(sliced).stride() == (5, 1)
+    assert pool.empty((2, 3), dtype=torch.float32, device=cpu).is_contiguous()
+
+
 def test_held_buffers_and_views_are_never_handed_out(pool):
     cpu = torch.device("cpu")
     a = pool.empty((64, 32), dtype=torch.float32, device=cpu)

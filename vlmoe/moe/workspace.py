@@ -115,7 +115,15 @@ def empty(shape: tuple[int, ...] | torch.Size, *, dtype: torch.dtype, device: to
 
 
 def empty_like(t: Tensor) -> Tensor:
-    return empty(t.shape, dtype=t.dtype, device=t.device)
+    """An uninitialised tensor of ``t``'s shape and memory layout (its strides, where ``t`` is dense: a gradient
+    buffer of a weight stored transposed must have the weight's strides, or autograd copies it into them)."""
+    if t.is_contiguous():
+        return empty(t.shape, dtype=t.dtype, device=t.device)
+    order = sorted(range(t.dim()), key=lambda i: (-t.stride(i), i))  # dims from outermost to innermost
+    if not t.permute(order).is_contiguous():  # not a permutation of a dense tensor: row-major
+        return empty(t.shape, dtype=t.dtype, device=t.device)
+    buf = empty(tuple(t.shape[i] for i in order), dtype=t.dtype, device=t.device)
+    return buf.permute(tuple(order.index(i) for i in range(t.dim())))
 
 
 def _take(nbytes: int) -> torch.UntypedStorage | None:
