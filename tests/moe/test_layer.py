@@ -501,8 +501,8 @@ def test_recompute_experts_keeps_values_and_gradients_and_saves_the_hidden_layer
 
 def test_experts_store_fc1_out_in_and_load_any_layout(tmp_path):
     """``w1`` (E, dim, ffn) is stored as each expert's contiguous (out, in) matrix; the kernel writes its
-    gradient in the same strides (so that autograd does not copy it into them); a row-major state dict (an older checkpoint) loads into it
-    and gives the same outputs; a saved and reloaded layer is identical."""
+    gradient in the same strides (so that autograd does not copy it into them); a row-major state dict (an
+    older checkpoint) loads into it and gives the same outputs; a saved and reloaded layer is identical."""
     torch.manual_seed(0)
     layer = MoE(16, MoEConfig(num_experts=3, top_k=2, ffn_dim=24))
     w1 = layer.experts.w1
