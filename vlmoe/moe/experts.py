@@ -13,7 +13,7 @@ runs a product at full speed only where it reads its weight (out, in) (``vlmoe.m
 with these layouts the expert forward of fc1 and the input gradient of fc2 (``g @ w2[e].T``) take oneDNN
 with the weight as it is, the other two weight-reading products take the BLAS, which reads either layout,
 and fc1's weight gradient is written in the (out, in) order the BLAS computes fastest at an expert's row
-counts (fc1 + its gradients at 128 rows per expert: -16 % against a row-major ``w1``; BENCHMARKS.md).
+counts (fc1 and its two gradients at ~128 rows per expert: -12 % against a row-major ``w1``; BENCHMARKS.md).
 Gradients and optimizer states follow the parameter's strides; a state dict of any layout loads into
 it (``copy_``), and ``torch._grouped_mm`` takes either layout on CUDA.
 """
