@@ -293,8 +293,8 @@ def test_aux_sums_over_layers():
 
 def _small_expert_inputs(rows: int, bias: bool, sub_ln: bool, w1_out_in: bool = False):
     """fp64 leaves for the expert FFN kernel: x (rows, 4), 3 experts of 4 -> 5 -> 4, biases and sub-LN optional;
-    ``w1_out_in``: fc1's (3, 4, 5) weights stored as the experts module stores them, each expert's (out, in)
-    matrix contiguous."""
+    ``w1_out_in``: fc1's (3, 4, 5) weights stored as each expert's contiguous (out, in) matrix (the
+    experts module's default is row-major)."""
     torch.manual_seed(0)
     dt = torch.float64
     x = torch.randn(rows, 4, dtype=dt, requires_grad=True)
@@ -315,7 +315,7 @@ def test_expert_ffn_kernel_gradients_and_idle_experts(recompute, sub_ln, bias, w
     """The expert FFN kernel (GELU + each expert's LayerNorm + fc2 by expert block; fc1 kept or
     recomputed in backward): exact values against plain ops, exact gradients for every input
     (gradcheck), zero gradients for an idle expert, a count that does not match the rows refused; with
-    fc1's weights row-major or in the experts module's (out, in) storage."""
+    fc1's weights row-major or stored as each expert's (out, in) matrix."""
     from vlmoe.moe.grouped import expert_ffn
 
     x, w1, b1, w2, b2, lw, lb = _small_expert_inputs(7, bias, sub_ln, w1_out_in)
