@@ -229,7 +229,8 @@ def test_expert_parallel_matches_ddp_and_checkpoints_every_expert(shards, tmp_pa
         got = read_losses(tmp_path / "ep" / f"loss.rank{r}")
         assert sorted(got) == [0, 1, 2, 3]
         for step in got:
-            assert got[step] == pytest.approx(want[step], rel=1e-4), (r, step, got, want)
+            # the same run up to rounding (clipping each rank by its local norm drifted 5e-6 by step 2)
+            assert got[step] == pytest.approx(want[step], rel=1e-6), (r, step, got, want)
     state = torch.load(tmp_path / "ep" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     w1 = state["state_dict"]["model.backbone.blocks.0.mlp.vision.experts.w1"]
     assert w1.shape[0] == 4  # all 4 experts, not rank 0's 2

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from vlmoe.moe import MoE, MoEConfig
-from vlmoe.moe.parallel import expert_ranges, shard_experts
+from vlmoe.moe.parallel import clip_grad_norm_, expert_ranges, shard_experts
 
 pytestmark = pytest.mark.distributed
 
@@ -143,6 +143,24 @@ def _ddp_worker(rank: int, world: int, init_file: str) -> None:
         torch.testing.assert_close(net.moe.experts.w1.grad, ref.moe.experts.w1.grad[local.start : local.stop])
         torch.testing.assert_close(net.inp.weight.grad, ref.inp.weight.grad)  # averaged by DDP
         torch.testing.assert_close(net.moe.router.gate.weight.grad, ref.moe.router.gate.weight.grad)
+
+        # gradient clipping: the norm of the whole (unsharded) model, the same coefficient on every rank
+        saved = {n: p.grad.clone() for n, p in net.named_parameters()}
+        ref_saved = {n: p.grad.clone() for n, p in ref.named_parameters()}
+        for norm_type in (2.0, float("inf")):
+            for n, p in net.named_parameters():
+                p.grad.copy_(saved[n])
+            for n, p in ref.named_parameters():
+                p.grad.copy_(ref_saved[n])
+            local_norm = torch.nn.utils.get_total_norm([p.grad for p in net.parameters()], norm_type)
+            want = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5, norm_type)
+            assert want > 0.5  # the clip is active
+            got = clip_grad_norm_(net.parameters(), 0.5, norm_type)
+            torch.testing.assert_close(got, want)
+            if norm_type == 2.0:
+                assert local_norm < want  # a rank's own gradients miss the other rank's experts
+            torch.testing.assert_close(net.moe.experts.w2.grad, ref.moe.experts.w2.grad[local.start : local.stop])
+            torch.testing.assert_close(net.inp.weight.grad, ref.inp.weight.grad)
         del model
         dist.barrier()  # no rank tears its connections down while another still uses them
     finally:

@@ -21,6 +21,7 @@ already sums the contributions of every rank's tokens; ``grad_scale=1/world`` (t
 sum into the same average that DDP applies to the dense parameters. When several expert-parallel
 groups replicate the same experts (world = ep_size x replicas), call :func:`allreduce_expert_grads`
 over the replica group after backward (a Lightning ``on_after_backward`` hook) - see the README.
+Gradient-norm clipping must take every rank's experts into the norm: :func:`clip_grad_norm_`.
 """
 
 from __future__ import annotations
@@ -268,3 +269,44 @@ def allreduce_expert_grads(model: nn.Module, replica_group) -> None:
         if getattr(p, "expert_parallel", False) and p.grad is not None:
             dist.all_reduce(p.grad, group=replica_group)
             p.grad.div_(n)
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, group=None) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for a model whose experts are sharded over ``group``.
+
+    The norm must be the same on every rank and equal to the unsharded model's: dense gradients
+    (identical on every rank after DDP's all-reduce) count once, expert gradients (each rank holds
+    different experts) are summed - or, for the inf-norm, maxed - over ``group``. Clipping each
+    rank by its local norm instead gives the ranks different coefficients, so their dense weights
+    drift apart and the run no longer matches plain data parallelism. Returns the total norm.
+    """
+    norm_type = float(norm_type)
+    dense, sharded = [], []
+    for p in parameters:
+        if p.grad is not None:
+            (sharded if getattr(p, "expert_parallel", False) else dense).append(p.grad)
+    grads = dense + sharded
+    if not grads:
+        return torch.tensor(0.0)
+    device = grads[0].device
+    acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+
+    def local(gs: list[Tensor]) -> Tensor:
+        if not gs:
+            return torch.zeros((), device=device, dtype=acc)
+        norms = torch.stack([torch.linalg.vector_norm(g, norm_type, dtype=acc).to(device) for g in gs])
+        return norms.max() if norm_type == float("inf") else (norms**norm_type).sum()
+
+    d, s = local(dense), local(sharded)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        op = dist.ReduceOp.MAX if norm_type == float("inf") else dist.ReduceOp.SUM
+        comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+        t = s.to(comm)
+        dist.all_reduce(t, op=op, group=group)
+        s = t.to(device)
+    total = torch.maximum(d, s) if norm_type == float("inf") else (d + s) ** (1.0 / norm_type)
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.device, g.dtype))
+    return total

@@ -251,6 +251,12 @@ class VLMoETask(pl.LightningModule):
         ):
             self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
             return
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and self._sharded():
+            # experts sharded over the ranks: the norm takes every rank's experts (the same on all ranks)
+            from vlmoe.moe.parallel import clip_grad_norm_
+
+            clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], gradient_clip_val)
+            return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ------------------------------------------------------------------ optimizer
