@@ -20,6 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from vlmoe.models import VLMoE, VLMoEConfig
+from vlmoe.tasks.base import adamw
 
 
 def profile_one(name: str, args: argparse.Namespace, device: torch.device) -> tuple[dict[str, float], float]:
@@ -27,7 +28,7 @@ def profile_one(name: str, args: argparse.Namespace, device: torch.device) -> tu
     torch.manual_seed(0)
     cfg = VLMoEConfig.from_name(name)
     model = VLMoE(cfg).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if args.train_step else None
+    opt = adamw(model.parameters(), lr=1e-4) if args.train_step else None  # the tasks' optimizer
     g = torch.Generator().manual_seed(0)
     image = torch.randn(args.batch, 3, cfg.img_size, cfg.img_size, generator=g).to(device)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.text_len), generator=g).to(device)

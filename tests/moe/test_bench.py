@@ -90,6 +90,18 @@ def test_bench_model_prints_the_flop_ideal_and_times_the_optimizer_step(capsys):
         VLMoEConfig.from_name("tiny"), L)["total"]
     assert float(cells[4]) == pytest.approx(ideal, abs=0.005)
     assert float(cells[5]) == pytest.approx(float(cells[3]) / ideal, abs=0.02)
+    # the AdamW step alone: three implementations on one state, against 28 bytes per parameter at the copy rate
+    bw = float(table.split("copy bandwidth ")[1].split(" GB/s")[0]) * 1e9
+    for name in ("tiny", "tiny_moe"):
+        row = next(line for line in table.split("AdamW step alone")[1].splitlines()
+                   if line.startswith(f"| vlmoe {name} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        fused, foreach, loop, ideal_ms = (float(c.replace(",", "")) for c in cells[2:6])
+        n = VLMoEConfig.from_name(name)
+        params = sum(p.numel() for p in model.VLMoE(n).parameters())
+        assert ideal_ms == pytest.approx(1e3 * 28 * params / bw, rel=0.06, abs=0.06)
+        assert min(fused, foreach, loop) > 0
+        assert float(cells[7]) == pytest.approx(foreach / fused, rel=0.05, abs=0.01)
 
 
 def test_gemm_efficiency_tool_runs_at_toy_sizes():

@@ -38,6 +38,45 @@ def test_param_groups_layer_decay_and_no_decay(make_task) -> None:
     assert [g["names"] for g in ref] == [g["names"] for g in groups]
 
 
+def test_task_optimizer_is_fused_adamw_with_the_reference_update(make_task) -> None:
+    """The tasks' AdamW takes torch's fused kernel on CPU; its steps over the task's groups (layer decay,
+    weight decay, the (out, in)-strided expert weights) equal those of the per-tensor loop."""
+    from vlmoe.tasks.base import adamw
+
+    task = make_task("tiny_moe", layer_decay=0.5, weight_decay=0.05, max_steps=10)
+    opt = task.configure_optimizers()["optimizer"]
+    assert all(g["fused"] and not g["foreach"] for g in opt.param_groups)
+    for g in opt.param_groups:
+        g["lr"] = g["initial_lr"]  # the schedule starts the warmup at 0
+    params = [p for g in opt.param_groups for p in g["params"]]
+    start = [p.detach().clone() for p in params]
+    ref_params = [p.detach().clone().requires_grad_() for p in params]
+    ref = torch.optim.AdamW(
+        [{**{k: v for k, v in g.items() if k not in ("params", "fused", "foreach")}, "params": ref_params[a:b]}
+         for g, a, b in _spans(opt.param_groups)], foreach=False)
+    torch.manual_seed(0)
+    for _ in range(3):
+        for p, q in zip(params, ref_params):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    for p, q, p0 in zip(params, ref_params, start):
+        assert not torch.equal(p.detach(), p0)  # every parameter moved
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+        assert p.stride() == q.stride()
+    # parameters the fused kernel does not take (one on the meta device here) fall back to foreach
+    opt = adamw([torch.zeros(3, requires_grad=True), torch.zeros(2, dtype=torch.float64, device="meta")])
+    assert opt.param_groups[0]["foreach"] and not opt.param_groups[0]["fused"]
+
+
+def _spans(groups):
+    a = 0
+    for g in groups:
+        yield g, a, a + len(g["params"])
+        a += len(g["params"])
+
+
 def test_layer_decay_finds_a_wrapped_backbone(make_task) -> None:
     """A backbone inside another module (a detector's, say) gets its layer ids and no-decay names by
     identity, wherever it sits; the rest is the top layer."""

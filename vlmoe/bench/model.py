@@ -13,7 +13,12 @@ Next to each model: its FLOP ideal relative to the reference - forward FLOPs per
 (:func:`vlmoe.models.flops.flops_per_token`: attention projections 8 d^2 + scores 4 L d per block, FFN
 4 d F, MoE layers router + k experts + MH-MoE projections) divided by the reference's - and the measured
 time ratio over that ideal (1.00 = the model costs exactly what its FLOPs say). ``--train-step`` adds
-AdamW's step (foreach) to every timed iteration, as a training step has it. ``--compare-recompute``
+AdamW's step to every timed iteration, as a training step has it (the tasks' optimizer,
+:func:`vlmoe.tasks.base.adamw`: fused where it can be), and then times that step alone per model with
+each of torch's three AdamW implementations - fused, foreach and the per-tensor loop - on the same
+state, against its ideal: a pass that reads the parameters, gradients and both moments once and
+writes three of them back (28 bytes per fp32 parameter) at the copy bandwidth measured in the same
+run. ``--compare-recompute``
 times each MoE preset a second time with its experts' activation checkpointing flipped
 (``MoEConfig.recompute_experts``; ``base_mhmoe8`` has it on).
 
@@ -102,7 +107,11 @@ def _vlmoe_impl(name: str, model: VLMoE, ids: Tensor, pad: Tensor, autocast: Cal
 
     cfg = model.config
     fpt = flops_per_token(cfg, 1 + cfg.num_patches + ids.shape[1])["total"]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if train_step else None
+    opt = None
+    if train_step:
+        from vlmoe.tasks.base import adamw
+
+        opt = adamw(model.parameters(), lr=1e-4)
     return Impl(name, model, run, flops_per_token=fpt, optimizer=opt)
 
 
@@ -175,6 +184,75 @@ def measure(impls: list[Impl], x: Tensor, g: Tensor, repeats: int, memory: bool,
             workspace.release()  # every buffer the step uses is allocated (and counted) within it
             impl.peak_bytes = peak_memory(lambda image, impl=impl: impl.run(image), x, g)
             _zero(impl)
+
+
+OPTIMIZER_HEADER = [
+    "| model | params | fused (ms) | foreach (ms) | for-loop (ms) | ideal (ms) | fused × ideal | foreach × fused |"
+    " for-loop × fused |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+]
+ADAMW_IMPLS = {"fused": {"fused": True, "foreach": False}, "foreach": {"fused": False, "foreach": True},
+               "for-loop": {"fused": False, "foreach": False}}
+
+
+def copy_bandwidth(device: torch.device, mib: int = 512, repeats: int = 5) -> float:
+    """Bytes per second of ``dst.copy_(src)`` over ``mib`` MiB (read + write counted), best of ``repeats``."""
+    src = torch.ones(mib * 2**18, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() * src.element_size() / best
+
+
+def optimizer_rows(impls: list[Impl], repeats: int, bandwidth: float, device: torch.device) -> list[str]:
+    """Time each model's AdamW step alone with torch's three implementations, interleaved on one state.
+
+    The step reads ``param_groups[i]["fused" | "foreach"]`` at every call, so switching the flags
+    switches the implementation over the same parameters, gradients and moments. Gradients are random
+    (the step's cost does not depend on their values) and dropped afterwards."""
+    rows = []
+    for impl in impls:
+        opt = impl.optimizer
+        if opt is None:
+            continue
+        params = [p for g in opt.param_groups for p in g["params"]]
+        with torch.no_grad():
+            for p in params:
+                p.grad = torch.randn_like(p).mul_(1e-3)
+        saved = [(g.get("fused"), g.get("foreach")) for g in opt.param_groups]
+        fusable = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+        kinds = [k for k in ADAMW_IMPLS if k != "fused" or fusable]
+        times: dict[str, list[float]] = {k: [] for k in kinds}
+        for r in range(repeats + 1):
+            for kind in kinds:
+                for g in opt.param_groups:
+                    g.update(ADAMW_IMPLS[kind])
+                _sync(device)
+                t0 = time.perf_counter()
+                opt.step()
+                _sync(device)
+                if r:  # the first round warms up every implementation
+                    times[kind].append(time.perf_counter() - t0)
+        for g, (fused, foreach) in zip(opt.param_groups, saved):
+            g["fused"], g["foreach"] = fused, foreach
+        for p in params:
+            p.grad = None
+        med = {k: statistics.median(v) for k, v in times.items()}
+        nbytes = sum(p.numel() * p.element_size() for p in params)
+        ideal = 7 * nbytes / bandwidth  # read param, grad, exp_avg, exp_avg_sq; write three of them
+        fused = med.get("fused")
+        ms = [f"{1e3 * med[k]:,.1f}" if k in med else "-" for k in ADAMW_IMPLS]
+        vs_fused = [f"{med[k] / fused:.2f}" if fused and k in med else "-" for k in ("foreach", "for-loop")]
+        rows.append(
+            f"| {impl.name} | {impl.params / 1e6:.0f}M | {' | '.join(ms)} | {1e3 * ideal:,.1f} | "
+            f"{f'{fused / ideal:.2f}' if fused else '-'} | {' | '.join(vs_fused)} |"
+        )
+    return rows
 
 
 def format_rows(impls: list[Impl], ref: Impl, tokens: int) -> list[str]:
@@ -292,6 +370,20 @@ def main(argv: list[str] | None = None) -> str:
         print("\n".join(sections[-1]), flush=True)
         del impls, model
         gc.collect()
+    if args.train_step:
+        dense.times = []
+        bw = copy_bandwidth(device)
+        rows = optimizer_rows([dense], args.repeats, bw, device)
+        for name in [n.strip() for n in args.moe.split(",") if n.strip()]:
+            torch.manual_seed(0)
+            model = VLMoE(VLMoEConfig.from_name(name, **over)).to(device)
+            rows += optimizer_rows([_vlmoe_impl(f"vlmoe {name}", model, ids, pad, autocast, True)],
+                                   args.repeats, bw, device)
+            del model
+            gc.collect()
+        sections.append(["", f"AdamW step alone (copy bandwidth {bw / 1e9:.1f} GB/s; ideal = 28 bytes per fp32 "
+                         "parameter at that rate)", "", *OPTIMIZER_HEADER, *rows])
+        print("\n".join(sections[-1]), flush=True)
     # every section was printed as it finished
     return "\n".join([header] + [line for s in sections for line in s])
 

@@ -4,6 +4,7 @@
   ``optim_factory``: ``scale = decay ** (num_layers + 1 - layer_id)``, the layer id read off the
   backbone's :meth:`~vlmoe.models.VLMoE.layer_id`) and no weight decay for 1-D parameters, biases and
   the names the model lists in ``no_weight_decay()``.
+- :func:`adamw`: ``torch.optim.AdamW`` with its fused kernel where every parameter allows it.
 - :func:`warmup_cosine`: linear warmup from 0, then cosine down to ``min_lr`` (BEiT-3
   ``cosine_scheduler``), stepped every optimizer step.
 - :class:`VLMoETask`: a task is a LightningModule with a ``model`` (a task model: backbone + heads,
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 
 from vlmoe.moe import MoEAux, RoutingStats, apply_bias_updates, defer_bias_updates, defer_finite_checks
 
-__all__ = ["NonFiniteLossError", "VLMoETask", "batch_size_and_tokens", "param_groups", "warmup_cosine"]
+__all__ = ["NonFiniteLossError", "VLMoETask", "adamw", "batch_size_and_tokens", "param_groups", "warmup_cosine"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -89,6 +90,24 @@ def param_groups(
         groups[key]["params"].append(p)
         groups[key]["names"].append(name)
     return [groups[k] for k in sorted(groups)]
+
+
+def adamw(params: Iterable[Any], **kwargs: Any) -> torch.optim.AdamW:
+    """``torch.optim.AdamW(params, **kwargs)`` with ``fused=True`` when every parameter is a floating
+    tensor on the CPU or a CUDA device, else ``foreach=True``.
+
+    The fused kernel reads each parameter, its gradient and both moments once and writes them back:
+    on CPU it is ~2.6x faster than the default per-tensor loop and ~3.4x faster than ``foreach``,
+    which also allocates temporaries the size of the parameters (BENCHMARKS.md, "The optimizer
+    step"); the update is the same (``tests/tasks/test_optimizer.py``).
+    """
+    params = list(params)
+    tensors = [p for g in params for p in (g["params"] if isinstance(g, Mapping) else [g])]
+    if tensors and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in tensors):
+        kwargs.setdefault("fused", True)
+    else:
+        kwargs.setdefault("foreach", True)
+    return torch.optim.AdamW(params, **kwargs)
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> Callable[[int], float]:
@@ -296,8 +315,7 @@ class VLMoETask(pl.LightningModule):
         for g in groups:
             g["lr"] = self.lr * g["lr_scale"]
             del g["names"]
-        # foreach: one fused kernel per group instead of a Python loop over ~hundreds of tensors
-        opt = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, eps=self.eps, foreach=True)
+        opt = adamw(groups, lr=self.lr, betas=self.betas, eps=self.eps)
         lam = warmup_cosine(self.warmup_steps, self.total_steps(), self.min_lr / self.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
