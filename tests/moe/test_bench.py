@@ -90,8 +90,8 @@ def test_bench_model_prints_the_flop_ideal_and_times_the_optimizer_step(capsys):
         VLMoEConfig.from_name("tiny"), L)["total"]
     assert float(cells[4]) == pytest.approx(ideal, abs=0.005)
     assert float(cells[5]) == pytest.approx(float(cells[3]) / ideal, abs=0.02)
-    # the AdamW step alone: three implementations on one state, against 28 bytes per parameter at the copy rate
-    bw = float(table.split("copy bandwidth ")[1].split(" GB/s")[0]) * 1e9
+    # the AdamW step alone: three implementations on one state, against 28 bytes per parameter at the update rate
+    bw = float(table.split("update bandwidth ")[1].split(" GB/s")[0]) * 1e9
     for name in ("tiny", "tiny_moe"):
         row = next(line for line in table.split("AdamW step alone")[1].splitlines()
                    if line.startswith(f"| vlmoe {name} |"))
@@ -101,7 +101,8 @@ def test_bench_model_prints_the_flop_ideal_and_times_the_optimizer_step(capsys):
         params = sum(p.numel() for p in model.VLMoE(n).parameters())
         assert ideal_ms == pytest.approx(1e3 * 28 * params / bw, rel=0.06, abs=0.06)
         assert min(fused, foreach, loop) > 0
-        assert float(cells[7]) == pytest.approx(foreach / fused, rel=0.05, abs=0.01)
+        # the printed ratio is that of the unrounded times (the cells are rounded to 0.1 ms)
+        assert (foreach - 0.05) / (fused + 0.05) - 0.01 <= float(cells[7]) <= (foreach + 0.05) / (fused - 0.05) + 0.01
 
 
 def test_gemm_efficiency_tool_runs_at_toy_sizes():
