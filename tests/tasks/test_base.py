@@ -40,7 +40,8 @@ def test_param_groups_layer_decay_and_no_decay(make_task) -> None:
 
 def test_task_optimizer_is_fused_adamw_with_the_reference_update(make_task) -> None:
     """The tasks' AdamW takes torch's fused kernel on CPU; its steps over the task's groups (layer decay,
-    weight decay, the (out, in)-strided expert weights) equal those of the per-tensor loop."""
+    weight decay, the (out, in)-strided expert weights, handed to the kernel as their contiguous
+    permutation) equal those of torch's per-tensor loop, and the moments keep the parameters' strides."""
     from vlmoe.tasks.base import adamw
 
     task = make_task("tiny_moe", layer_decay=0.5, weight_decay=0.05, max_steps=10)
@@ -49,6 +50,7 @@ def test_task_optimizer_is_fused_adamw_with_the_reference_update(make_task) -> N
     for g in opt.param_groups:
         g["lr"] = g["initial_lr"]  # the schedule starts the warmup at 0
     params = [p for g in opt.param_groups for p in g["params"]]
+    assert any(not p.is_contiguous() for p in params)  # the experts' (out, in)-stored w1: updated permuted
     start = [p.detach().clone() for p in params]
     ref_params = [p.detach().clone().requires_grad_() for p in params]
     ref = torch.optim.AdamW(
@@ -64,10 +66,30 @@ def test_task_optimizer_is_fused_adamw_with_the_reference_update(make_task) -> N
     for p, q, p0 in zip(params, ref_params, start):
         assert not torch.equal(p.detach(), p0)  # every parameter moved
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
-        assert p.stride() == q.stride()
+        assert p.stride() == q.stride() == opt.state[p]["exp_avg"].stride()
+        torch.testing.assert_close(opt.state[p]["exp_avg_sq"], ref.state[q]["exp_avg_sq"], rtol=1e-6, atol=1e-12)
     # parameters the fused kernel does not take (one on the meta device here) fall back to foreach
     opt = adamw([torch.zeros(3, requires_grad=True), torch.zeros(2, dtype=torch.float64, device="meta")])
     assert opt.param_groups[0]["foreach"] and not opt.param_groups[0]["fused"]
+
+
+@pytest.mark.parametrize("kw", [{"fused": True}, {"foreach": True}, {"foreach": False},
+                                {"fused": True, "amsgrad": True}])
+def test_adamw_updates_a_permuted_parameter_as_a_contiguous_one(kw) -> None:
+    from vlmoe.tasks.base import AdamW
+
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(3, 5, 4).transpose(1, 2))  # (3, 4, 5) stored (3, 5, 4)
+    b = torch.nn.Parameter(a.detach().contiguous())
+    opts = [AdamW([a], lr=0.1, weight_decay=0.1, **kw), torch.optim.AdamW([b], lr=0.1, weight_decay=0.1, **kw)]
+    for _ in range(3):
+        g = torch.randn(3, 4, 5)
+        a.grad, b.grad = g.transpose(1, 2).contiguous().transpose(1, 2), g.clone()
+        for o in opts:
+            o.step()
+    assert a.stride() == (20, 1, 4) and opts[0].state[a]["exp_avg"].stride() == a.stride()
+    torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(opts[0].state[a]["exp_avg_sq"], opts[1].state[b]["exp_avg_sq"])
 
 
 def _spans(groups):
