@@ -106,8 +106,8 @@ class AdamW(torch.optim.AdamW):
     permutation of its memory, together with its gradient and moments when they share its strides.
 
     The update is element-wise, so nothing changes but speed: torch's fused kernel makes contiguous
-    copies of a non-contiguous tensor and writes them back (8 x 768 x 3072 on CPU: 59 ms against 10 ms
-    contiguous, BENCHMARKS.md, ninth round). The optimizer's state is untouched (the same tensors).
+    copies of a non-contiguous tensor and writes them back (8 x 768 x 3072 on CPU: 57 ms, against 9 ms
+    so; BENCHMARKS.md, ninth round). The optimizer's state is untouched (the same tensors).
     """
 
     def _init_group(self, group, params, grads, *lists):  # noqa: ANN001 - torch's private signature
