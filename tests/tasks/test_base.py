@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -90,6 +91,27 @@ def test_adamw_updates_a_permuted_parameter_as_a_contiguous_one(kw) -> None:
     assert a.stride() == (20, 1, 4) and opts[0].state[a]["exp_avg"].stride() == a.stride()
     torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(opts[0].state[a]["exp_avg_sq"], opts[1].state[b]["exp_avg_sq"])
+
+
+def test_adamw_keeps_its_implementation_when_loading_a_foreach_state() -> None:
+    from vlmoe.tasks.base import adamw
+
+    torch.manual_seed(0)
+    a, b = (torch.nn.Parameter(torch.randn(4, 3)) for _ in range(2))
+    with torch.no_grad():
+        b.copy_(a)
+    old = torch.optim.AdamW([a], lr=0.1, foreach=True)  # what an earlier version of the tasks saved
+    a.grad = torch.randn(4, 3)
+    old.step()
+    new = adamw([b], lr=0.1)
+    new.load_state_dict(copy.deepcopy(old.state_dict()))  # as read from a checkpoint (torch shares same-device tensors)
+    assert new.param_groups[0]["fused"] and not new.param_groups[0]["foreach"]
+    with torch.no_grad():
+        b.copy_(a)
+    for o, p in ((old, a), (new, b)):
+        p.grad = torch.ones(4, 3)
+        o.step()
+    torch.testing.assert_close(b.detach(), a.detach())  # the loaded moments and step count carried on
 
 
 def _spans(groups):

@@ -110,6 +110,19 @@ class AdamW(torch.optim.AdamW):
     so; BENCHMARKS.md, ninth round). The optimizer's state is untouched (the same tensors).
     """
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load the moments and hyperparameters, keeping this optimizer's implementation (``fused`` /
+        ``foreach``: a choice of the running process, not state - a checkpoint written by a ``foreach``
+        optimizer would otherwise switch a fused one back)."""
+        impl = [(g["fused"], g["foreach"]) for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for g, (fused, foreach) in zip(self.param_groups, impl):
+            g["fused"], g["foreach"] = fused, foreach
+            for p in g["params"] if fused else ():
+                step = self.state.get(p, {}).get("step")
+                if isinstance(step, Tensor) and step.device != p.device:  # the fused kernel wants it there
+                    self.state[p]["step"] = step.to(p.device, torch.float32)
+
     def _init_group(self, group, params, grads, *lists):  # noqa: ANN001 - torch's private signature
         out = super()._init_group(group, params, grads, *lists)
         per_param = [params, grads, *(x for x in lists if isinstance(x, list) and len(x) == len(params))]
