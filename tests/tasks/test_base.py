@@ -76,8 +76,13 @@ def test_task_optimizer_is_fused_adamw_with_the_reference_update(make_task) -> N
 
 @pytest.mark.parametrize("kw", [{"fused": True}, {"foreach": True}, {"foreach": False},
                                 {"fused": True, "amsgrad": True}])
-def test_adamw_updates_a_permuted_parameter_as_a_contiguous_one(kw) -> None:
+def test_adamw_updates_a_permuted_parameter_as_a_contiguous_one(kw, monkeypatch) -> None:
+    from vlmoe.tasks import base
     from vlmoe.tasks.base import AdamW
+
+    handed = []  # what the update receives (torch calls _init_group, which this AdamW wraps, every step)
+    order = base._storage_order
+    monkeypatch.setattr(base, "_storage_order", lambda t: handed.append(t.stride()) or order(t))
 
     torch.manual_seed(0)
     a = torch.nn.Parameter(torch.randn(3, 5, 4).transpose(1, 2))  # (3, 4, 5) stored (3, 5, 4)
@@ -88,6 +93,7 @@ def test_adamw_updates_a_permuted_parameter_as_a_contiguous_one(kw) -> None:
         a.grad, b.grad = g.transpose(1, 2).contiguous().transpose(1, 2), g.clone()
         for o in opts:
             o.step()
+    assert handed == [(20, 1, 4)] * 3  # the wrapper ran at each step (a torch change would stop it)
     assert a.stride() == (20, 1, 4) and opts[0].state[a]["exp_avg"].stride() == a.stride()
     torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(opts[0].state[a]["exp_avg_sq"], opts[1].state[b]["exp_avg_sq"])
