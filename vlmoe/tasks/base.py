@@ -130,11 +130,11 @@ class AdamW(torch.optim.AdamW):
             order = _storage_order(p)
             if order is None:
                 continue
-            if all(isinstance(x[i], Tensor) and x[i].shape == p.shape and x[i].stride() == p.stride()
-                   for x in per_param if x[i].dim() == p.dim()):
-                for x in per_param:
-                    if x[i].dim() == p.dim():
-                        x[i] = x[i].permute(order)
+            # the parameter-shaped entries (not the step counts): all must share the parameter's strides
+            same = [x for x in per_param if isinstance(x[i], Tensor) and x[i].dim() == p.dim()]
+            if all(x[i].shape == p.shape and x[i].stride() == p.stride() for x in same):
+                for x in same:
+                    x[i] = x[i].permute(order)
         return out
 
 
