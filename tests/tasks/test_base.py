@@ -99,6 +99,21 @@ def test_adamw_updates_a_permuted_parameter_as_a_contiguous_one(kw, monkeypatch)
     torch.testing.assert_close(opts[0].state[a]["exp_avg_sq"], opts[1].state[b]["exp_avg_sq"])
 
 
+def test_adamw_leaves_a_parameter_whose_gradient_has_other_strides_to_torch() -> None:
+    from vlmoe.tasks.base import AdamW
+
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(3, 5, 4).transpose(1, 2))
+    b = torch.nn.Parameter(a.detach().contiguous())
+    opts = [AdamW([a], lr=0.1, fused=True), torch.optim.AdamW([b], lr=0.1, foreach=False)]
+    for _ in range(2):
+        g = torch.randn(3, 4, 5)
+        a.grad, b.grad = g.clone(), g.clone()  # a's gradient contiguous, unlike a
+        for o in opts:
+            o.step()
+    torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
+
+
 def test_adamw_keeps_its_implementation_when_loading_a_foreach_state() -> None:
     from vlmoe.tasks.base import adamw
 
