@@ -110,6 +110,25 @@ class AdamW(torch.optim.AdamW):
     so; BENCHMARKS.md, ninth round). The optimizer's state is untouched (the same tensors).
     """
 
+    def _match_layouts(self, group: dict[str, Any]) -> None:
+        """Give every gradient and moment its parameter's strides (copied, where they differ).
+
+        torch's fused AdamW kernel (CPU; 2.14) pairs the elements of a parameter, its gradient and its
+        moments by memory position, not by index: a moment in another layout than its parameter is
+        updated with the wrong elements, silently. That happens after a resume - moments gathered by
+        expert parallelism, or written for an earlier row-major ``w1``, are contiguous, the parameter
+        is not - and for a gradient assigned by hand; foreach and the loop index correctly.
+        """
+        for p in group["params"]:
+            if p.grad is None or not (p.is_contiguous() or _storage_order(p) is not None):
+                continue
+            if p.grad.shape == p.shape and p.grad.stride() != p.stride():
+                p.grad = torch.empty_like(p, dtype=p.grad.dtype).copy_(p.grad)
+            state = self.state.get(p, {})
+            for key, value in state.items():
+                if isinstance(value, Tensor) and value.shape == p.shape and value.stride() != p.stride():
+                    state[key] = torch.empty_like(p, dtype=value.dtype, device=value.device).copy_(value)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load the moments and hyperparameters, keeping this optimizer's implementation (``fused`` /
         ``foreach``: a choice of the running process, not state - a checkpoint written by a ``foreach``
@@ -124,6 +143,7 @@ class AdamW(torch.optim.AdamW):
                     self.state[p]["step"] = step.to(p.device, torch.float32)
 
     def _init_group(self, group, params, grads, *lists):  # noqa: ANN001 - torch's private signature
+        self._match_layouts(group)
         out = super()._init_group(group, params, grads, *lists)
         per_param = [params, grads, *(x for x in lists if isinstance(x, list) and len(x) == len(params))]
         for i, p in enumerate(params):
