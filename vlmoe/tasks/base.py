@@ -105,9 +105,10 @@ class AdamW(torch.optim.AdamW):
     each expert's (out, in) matrix behind an (E, in, out) view - to the update as the contiguous
     permutation of its memory, together with its gradient and moments when they share its strides.
 
-    The update is element-wise, so nothing changes but speed: torch's fused kernel makes contiguous
-    copies of a non-contiguous tensor and writes them back (8 x 768 x 3072 on CPU: 57 ms, against 9 ms
-    so; BENCHMARKS.md, ninth round). The optimizer's state is untouched (the same tensors).
+    The update is element-wise, so nothing changes but speed: torch's fused kernel runs ~6x slower on a
+    non-contiguous tensor (8 x 768 x 3072 on CPU: 57 ms, against 9 ms handed over contiguous;
+    BENCHMARKS.md, ninth round). The optimizer's state is the same tensors. Before that, gradients and
+    moments in another layout than their parameter are copied into its layout (see :meth:`_match_layouts`).
     """
 
     def _match_layouts(self, group: dict[str, Any]) -> None:
