@@ -217,6 +217,8 @@ def optimizer_rows(impls: list[Impl], repeats: int, bandwidth: float, device: to
     The step reads ``param_groups[i]["fused" | "foreach"]`` at every call, so switching the flags
     switches the implementation over the same parameters, gradients and moments. Gradients are random
     (the step's cost does not depend on their values) and dropped afterwards."""
+    from vlmoe.tasks.base import fused_adamw_takes
+
     rows = []
     for impl in impls:
         opt = impl.optimizer
@@ -227,8 +229,7 @@ def optimizer_rows(impls: list[Impl], repeats: int, bandwidth: float, device: to
             for p in params:
                 p.grad = torch.randn_like(p).mul_(1e-3)
         saved = [(g.get("fused"), g.get("foreach")) for g in opt.param_groups]
-        fusable = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-        kinds = [k for k in ADAMW_IMPLS if k != "fused" or fusable]
+        kinds = [k for k in ADAMW_IMPLS if k != "fused" or fused_adamw_takes(params)]
         times: dict[str, list[float]] = {k: [] for k in kinds}
         for r in range(repeats + 1):
             for kind in kinds:

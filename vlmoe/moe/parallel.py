@@ -271,6 +271,13 @@ def allreduce_expert_grads(model: nn.Module, replica_group) -> None:
             p.grad.div_(n)
 
 
+def comm_device(group=None) -> torch.device:
+    """Where ``group``'s backend moves tensors: NCCL the current CUDA device, gloo the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 @torch.no_grad()
 def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, group=None) -> Tensor:
     """``torch.nn.utils.clip_grad_norm_`` for a model whose experts are sharded over ``group``.
@@ -301,8 +308,7 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, group=N
     d, s = local(dense), local(sharded)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
         op = dist.ReduceOp.MAX if norm_type == float("inf") else dist.ReduceOp.SUM
-        comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
-        t = s.to(comm)
+        t = s.to(comm_device(group))
         dist.all_reduce(t, op=op, group=group)
         s = t.to(device)
     total = torch.maximum(d, s) if norm_type == float("inf") else (d + s) ** (1.0 / norm_type)

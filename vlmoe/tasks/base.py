@@ -159,6 +159,12 @@ class AdamW(torch.optim.AdamW):
         return out
 
 
+def fused_adamw_takes(tensors: Iterable[Tensor]) -> bool:
+    """Whether torch's fused AdamW kernel takes every one of ``tensors`` (floating, on the CPU or CUDA)."""
+    tensors = list(tensors)
+    return bool(tensors) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in tensors)
+
+
 def adamw(params: Iterable[Any], **kwargs: Any) -> torch.optim.AdamW:
     """:class:`AdamW` ``(params, **kwargs)`` with ``fused=True`` when every parameter is a floating
     tensor on the CPU or a CUDA device, else ``foreach=True``.
@@ -169,8 +175,7 @@ def adamw(params: Iterable[Any], **kwargs: Any) -> torch.optim.AdamW:
     round); the update is the loop's to rounding (``tests/tasks/test_base.py``).
     """
     params = list(params)
-    tensors = [p for g in params for p in (g["params"] if isinstance(g, Mapping) else [g])]
-    if tensors and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in tensors):
+    if fused_adamw_takes(p for g in params for p in (g["params"] if isinstance(g, Mapping) else [g])):
         kwargs.setdefault("fused", True)
     else:
         kwargs.setdefault("foreach", True)

@@ -29,10 +29,9 @@ def is_sharded(p: Tensor) -> bool:
 
 
 def _comm_device() -> torch.device:
-    # NCCL moves CUDA tensors only; gloo moves CPU tensors
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    from vlmoe.moe.parallel import comm_device
+
+    return comm_device()
 
 
 def _row_counts(local_rows: int) -> list[int]:
