@@ -241,8 +241,8 @@ def test_expert_parallel_matches_ddp_and_checkpoints_every_expert(shards, tmp_pa
     state = torch.load(tmp_path / "ep" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert state["global_step"] == 6
     assert sorted(read_losses(tmp_path / "ep" / "loss.rank1")) == [0, 1, 2, 3, 4, 5]
-    # the resumed steps train as resumed DDP does (the gathered moments are contiguous, unlike the
-    # (out, in)-stored w1 they belong to: the optimizer must not pair their elements by memory position)
+    # the resumed steps train as resumed DDP does (the gathered moments are contiguous, whatever the
+    # layout of the weights they belong to: the optimizer must not pair their elements by memory position)
     launch(tmp_path / "ddp", 6, "--ckpt_path=last")
     for r in (0, 1):
         want = read_losses(tmp_path / "ddp" / f"loss.rank{r}")

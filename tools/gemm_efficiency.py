@@ -70,8 +70,7 @@ def _layout_table(args: argparse.Namespace, lin) -> list[str]:
     """Table 4: oneDNN with an (out, in) weight, with a transposed one, and the BLAS, per product and rows.
 
     One weight set per expert (``--experts``; cold in cache, as an MoE layer's); ``rows_mm`` is the engine's own
-    call with row-major (E, in, out) weights - the layout of the experts' fc2 (``w2``); their fc1 (``w1``) is
-    stored (out, in), the first column (:func:`vlmoe.moe.gemm.onednn_takes` picks the library)."""
+    call with the experts' (E, in, out) weights (:func:`vlmoe.moe.gemm.onednn_takes` picks the library)."""
     from vlmoe.moe.gemm import cpu_gemm_backend
 
     d, f, E = args.dim, args.ffn, args.experts

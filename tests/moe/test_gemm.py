@@ -149,7 +149,7 @@ def test_auto_backend_follows_the_cpu_vendor(monkeypatch):
 @pytest.mark.parametrize("w1_layout", ["out_in", "in_out"])
 def test_expert_ffn_same_on_both_backends(sub_ln, recompute, w1_layout):
     """The kernel gives the same values and gradients on oneDNN and the BLAS, with fc1's weights stored as
-    the experts module stores them (each expert's (out, in) matrix contiguous) or row-major (E, in, out)."""
+    each expert's contiguous (out, in) matrix or row-major (E, in, out) (the experts module's default)."""
     torch.manual_seed(0)
     E, d, f, counts = 3, 16, 40, (5, 0, 9)
     x = torch.randn(sum(counts), d, requires_grad=True)

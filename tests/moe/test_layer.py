@@ -293,8 +293,8 @@ def test_aux_sums_over_layers():
 
 def _small_expert_inputs(rows: int, bias: bool, sub_ln: bool, w1_out_in: bool = False):
     """fp64 leaves for the expert FFN kernel: x (rows, 4), 3 experts of 4 -> 5 -> 4, biases and sub-LN optional;
-    ``w1_out_in``: fc1's (3, 4, 5) weights stored as the experts module stores them, each expert's (out, in)
-    matrix contiguous."""
+    ``w1_out_in``: fc1's (3, 4, 5) weights stored as each expert's contiguous (out, in) matrix (the
+    experts module's default is row-major)."""
     torch.manual_seed(0)
     dt = torch.float64
     x = torch.randn(rows, 4, dtype=dt, requires_grad=True)
@@ -315,7 +315,7 @@ def test_expert_ffn_kernel_gradients_and_idle_experts(recompute, sub_ln, bias, w
     """The expert FFN kernel (GELU + each expert's LayerNorm + fc2 by expert block; fc1 kept or
     recomputed in backward): exact values against plain ops, exact gradients for every input
     (gradcheck), zero gradients for an idle expert, a count that does not match the rows refused; with
-    fc1's weights row-major or in the experts module's (out, in) storage."""
+    fc1's weights row-major or stored as each expert's (out, in) matrix."""
     from vlmoe.moe.grouped import expert_ffn
 
     x, w1, b1, w2, b2, lw, lb = _small_expert_inputs(7, bias, sub_ln, w1_out_in)
@@ -499,21 +499,22 @@ def test_recompute_experts_keeps_values_and_gradients_and_saves_the_hidden_layer
     assert saved[0] - saved[1] >= 0.95 * hidden_bytes, saved  # (less the sub-LN statistics, M x 2 values)
 
 
-def test_experts_store_fc1_out_in_and_load_any_layout(tmp_path):
-    """``w1`` (E, dim, ffn) is stored as each expert's contiguous (out, in) matrix; the kernel writes its
-    gradient in the same strides (so that autograd does not copy it into them); a row-major state dict (an
-    older checkpoint) loads into it and gives the same outputs; a saved and reloaded layer is identical."""
+def test_experts_with_fc1_stored_out_in_and_any_state_dict_layout(tmp_path):
+    """A layer whose ``w1`` (E, dim, ffn) is stored as each expert's contiguous (out, in) matrix: the kernel
+    writes its gradient in the same strides (so that autograd does not copy it into them); a row-major
+    state dict loads into it and gives the same outputs; a saved and reloaded layer is identical."""
     torch.manual_seed(0)
     layer = MoE(16, MoEConfig(num_experts=3, top_k=2, ffn_dim=24))
     w1 = layer.experts.w1
+    w1.data = w1.data.transpose(1, 2).contiguous().transpose(1, 2)
     assert w1.shape == (3, 16, 24) and w1.stride() == (24 * 16, 1, 16) and w1[0].t().is_contiguous()
     x = torch.randn(20, 16)
     y, aux = layer(x)
     (gw1,) = torch.autograd.grad(y.square().sum() + aux.loss, [w1])  # the kernel's own buffer
     assert gw1.stride() == w1.stride()
-    old = {k: v.contiguous() for k, v in layer.state_dict().items()}  # what a row-major layer saved
-    assert old["experts.w1"].is_contiguous()
+    old = {k: v.contiguous() for k, v in layer.state_dict().items()}  # a row-major layer's state dict
     fresh = MoE(16, MoEConfig(num_experts=3, top_k=2, ffn_dim=24))
+    fresh.experts.w1.data = fresh.experts.w1.data.transpose(1, 2).contiguous().transpose(1, 2)
     fresh.load_state_dict(old)
     assert fresh.experts.w1.stride() == w1.stride()
     with torch.no_grad():

@@ -46,6 +46,9 @@ def test_task_optimizer_is_fused_adamw_with_the_reference_update(make_task) -> N
     from vlmoe.tasks.base import adamw
 
     task = make_task("tiny_moe", layer_decay=0.5, weight_decay=0.05, max_steps=10)
+    for m in task.modules():  # the experts' fc1 stored (out, in) (the faster, non-default layout)
+        if hasattr(m, "w1") and m.w1.dim() == 3:
+            m.w1.data = m.w1.data.transpose(1, 2).contiguous().transpose(1, 2)
     opt = task.configure_optimizers()["optimizer"]
     assert all(g["fused"] and not g["foreach"] for g in opt.param_groups)
     for g in opt.param_groups:

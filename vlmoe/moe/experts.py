@@ -6,16 +6,12 @@
 Weights have the shape ``(E, in, out)`` so that rows multiply on the left (``x @ w1[e]``); a dense
 ``nn.Linear`` weight ``W`` of shape (out, in) maps to ``w[e] = W.T``.
 
-Memory layout: ``w1`` (the fc1 / [gate | up] weights) is stored as ``nn.Linear`` stores its weight,
-each expert's (out, in) matrix contiguous - the (E, in, out) parameter is the transposed view of an
-(E, out, in) tensor (strides ``(in * out, 1, in)``) - and ``w2`` row-major (E, in, out). On CPU, oneDNN
-runs a product at full speed only where it reads its weight (out, in) (``vlmoe.moe.gemm.onednn_takes``):
-with these layouts the expert forward of fc1 and the input gradient of fc2 (``g @ w2[e].T``) take oneDNN
-with the weight as it is, the other two weight-reading products take the BLAS, which reads either layout,
-and fc1's weight gradient is written in the (out, in) order the BLAS computes fastest at an expert's row
-counts (fc1 and its two gradients at ~128 rows per expert: -12 % against a row-major ``w1``; BENCHMARKS.md).
-Gradients and optimizer states follow the parameter's strides; a state dict of any layout loads into
-it (``copy_``), and ``torch._grouped_mm`` takes either layout on CUDA.
+Memory layout: both are row-major (E, in, out). The kernels take any dense layout: a ``w1`` stored as
+each expert's (out, in) matrix (the transposed view of an (E, out, in) tensor) runs fc1's products
+~12 % faster on oneDNN (BENCHMARKS.md, eighth round) and gets its gradient in its own strides. It is not
+the default: with it, the gloo expert-parallel + DDP test (``tests/moe/test_parallel.py``) aborted at
+process exit in ~15 % of runs ("terminate called without an active exception", no Python frame), never
+with the row-major layout; not understood yet (BENCHMARKS.md, ninth round).
 """
 
 from __future__ import annotations
@@ -52,8 +48,7 @@ class GroupedExperts(nn.Module):
         self.layernorm_eps = layernorm_eps
         self.recompute = recompute  # keep only the input rows for backward; recompute fc1 there
         fc1_out = 2 * ffn_dim if expert_type == "swiglu" else ffn_dim  # swiglu: [gate | up]
-        # (E, dim, fc1_out) viewed from each expert's (out, in) matrix: see the module docstring
-        self.w1 = nn.Parameter(torch.empty(num_experts, fc1_out, dim).transpose(1, 2))
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, fc1_out))
         self.w2 = nn.Parameter(torch.empty(num_experts, ffn_dim, dim))
         self.b1 = nn.Parameter(torch.zeros(num_experts, fc1_out)) if bias else None
         self.b2 = nn.Parameter(torch.zeros(num_experts, dim)) if bias else None

@@ -101,8 +101,8 @@ def _storage_order(t: Tensor) -> list[int] | None:
 
 
 class AdamW(torch.optim.AdamW):
-    """``torch.optim.AdamW`` that hands a dense but permuted parameter - the experts' ``w1``, stored as
-    each expert's (out, in) matrix behind an (E, in, out) view - to the update as the contiguous
+    """``torch.optim.AdamW`` that hands a dense but permuted parameter - e.g. the experts' ``w1`` stored
+    as each expert's (out, in) matrix behind an (E, in, out) view - to the update as the contiguous
     permutation of its memory, together with its gradient and moments when they share its strides.
 
     The update is element-wise, so nothing changes but speed: torch's fused kernel runs ~6x slower on a
@@ -117,7 +117,7 @@ class AdamW(torch.optim.AdamW):
         torch's fused AdamW kernel (CPU; 2.14) pairs the elements of a parameter, its gradient and its
         moments by memory position, not by index: a moment in another layout than its parameter is
         updated with the wrong elements, silently. That happens after a resume - moments gathered by
-        expert parallelism, or written for an earlier row-major ``w1``, are contiguous, the parameter
+        expert parallelism, or written for another ``w1`` layout, are contiguous, the parameter
         is not - and for a gradient assigned by hand; foreach and the loop index correctly.
         """
         for p in group["params"]:
