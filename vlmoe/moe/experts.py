@@ -9,9 +9,9 @@ Weights have the shape ``(E, in, out)`` so that rows multiply on the left (``x @
 Memory layout: both are row-major (E, in, out). The kernels take any dense layout: a ``w1`` stored as
 each expert's (out, in) matrix (the transposed view of an (E, out, in) tensor) runs fc1's products
 ~12 % faster on oneDNN (BENCHMARKS.md, eighth round) and gets its gradient in its own strides. It is not
-the default: with it, the gloo expert-parallel + DDP test (``tests/moe/test_parallel.py``) aborted at
-process exit in ~15 % of runs ("terminate called without an active exception", no Python frame), never
-with the row-major layout; not understood yet (BENCHMARKS.md, ninth round).
+the default yet: it was reverted for an abort at process exit of the gloo expert-parallel + DDP test
+that later reproduced with the row-major layout too (2/25 runs; BENCHMARKS.md, ninth round), so the
+layout is not its cause and can become the default again.
 """
 
 from __future__ import annotations
