@@ -9,10 +9,10 @@ import tempfile
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from tests.distributed import run_on_gloo
 from vlmoe.data import Collator, caption_mask
 from vlmoe.data.tokenizers import ClipBPETokenizer
 from vlmoe.tasks.finetune.captioning import CaptionCollator, caption_loss
@@ -111,20 +111,15 @@ def _features(n: int = 8, d: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
             F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1))
 
 
-def _clip_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        img, txt = _features()
-        part = slice(rank * 4, (rank + 1) * 4)
-        i, t = img[part].clone().requires_grad_(), txt[part].clone().requires_grad_()
-        scale = torch.tensor(math.log(1 / 0.07), dtype=torch.float64, requires_grad=True)
-        loss, _ = clip_loss(i, t, scale)
-        loss.backward()
-        torch.save({"loss": loss.detach(), "gi": i.grad, "gt": t.grad, "gs": scale.grad},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _clip_worker(rank: int, world: int, out_dir: str) -> None:
+    img, txt = _features()
+    part = slice(rank * 4, (rank + 1) * 4)
+    i, t = img[part].clone().requires_grad_(), txt[part].clone().requires_grad_()
+    scale = torch.tensor(math.log(1 / 0.07), dtype=torch.float64, requires_grad=True)
+    loss, _ = clip_loss(i, t, scale)
+    loss.backward()
+    torch.save({"loss": loss.detach(), "gi": i.grad, "gt": t.grad, "gs": scale.grad},
+               os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_contrastive_loss_over_two_ranks_equals_one_process_on_the_whole_batch() -> None:
@@ -139,7 +134,7 @@ def test_contrastive_loss_over_two_ranks_equals_one_process_on_the_whole_batch()
     by_hand = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
     assert want.item() == pytest.approx(by_hand.item())
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_clip_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        mp.spawn(run_on_gloo, args=(_clip_worker, 2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
         got = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
     for r, g in enumerate(got):
         part = slice(r * 4, (r + 1) * 4)

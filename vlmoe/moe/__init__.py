@@ -5,6 +5,16 @@
     y, aux = layer(x, padding_mask=None)   # aux.loss: scalar; aux.tokens_per_expert: (E,)
 """
 
+import torch.distributed as _dist
+
+if _dist.is_available():
+    # torch.distributed.nn.functional binds ``group.WORLD`` into its functions' default arguments when
+    # first imported, and DistributedDataParallel imports it lazily: imported after init_process_group,
+    # it pins the default group for good, destroy_process_group cannot join gloo's worker threads, and
+    # they race the interpreter's shutdown (an intermittent abort at exit, "terminate called without an
+    # active exception"). Imported here, before any group exists, its defaults are None.
+    import torch.distributed.nn.functional  # noqa: F401
+
 from . import workspace
 from .config import MoEConfig
 from .dispatch import DispatchPlan, combine, dispatch, expert_capacity, make_plan
