@@ -21,6 +21,8 @@ def test_fast_dev_run_every_moe_variant(variant, make_task, make_data, tmp_path)
     for term in ("loss", "loss/mlm_text", "loss/mim_image", "loss/mlm_pair", "loss/mim_pair"):
         assert term in logged and math.isfinite(float(logged[term])), term
     assert "val/loss" in logged
+    # the image's gain on the pairs' masked text: the same captions beside other pairs' images
+    assert math.isfinite(float(logged["val/acc_mlm_pair_shuffled_images"]))
     if variant != "dense":
         assert "aux/balance" in logged
         # one step with stats_every=2 has not logged yet; the validation pass has its own summary

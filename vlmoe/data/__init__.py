@@ -6,6 +6,7 @@ for the dict's keys). Readers import lazily what only they need (pycocotools, ea
 """
 
 from vlmoe.data.collate import Collator, collate_detection
+from vlmoe.data.controls import ShuffledImages, image_derangement
 from vlmoe.data.demo import DemoPaths, build_demo, default_demo_dir
 from vlmoe.data.errors import SampleErrors
 from vlmoe.data.masking import IGNORE_INDEX, BlockMaskingGenerator, caption_mask, mlm_mask
@@ -35,6 +36,7 @@ __all__ = [
     "SampleErrors",
     "SentencePieceTokenizer",
     "ShardWriter",
+    "ShuffledImages",
     "Tokenizer",
     "build_demo",
     "build_tokenizer",
@@ -43,6 +45,7 @@ __all__ = [
     "count_samples",
     "default_demo_dir",
     "expand_shards",
+    "image_derangement",
     "caption_mask",
     "mlm_mask",
     "preprocess_dict",

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from vlmoe.data import Collator, build_demo, build_tokenizer, build_transform, preprocess_dict
+from vlmoe.data.controls import CONTROL_KEYS, ShuffledImages
 from vlmoe.io import atomic_write_json
 from vlmoe.metrics import Evaluator
 from vlmoe.models import VLMoE, VLMoEConfig, load_checkpoint
@@ -44,7 +45,15 @@ from ..base import VLMoETask
 
 log = logging.getLogger("vlmoe.tasks")
 
-__all__ = ["DEMO", "DEMO_PRETRAIN_CHECKPOINT", "FinetuneDataModule", "FinetuneTask", "checkpoint_config"]
+__all__ = [
+    "DEMO",
+    "DEMO_PRETRAIN_CHECKPOINT",
+    "FinetuneDataModule",
+    "FinetuneTask",
+    "checkpoint_config",
+    "control_metrics",
+    "control_name",
+]
 
 DEMO = "demo"
 DEMO_PRETRAIN_CHECKPOINT = "runs/pretrain/demo/checkpoints/last.ckpt"
@@ -105,11 +114,18 @@ class FinetuneTask(VLMoETask):
         linear_probe: freeze the backbone (train the head only).
         task_head_lr_weight: lr multiplier of the ``head`` parameters (BEiT-3's ``task_head_lr_weight``).
         output_dir: where predictions and metrics are written (the CLI: ``<run_dir>/predictions``).
+        controls: also score every vision-language evaluation with the images shuffled across samples
+            (:mod:`vlmoe.data.controls`), logged as ``<stage>/<metric>_shuffled_images``; one more
+            forward over the evaluation set. Tasks without a text input ignore it.
         **kwargs: optimizer / schedule / MoE options of :class:`~vlmoe.tasks.VLMoETask`.
     """
 
     default_overrides: ClassVar[dict[str, Any]] = {}
     metric_key: ClassVar[str] = "accuracy"
+    has_control: ClassVar[bool] = False
+    """The task reads image and text: its evaluation can score the shuffled-image control by running
+    :meth:`eval_step` on the control images (tasks whose control needs no forward override
+    :meth:`score_control` instead)."""
 
     def __init__(
         self,
@@ -123,9 +139,11 @@ class FinetuneTask(VLMoETask):
         linear_probe: bool = False,
         task_head_lr_weight: float = 1.0,
         output_dir: str | None = None,
+        controls: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.controls = bool(controls)
         if task_head_lr_weight <= 0:
             raise ValueError(f"model.task_head_lr_weight must be > 0, got {task_head_lr_weight}")
         self.linear_probe, self.task_head_lr_weight = linear_probe, task_head_lr_weight
@@ -217,21 +235,51 @@ class FinetuneTask(VLMoETask):
         return total
 
     # ------------------------------------------------------------------ evaluation
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "controls"):
+            # the data module then hands every evaluation sample another sample's image as well
+            dm.controls = self.controls and self.has_control
+        super().setup(stage)
+
     def _start(self, stage: str) -> None:
         self.evaluators[stage] = self.make_evaluator(stage)
+        if self.controls and self.has_control:
+            self.evaluators[f"{stage}/control"] = self.make_evaluator(stage)
 
     def _step(self, stage: str, batch: dict[str, Any]) -> None:
         loss, records = self.eval_step(batch)
         self.evaluators[stage].update(records)
         if loss is not None:
             self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(records))
+        control = self.evaluators.get(f"{stage}/control")
+        if control is not None:
+            if CONTROL_KEYS["image"] not in batch:
+                raise ValueError(
+                    f"model.controls is on but the {stage} batches carry no {CONTROL_KEYS['image']!r}: the data "
+                    "module must wrap its evaluation sets in vlmoe.data.controls.ShuffledImages (image_keys())"
+                )
+            swapped = {**batch, **{k: batch[c] for k, c in CONTROL_KEYS.items() if c in batch}}
+            control.update(self.eval_step(swapped)[1])
+
+    def score_control(self, stage: str, evaluator: Evaluator) -> dict[str, float]:
+        """The metrics of the shuffled-image control (default: :meth:`score` of the control evaluator)."""
+        control = self.evaluators.get(f"{stage}/control")
+        if control is None:
+            return {}
+        control.gather()
+        return self.score(control)
 
     def _end(self, stage: str) -> dict[str, float]:
         ev = self.evaluators[stage]
         ev.gather()
         if self.trainer.sanity_checking:
+            if f"{stage}/control" in self.evaluators:
+                self.evaluators[f"{stage}/control"].gather()
             return {}
         metrics = self.score(ev)
+        if metrics and self.controls:
+            metrics.update(control_metrics(self.score_control(stage, ev)))
         if metrics:
             self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, sync_dist=False)
         if self.trainer.is_global_zero and self.output_dir:
@@ -241,13 +289,19 @@ class FinetuneTask(VLMoETask):
         return metrics
 
     def metrics_line(self, stage: str, metrics: dict[str, float]) -> str:
-        """``val (step 936, 500 images): CIDEr 2.5962, Bleu_4 0.7062, ...`` (the task's metric first)."""
+        """``val (step 936, 500 images): CIDEr 2.5962 (shuffled images 0.1012), Bleu_4 0.7062 (...), ...``
+        (the task's metric first; each metric's shuffled-image control beside it)."""
         counts = [f"{int(v):,} {k[4:]}" for k, v in metrics.items() if k.startswith("num_")]
-        shown = sorted((k for k in metrics if not k.startswith("num_") and k not in ("official",)),
+        shown = sorted((k for k in metrics if not k.startswith("num_") and k != "official" and SHUFFLED not in k),
                        key=lambda k: k != self.metric_key)
         where = f" -> {Path(self.output_dir) / f'{stage}_metrics.json'}" if self.output_dir else ""
         head = ", ".join([f"step {self.trainer.global_step}", *counts])
-        return f"{stage} ({head}): " + ", ".join(f"{k} {metrics[k]:.4f}" for k in shown) + where
+
+        def one(k: str) -> str:
+            c = metrics.get(control_name(k))
+            return f"{k} {metrics[k]:.4f}" + ("" if c is None else f" (shuffled images {c:.4f})")
+
+        return f"{stage} ({head}): " + ", ".join(one(k) for k in shown) + where
 
     def score(self, evaluator: Evaluator) -> dict[str, float]:
         """The metrics of a gathered evaluator (a test split without labels has none)."""
@@ -280,6 +334,23 @@ class FinetuneTask(VLMoETask):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         return self.eval_step(batch)[1]
+
+
+SHUFFLED = "_shuffled_images"
+
+
+def control_name(metric: str) -> str:
+    """The name of a metric's shuffled-image control: ``accuracy`` -> ``accuracy_shuffled_images``,
+    ``accuracy/yes/no`` -> ``accuracy_shuffled_images/yes/no`` (counts have none: returned unchanged)."""
+    if metric.startswith("num_") or metric in ("coverage", "official"):
+        return metric
+    head, sep, rest = metric.partition("/")
+    return f"{head}{SHUFFLED}{sep}{rest}"
+
+
+def control_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The control's metrics under their control names (its counts dropped: they equal the metric's)."""
+    return {control_name(k): v for k, v in metrics.items() if control_name(k) != k}
 
 
 class _EpochSampler(torch.utils.data.Sampler[int]):
@@ -353,6 +424,12 @@ class FinetuneDataModule(pl.LightningDataModule):
         self.demo_dir, self.limit_train_samples = demo_dir, limit_train_samples
         self.tokenizer = build_tokenizer(tokenizer) if tokenizer else None
         self.datasets: dict[str, Dataset] = {}
+        self.controls = False  # set by the task: evaluation samples also carry a control image
+
+    def image_keys(self, data: Dataset) -> list[Any] | None:
+        """The image key of every sample of an evaluation set (id, path, or a tuple for two images),
+        which the shuffled-image control permutes; None: this task has no such control."""
+        return None
 
     # ------------------------------------------------------------------ the data-module protocol
     @property
@@ -427,6 +504,10 @@ class FinetuneDataModule(pl.LightningDataModule):
             raise ValueError(f"this data module has no {name} split configured")
         if train and self.limit_train_samples:
             data = torch.utils.data.Subset(data, range(min(self.limit_train_samples, len(data))))
+        if not train and self.controls:
+            keys = self.image_keys(data)
+            if keys is not None:
+                data = ShuffledImages(data, keys, seed=self.seed)
         w = self._num_workers
         sampler = _EpochSampler(len(data), self.shuffle, self.seed, skip=self._resumed_samples()) if train else None
         return DataLoader(

@@ -110,6 +110,7 @@ class CaptioningTask(FinetuneTask):
     """
 
     metric_key = "CIDEr"
+    has_control = True
 
     def __init__(
         self,
@@ -234,6 +235,10 @@ class CaptioningDataModule(FinetuneDataModule):
 
     def demo_files(self, d: Any) -> dict[str, Any]:
         return {"karpathy": d.coco_karpathy, "image_root": d.coco_images}
+
+    def image_keys(self, data: Any) -> list[int]:
+        """The image of every sample (Karpathy and COCO caption sets: ``items`` of (image, caption))."""
+        return [i for i, _ in data.items]
 
     def ground_truth(self, stage: str) -> str:
         """The COCO-format ground-truth file of the split ``stage`` evaluates."""

@@ -25,6 +25,8 @@ __all__ = ["NLVR2DataModule", "NLVR2Task"]
 class NLVR2Task(FinetuneTask):
     """NLVR2 finetuning (see the module docstring); options: :class:`~vlmoe.tasks.finetune.FinetuneTask`'s."""
 
+    has_control = True
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters()
@@ -69,6 +71,11 @@ class NLVR2DataModule(FinetuneDataModule):
 
     def demo_files(self, d: Any) -> dict[str, Any]:
         return {"train": d.nlvr2_train, "val": d.nlvr2_dev, "test": d.nlvr2_test, "image_root": d.nlvr2_images}
+
+    def image_keys(self, data: NLVR2Dataset) -> list[tuple[str, str]]:
+        """The (left, right) image files of every statement: the control replaces both by another
+        statement's pair."""
+        return [tuple(str(p) for p in data.image_paths(i)) for i in range(len(data))]
 
     def setup(self, stage: str | None = None) -> None:
         f = self.resolve()

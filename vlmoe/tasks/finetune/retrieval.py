@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlmoe.data.coco import KarpathyCaptions
+from vlmoe.data.controls import image_derangement
 from vlmoe.metrics.retrieval import RetrievalEvaluator
 from vlmoe.models import VLMoE, VLMoEForRetrieval
 
@@ -86,6 +87,19 @@ class RetrievalTask(FinetuneTask):
         records += [{"key": f"t{ids[r]}-{j}", "image_id": ids[r], "embedding": e}
                     for r, j, e in zip(batch["caption_image"], batch["caption_index"], txt)]
         return None, records
+
+    def score_control(self, stage: str, evaluator: RetrievalEvaluator) -> dict[str, float]:
+        """Recall with every image's embedding replaced by another image's (the fixed derangement of
+        :mod:`vlmoe.data.controls`): a dual encoder's control needs no forward, its embeddings are kept."""
+        images = [r for r in evaluator.records if str(r["key"]).startswith("i")]
+        texts = [r for r in evaluator.records if not str(r["key"]).startswith("i")]
+        if len(images) < 2:
+            return {}
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        donor = image_derangement([r["image_id"] for r in images], seed=getattr(dm, "seed", 0))
+        control = RetrievalEvaluator()
+        control.update([{**r, "embedding": images[donor[k]]["embedding"]} for k, r in enumerate(images)] + texts)
+        return control.compute()
 
     def write_outputs(self, stage: str, evaluator: RetrievalEvaluator, metrics: dict[str, float]) -> None:
         """Only ``<stage>_metrics.json`` (the embeddings are not worth a file)."""

@@ -47,6 +47,7 @@ class VQATask(FinetuneTask):
     """
 
     default_overrides = {"final_norm": False}
+    has_control = True
 
     def __init__(self, answers: list[str] | None = None, **kwargs: Any) -> None:
         self.answers = list(answers or [])
@@ -181,6 +182,10 @@ class VQADataModule(FinetuneDataModule):
         return self._gt["val"]
 
     # ------------------------------------------------------------------ datasets
+    def image_keys(self, data: VQAv2Dataset) -> list[int]:
+        """The image id of every question (the questions of one image share its control image)."""
+        return [int(r["image_id"]) for r in data.records]
+
     def _dataset(self, questions: str, annotations: str | None, train: bool) -> VQAv2Dataset:
         f = self.resolve()
         return VQAv2Dataset(questions, f["image_root"], annotations=annotations, vocab=self.vocab,

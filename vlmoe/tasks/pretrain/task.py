@@ -60,6 +60,9 @@ class PretrainTask(VLMoETask):
             weights (by default that is an error: the wrong checkpoint would train from random init).
         mlm_weight: weight of the MLM terms.
         mim_weight: weight of the MIM terms.
+        controls: validation also scores the masked text of the image-text pairs with each pair's image
+            replaced by the next pair's in the batch (``val/acc_mlm_pair_shuffled_images``): the gap to
+            ``val/acc_mlm_pair`` is what the image contributes to filling in the caption.
         **kwargs: optimizer / schedule / logging options of :class:`~vlmoe.tasks.base.VLMoETask`.
     """
 
@@ -74,6 +77,7 @@ class PretrainTask(VLMoETask):
         allow_partial_init: bool = False,
         mlm_weight: float = 1.0,
         mim_weight: float = 1.0,
+        controls: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -98,6 +102,7 @@ class PretrainTask(VLMoETask):
         self._target_device: torch.device | None = None
         self.mean_std = mean_std
         self.mlm_weight, self.mim_weight = mlm_weight, mim_weight
+        self.controls = controls
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -211,6 +216,22 @@ class PretrainTask(VLMoETask):
         self.log("val/loss", loss, prog_bar=True, **log)
         self.log_dict({f"val/{k}": v for k, v in terms.items()}, **log)
         self.log_dict({f"val/acc_{k}": v for k, v in accs.items()}, **log)
+        pair = batch.get("pair")
+        if self.controls and pair is not None and "mlm_labels" in pair and pair["image"].shape[0] > 1:
+            r = self._mlm(self._shuffled_pair_forward(pair), pair)
+            if r is not None:
+                n = pair["image"].shape[0]
+                control = dict(batch_size=n, on_step=False, on_epoch=True, sync_dist=True)
+                self.log("val/mlm_pair_shuffled_images", r[0], **control)
+                self.log("val/acc_mlm_pair_shuffled_images", r[1], **control)
+
+    def _shuffled_pair_forward(self, pair: dict[str, Any]) -> Any:
+        """The pair stream's forward with every caption seen beside the next pair's image (a roll of
+        the batch: no pair keeps its own image; fixed, so repeated validations compare)."""
+        image = pair["image"].roll(1, dims=0)
+        mask = pair.get("image_mask")
+        return self.model(image=image, text_ids=pair["text_ids"], text_padding_mask=pair.get("text_padding_mask"),
+                          image_mask=None if mask is None else mask.roll(1, dims=0))
 
     # ------------------------------------------------------------------ checkpoints
     def migrate_checkpoint(self, checkpoint: dict[str, Any]) -> None:
