@@ -21,6 +21,7 @@ def _run_args(shards: dict[str, str], out: Path, *extra: str) -> list[str]:
         f"--data.val_pair_shards={shards['val_pairs']}",
         f"--data.val_image_shards={shards['val_images']}",
         f"--data.val_text_shards={shards['val_texts']}",
+        "--model.model=tiny_mhmoe",  # the tests' size (the demo's own model is demo_xmoe, 64 px)
         "--data.batch_size=6",
         "--data.max_len=16",
         "--data.num_workers=0",
@@ -50,7 +51,8 @@ def test_print_config_without_subcommand_is_fit(capsys) -> None:
         main(["--print_config"])
     assert e.value.code in (0, None)
     out = capsys.readouterr().out
-    assert "model: tiny_mhmoe" in out and "pair_shards: demo" in out and "every_n_train_steps: 200" in out
+    assert "model: demo_xmoe" in out and "norm_per_patch: false" in out
+    assert "pair_shards: demo" in out and "every_n_train_steps: 200" in out
 
 
 def test_short_run_logs_checkpoints_and_says_where(shards, tmp_path, capsys) -> None:

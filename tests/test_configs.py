@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from vlmoe.models import VLMoEConfig
 from vlmoe.tasks.pretrain.cli import PretrainCLI, build_cli
@@ -88,16 +89,32 @@ def test_demo_yaml_is_the_default_run() -> None:
     demo = _plain(parse("--config", str(ROOT / "pretrain" / "demo.yaml")))
     for section in ("trainer", "data", "checkpoint", "seed_everything"):
         assert demo[section] == default[section], section
-    model_default, model_demo = dict(default["model"]), dict(demo["model"])
-    assert model_demo.pop("mim_target")["class_path"] == "vlmoe.tasks.pretrain.PixelTarget"
-    assert model_default.pop("mim_target") is None  # None means PixelTarget
-    assert model_demo == model_default
+    from jsonargparse.typing import import_object
+
+    for model in (demo["model"], default["model"]):  # one class, named by either of its import paths
+        model["mim_target"]["class_path"] = import_object(model["mim_target"]["class_path"])
+    assert demo["model"] == default["model"]
+
+
+def test_demo_pretraining_targets_keep_the_colours_the_captions_name() -> None:
+    # the captions say "a red circle": a MIM target normalised per patch is the same (all zeros) for a
+    # flat red patch and a flat blue one, so pretraining never needs the image's colours
+    from vlmoe.tasks.pretrain import PixelTarget
+
+    target = parse("--config", str(ROOT / "pretrain" / "demo.yaml")).model.mim_target
+    assert target.class_path.endswith(".PixelTarget")
+    pixel = PixelTarget(**dict(target.get("init_args") or {}))
+    red, blue = torch.zeros(1, 3, 16, 16), torch.zeros(1, 3, 16, 16)
+    red[:, 0], blue[:, 2] = 1.0, 1.0
+    assert not torch.allclose(pixel(red, 8, "inception"), pixel(blue, 8, "inception"))
+    data = parse("--config", str(ROOT / "pretrain" / "demo.yaml")).data
+    assert tuple(data.scale) == (1.0, 1.0) and data.hflip == 0  # the captions' "left" and "large" hold
 
 
 def test_demo_config_instantiates(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)  # the run folder is relative
     cli = build_cli(["fit", "--config", str(ROOT / "pretrain" / "demo.yaml")], run=False)
-    assert cli.model.model.config.name == "tiny_mhmoe"
+    assert cli.model.model.config.name == "demo_xmoe"
     assert cli.model.model.config.vocab_size == cli.datamodule.vocab_size  # linked from the tokenizer
     assert cli.trainer.max_steps == 600
     assert type(cli.trainer.strategy.checkpoint_io).__name__ == "AtomicCheckpointIO"

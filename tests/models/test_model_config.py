@@ -127,3 +127,42 @@ def test_create_model_from_name_file_and_config(tmp_path):
     # configs written before heads left the backbone still read (their head fields are dropped)
     legacy = {**VLMoEConfig.from_name("tiny").to_dict(), "heads": ["mlm", "mim"], "codebook_size": 64}
     assert VLMoEConfig.from_dict(legacy) == VLMoEConfig.from_name("tiny")
+
+
+def _attention_logit_std(model, n: int = 512) -> float:
+    """The spread of the first block's attention logits q.k / sqrt(d_head) for unit-variance tokens (the
+    LayerNorm output a block's attention sees at init), over the vision projection."""
+    import torch
+
+    torch.manual_seed(0)
+    c = model.config
+    w = model.blocks[0].attn.qkv.vision.weight.detach()  # (3D, D): q rows, k rows, v rows
+    x = torch.randn(n, c.dim)
+    hd = c.dim // c.num_heads
+    q, k = (x @ w[: c.dim].T)[:, :hd], (x @ w[c.dim : 2 * c.dim].T)[:, :hd]
+    return float((q @ k.T / hd**0.5).std())
+
+
+def test_demo_presets_start_with_attention_that_discriminates():
+    # BEiT-3's init_std 0.02 is calibrated for width 768 (logit std ~ dim * std^2 = 0.31); at width 64 it
+    # gives 0.026: softmax(q.k) is flat, every token reads the mean of the others, and the
+    # question-image interaction the VQA demo needs has no gradient to grow from.
+    base_like = 768 * 0.02**2
+    tiny = _attention_logit_std(create_model("tiny"))
+    assert tiny < base_like / 5
+    for name in ("demo", "demo_xmoe", "demo_mhmoe"):
+        m = create_model(name)
+        assert _attention_logit_std(m) > base_like, name
+        assert m.config.img_size == 64 and m.config.patch_size == 8  # easy-vqa's images at their own size
+
+
+def test_experts_take_the_model_init_std():
+    import torch
+
+    for name, std in (("demo_xmoe", 0.125), ("tiny_moe", 0.02)):
+        m = create_model(name)
+        experts = m.blocks[0].mlp.vision.experts
+        for w in (experts.w1, experts.w2):
+            assert abs(float(w.std()) - std) < 0.12 * std, (name, float(w.std()))
+    dense = create_model("demo").blocks[0].mlp.vision.fc1.weight
+    assert abs(float(dense.std()) - 0.125) < 0.015 and torch.isfinite(dense).all()

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tests.utils import VARIANTS, trainer
 from vlmoe.tasks.finetune import (
@@ -65,6 +66,19 @@ def test_vqa_loss_is_beit3s_formula() -> None:
     bce = -(targets * torch.log(torch.sigmoid(logits)) + (1 - targets) * torch.log(1 - torch.sigmoid(logits)))
     ref = bce.sum(1).mean()  # BCEWithLogits(mean) * num_answers == summed over answers, mean over the batch
     torch.testing.assert_close(vqa_loss(logits, targets), ref)
+
+
+def test_vqa_soft_ce_is_cross_entropy_on_the_normalised_scores() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 3.0, -2.0], [1.0, 1.0, 1.0]])
+    targets = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.6, 0.9], [0.0, 0.0, 0.0]])  # the last: no answer in vocab
+    logp = torch.log_softmax(logits, -1)
+    ref = torch.stack([-logp[0, 0], -(0.4 * logp[1, 1] + 0.6 * logp[1, 2]), torch.tensor(0.0)]).mean()
+    torch.testing.assert_close(vqa_loss(logits, targets, "soft_ce"), ref)
+    # one right answer per question: plain cross-entropy
+    one_hot = vqa_loss(logits[:1], targets[:1], "soft_ce")
+    torch.testing.assert_close(one_hot, F.cross_entropy(logits[:1], torch.tensor([0])))
+    with pytest.raises(ValueError, match="hinge"):
+        vqa_loss(logits, targets, "hinge")
 
 
 @pytest.mark.parametrize("kind", ["vqa", "nlvr2", "imagenet", "captioning", "retrieval"])

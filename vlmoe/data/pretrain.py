@@ -155,7 +155,9 @@ class PretrainDataConfig:
         normalize_images: deliver normalised float32 images (the batch-dict contract). False:
             deliver the uint8 pixels (4x less to move to the GPU) and normalise on the device with
             :func:`vlmoe.data.transforms.normalize_batch`.
-        scale: random resized crop area range.
+        scale: random resized crop area range (``(1, 1)``: no crop, the whole image).
+        hflip: horizontal flip probability of the training transform (0: off, for data whose texts
+            speak of left and right).
         augment: random resized crop + horizontal flip (training). False: a plain resize of the whole
             image, deterministic (validation).
         shuffle: shuffle buffer (samples); 0 disables.
@@ -181,6 +183,7 @@ class PretrainDataConfig:
     mean_std: str = "inception"
     normalize_images: bool = True
     scale: tuple[float, float] = (0.5, 1.0)
+    hflip: float = 0.5
     augment: bool = True
     shuffle: int = 1000
     resampled: bool = False
@@ -236,7 +239,9 @@ class PretrainData:
         # uint8 per sample, normalised per batch in the collate step (4x less data through the
         # transform and the stack, one fused conversion).
         tkind = "pretrain" if c.augment else "eval"
-        transform = build_transform(tkind, c.image_size, mean_std=c.mean_std, scale=c.scale, output="uint8")
+        transform = build_transform(
+            tkind, c.image_size, mean_std=c.mean_std, scale=tuple(c.scale), hflip=c.hflip, output="uint8"
+        )
         draft = (draft_size(c.image_size, c.scale[0] if c.augment else 1.0),) * 2
         mlm = {"pair": c.mlm_ratio_pair or None, "image": None, "text": c.mlm_ratio_text or None}
         self.errors: dict[str, SampleErrors] = {}

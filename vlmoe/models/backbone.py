@@ -114,10 +114,15 @@ class VLMoE(nn.Module):
     def init_weights(self) -> None:
         """BEiT-3 init: trunc-normal(std) linears and embeddings, zero biases, unit LayerNorms.
 
-        MoE layers keep their own initialisation (experts, routers, MH-MoE projections).
+        MoE layers keep their own initialisation of routers and MH-MoE projections; their experts take
+        the same trunc-normal(std) as the dense FFNs, so that a model's ``init_std`` sets the scale of
+        every FFN (BEiT-3's 0.02 suits width 768; narrow models want about ``dim ** -0.5``).
         """
         std = self.config.init_std
-        moe_owned = {id(m) for moe in self.modules() if isinstance(moe, MoE) for m in moe.modules()}
+        moe_layers = [m for m in self.modules() if isinstance(m, MoE)]
+        moe_owned = {id(m) for moe in moe_layers for m in moe.modules()}
+        for moe in moe_layers:
+            moe.experts.reset_parameters(std)
         for m in self.modules():
             if id(m) in moe_owned:
                 continue

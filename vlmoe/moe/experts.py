@@ -60,9 +60,11 @@ class GroupedExperts(nn.Module):
         self.backend = "auto"
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        nn.init.trunc_normal_(self.w1, std=0.02)
-        nn.init.trunc_normal_(self.w2, std=0.02)
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """trunc-normal(std) weights (BEiT-3's 0.02 by default; a model passes its ``init_std``), zero
+        biases, unit sub-LayerNorms."""
+        nn.init.trunc_normal_(self.w1, std=std)
+        nn.init.trunc_normal_(self.w2, std=std)
         for p in (self.b1, self.b2, self.ln_bias):
             if p is not None:
                 nn.init.zeros_(p)
@@ -191,10 +193,10 @@ class HeteroExperts(nn.Module):
         self.backend = "loop"
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, std: float = 0.02) -> None:
         for p in (self.w1, self.w3, self.w2):
             if p is not None:
-                nn.init.trunc_normal_(p, std=0.02)
+                nn.init.trunc_normal_(p, std=std)
         for p in (self.b1, self.b3, self.b2):
             if p is not None:
                 nn.init.zeros_(p)

@@ -66,6 +66,7 @@ TASKS: dict[str, TaskSpec] = {
         VQATask, VQADataModule, "accuracy", links=(("data.answers", "model.answers"),),
         demo=_demo({
             "model.image_size": 64,
+            "model.loss": "soft_ce",
             "model.lr": 5.0e-4,
             "model.warmup_steps": 100,
             "model.weight_decay": 0.01,

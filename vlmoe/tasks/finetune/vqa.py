@@ -4,7 +4,8 @@
   Linear(2D, A)``), the backbone without its final norm (BEiT-3's VQA registration).
 - Loss: ``BCEWithLogits(logits, soft targets)`` averaged over the batch and the answers, times the
   number of answers (= summed over the answers), the soft targets being the VQA scores 0 / 0.3 / 0.6 /
-  0.9 / 1 of each answer of the vocabulary.
+  0.9 / 1 of each answer of the vocabulary; ``loss="soft_ce"``: a softmax cross-entropy against the
+  same targets normalised to sum 1.
 - Answer vocabulary: ``answer2label.txt`` (BEiT-3's format), or built from the training annotations
   by the min-count rule (9 over train + val gives BEiT-3's 3,129).
 - Splits: ``standard`` (train on the train files, evaluate on the val files) or ``beit3`` (ViLT /
@@ -30,12 +31,29 @@ from vlmoe.models import VLMoE, VLMoEForVQA
 
 from .base import DEMO, FinetuneDataModule, FinetuneTask
 
-__all__ = ["VQADataModule", "VQATask", "vqa_loss"]
+__all__ = ["VQA_LOSSES", "VQADataModule", "VQATask", "vqa_loss"]
+
+VQA_LOSSES = ("bce", "soft_ce")
 
 
-def vqa_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """BEiT-3's VQA loss: ``BCEWithLogits(mean) * num_answers`` (summed over answers, mean over the batch)."""
-    return F.binary_cross_entropy_with_logits(logits.float(), targets.float()) * targets.shape[1]
+def vqa_loss(logits: Tensor, targets: Tensor, kind: str = "bce") -> Tensor:
+    """The VQA training loss over soft targets (the VQA scores of each answer of the vocabulary).
+
+    - ``"bce"``: BEiT-3's ``BCEWithLogits(mean) * num_answers`` (summed over answers, mean over the
+      batch): one sigmoid per answer.
+    - ``"soft_ce"``: softmax cross-entropy against the targets normalised to sum 1 (a question whose
+      answers all score 0 adds nothing). One softmax over the answers: with few answers and one
+      right answer per question (the demo's 13) it learns the open questions several times faster
+      than ``"bce"`` (BENCHMARKS.md, "Why the demo models did not look at the image").
+    """
+    if kind == "bce":
+        return F.binary_cross_entropy_with_logits(logits.float(), targets.float()) * targets.shape[1]
+    if kind == "soft_ce":
+        t = targets.float()
+        total = t.sum(-1, keepdim=True)
+        t = t / total.clamp_min(1e-12)
+        return -(t * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+    raise ValueError(f"VQA loss {kind!r}: choose from {VQA_LOSSES}")
 
 
 class VQATask(FinetuneTask):
@@ -43,16 +61,20 @@ class VQATask(FinetuneTask):
 
     Args:
         answers: the answer vocabulary (linked from the data module by the CLI).
+        loss: ``"bce"`` (BEiT-3) or ``"soft_ce"`` (see :func:`vqa_loss`).
         **kwargs: :class:`~vlmoe.tasks.finetune.FinetuneTask` options.
     """
 
     default_overrides = {"final_norm": False}
     has_control = True
 
-    def __init__(self, answers: list[str] | None = None, **kwargs: Any) -> None:
+    def __init__(self, answers: list[str] | None = None, loss: str = "bce", **kwargs: Any) -> None:
         self.answers = list(answers or [])
         if not self.answers:
             raise ValueError("model.answers: the VQA task needs the answer vocabulary (the data module's)")
+        if loss not in VQA_LOSSES:
+            raise ValueError(f"model.loss={loss!r}: choose from {VQA_LOSSES}")
+        self.loss_kind = loss
         super().__init__(**kwargs)
         self.save_hyperparameters()
 
@@ -61,7 +83,7 @@ class VQATask(FinetuneTask):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         logits, aux = self.model(batch["image"], batch["text_ids"], batch["text_padding_mask"], return_aux=True)
-        return self.loss_with_aux(vqa_loss(logits, batch["vqa_targets"]), aux)
+        return self.loss_with_aux(vqa_loss(logits, batch["vqa_targets"], self.loss_kind), aux)
 
     def make_evaluator(self, stage: str) -> VQAEvaluator:
         dm = self.trainer.datamodule
@@ -72,7 +94,7 @@ class VQATask(FinetuneTask):
         logits, aux = self.model(batch["image"], batch["text_ids"], batch["text_padding_mask"], return_aux=True)
         loss = None
         if "vqa_targets" in batch:
-            loss = self.loss_with_aux(vqa_loss(logits, batch["vqa_targets"]), aux, stage="val")
+            loss = self.loss_with_aux(vqa_loss(logits, batch["vqa_targets"], self.loss_kind), aux, stage="val")
         best = logits.argmax(-1).tolist()
         qids = batch["question_id"].tolist()
         return loss, [{"question_id": q, "answer": self.answers[i]} for q, i in zip(qids, best)]

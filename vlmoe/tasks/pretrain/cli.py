@@ -1,6 +1,6 @@
 """``vlmoe pretrain``: masked multimodal pretraining through LightningCLI.
 
-    vlmoe pretrain                                   # the demo: tiny MH-MoE, demo data, ~2 min on CPU
+    vlmoe pretrain                                   # the demo: demo X-MoE, demo data, ~5 min on CPU
     vlmoe pretrain --config configs/pretrain/beit3_base.yaml --config configs/pretrain/moe/mhmoe8.yaml
     vlmoe pretrain --trainer.max_steps 100 --model.model tiny_moe   # overrides win over files
     vlmoe pretrain --config run.yaml --ckpt_path last               # resume (optimizer, schedule, step)
@@ -29,7 +29,7 @@ __all__ = ["DEFAULT_RUN_DIR", "DEMO_DEFAULTS", "PretrainCLI", "build_cli", "main
 DEFAULT_RUN_DIR = "runs/pretrain/demo"
 DESCRIPTION = (
     "Masked multimodal pretraining (MLM + MIM on pairs, images, texts). No arguments: the CPU demo "
-    "(tiny MH-MoE, demo data). Subcommands fit (implied) | validate; --debug shows tracebacks."
+    "(demo X-MoE, demo data). Subcommands fit (implied) | validate; --debug shows tracebacks."
 )
 
 
@@ -37,9 +37,16 @@ DESCRIPTION = (
 # are BEiT-3's); with trainer_defaults() this is the whole demo run (configs/pretrain/demo.yaml spells
 # it out, and a test checks the two agree).
 DEMO_DEFAULTS: dict[str, Any] = {
+    "model.model": "demo_xmoe",
+    # the captions name the shape's colour, size and side: the MIM target keeps each patch's colour
+    # (a per-patch normalised target is all zeros on flat patches and the same for every colour), and
+    # no crop or flip moves the shape away from the side and size its caption states
+    "model.mim_target": {"class_path": "vlmoe.tasks.pretrain.PixelTarget", "init_args": {"norm_per_patch": False}},
     "model.min_lr": 1.0e-5,
     "model.warmup_steps": 50,
     "data.max_len": 40,
+    "data.scale": (1.0, 1.0),
+    "data.hflip": 0.0,
     "data.num_workers": 1,
 }
 
