@@ -292,28 +292,25 @@ _TINY = VLMoEConfig(
     mlp_dim=128,
 )
 _DEMO = _TINY.replace(name="demo", img_size=64, num_heads=8, init_std=0.125)
+# the small MoE layers of the tiny and demo families: 4 experts per modality, top-2, in every block
+_SMALL_MOE = _moe(num_experts=4, top_k=2, ffn_dim=128)
+_SMALL_MHMOE = _moe(num_experts=4, top_k=2, ffn_dim=96, heads=2, router="xmoe")
 _BASE = VLMoEConfig(name="base")
 _LARGE = VLMoEConfig(name="large", dim=1024, depth=24, num_heads=16, mlp_dim=4096)
 
 PRESETS: dict[str, VLMoEConfig] = {
     # tests: 32 px images, 4x4 patches of 8 px, vocabulary 128, 2 blocks of width 64
     "tiny": _TINY,
-    "tiny_moe": _TINY.replace(name="tiny_moe", moe=_moe(num_experts=4, top_k=2, ffn_dim=128), moe_every=1),
-    "tiny_mhmoe": _TINY.replace(
-        name="tiny_mhmoe", moe=_moe(num_experts=4, top_k=2, ffn_dim=96, heads=2, router="xmoe"), moe_every=1
-    ),
+    "tiny_moe": _TINY.replace(name="tiny_moe", moe=_SMALL_MOE, moe_every=1),
+    "tiny_mhmoe": _TINY.replace(name="tiny_mhmoe", moe=_SMALL_MHMOE, moe_every=1),
     # the demo models (easy-vqa's 64 px images at their own size, 8x8 patches of 8 px): tiny's 2 blocks
     # of width 64 with 8 heads, initialised at std dim ** -0.5 = 0.125. BEiT-3's 0.02 is calibrated for
     # width 768; at width 64 it leaves the attention logits ~40x smaller (q.k scales with std^2 * dim)
     # and the image-question interaction without a gradient for hundreds of steps (BENCHMARKS.md,
     # "Why the demo models did not look at the image")
     "demo": _DEMO,
-    "demo_xmoe": _DEMO.replace(
-        name="demo_xmoe", moe=_moe(num_experts=4, top_k=2, ffn_dim=128, router="xmoe"), moe_every=1
-    ),
-    "demo_mhmoe": _DEMO.replace(
-        name="demo_mhmoe", moe=_moe(num_experts=4, top_k=2, ffn_dim=96, heads=2, router="xmoe"), moe_every=1
-    ),
+    "demo_xmoe": _DEMO.replace(name="demo_xmoe", moe=_SMALL_MOE.replace(router="xmoe"), moe_every=1),
+    "demo_mhmoe": _DEMO.replace(name="demo_mhmoe", moe=_SMALL_MHMOE, moe_every=1),
     # BEiT-3 as released (torchscale EncoderConfig of unilm beit3 modeling_utils)
     "base": _BASE,
     "large": _LARGE,
