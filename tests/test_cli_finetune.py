@@ -131,23 +131,88 @@ def test_ddp_metric_equals_the_single_process_metric(demo, pretrained, tmp_path)
             assert got[k] == v, k  # the same records scored: bit-identical
 
 
-def test_resume_after_kill_gives_the_uninterrupted_next_step_loss(demo, pretrained, tmp_path) -> None:
-    from tests.tasks.helpers import read_losses
+def test_resume_mid_epoch_matches_the_uninterrupted_run_step_for_step(demo, pretrained, tmp_path) -> None:
+    """Killed (SIGKILL) mid-epoch and resumed with ``--ckpt_path last``: every later step has the loss of
+    the uninterrupted run and every epoch its 4 batches (of 8 samples; a 14-step run, the checkpoint at
+    step 6 is in the middle of epoch 1)."""
+    from tests.tasks.helpers import read_epochs, read_losses
     from tests.test_cli_pretrain import _callbacks
 
-    common = ["--trainer.max_steps=6", "--trainer.limit_val_batches=0", "--checkpoint.every_n_train_steps=3",
-              "--checkpoint.monitor=null", "--data.shuffle=false"]
+    common = ["--trainer.max_steps=14", "--trainer.limit_val_batches=0", "--checkpoint.every_n_train_steps=3",
+              "--checkpoint.monitor=null", "--data.seed=3"]
     ref = _args(demo, tmp_path / "ref", pretrained, *common)
     main(["nlvr2", "fit", *ref, _callbacks(("LossRecorder", {"path": str(tmp_path / "ref.txt")}))])
     run = _args(demo, tmp_path / "run", pretrained, *common)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    kill = _callbacks(("LossRecorder", {"path": str(tmp_path / "run1.txt")}), ("KillAt", {"step": 4}))
+    kill = _callbacks(("LossRecorder", {"path": str(tmp_path / "run1.txt")}), ("KillAt", {"step": 8}))
     cmd = [sys.executable, "-m", "vlmoe.cli", "finetune", "nlvr2", "fit", *run, kill]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     main(["nlvr2", "fit", *run, "--ckpt_path=last", _callbacks(("LossRecorder", {"path": str(tmp_path / "run2.txt")}))])
     want, got = read_losses(tmp_path / "ref.txt"), read_losses(tmp_path / "run2.txt")
-    assert sorted(got) == [3, 4, 5] and got[3] == want[3], (got, want)
+    assert sorted(got) == list(range(6, 14)), got
+    assert all(got[s] == want[s] for s in got), (got, want)
+    epochs = read_epochs(tmp_path / "ref.txt")
+    assert [epochs[s] for s in range(14)] == [s // 4 for s in range(14)]
+    assert read_epochs(tmp_path / "run2.txt") == {s: epochs[s] for s in range(6, 14)}
+
+
+def test_a_max_steps_run_ends_scored_with_its_checkpoint_and_validate_names_its_step(demo, pretrained, tmp_path,
+                                                                                     capsys) -> None:
+    """``--trainer.max_steps`` ending mid-epoch (3 of 4 batches): the run still validates at its last step,
+    prints and writes its metrics, keeps the best checkpoint; ``validate`` of that checkpoint reports
+    step 3, not the trainer's 0."""
+    args = _args(demo, tmp_path, pretrained, "--trainer.max_steps=3", "--trainer.limit_val_batches=2")
+    main(["nlvr2", "fit", *args])
+    assert "val (step 3, " in capsys.readouterr().out
+    assert json.loads((tmp_path / "predictions" / "val_metrics.json").read_text())["step"] == 3
+    best = [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step=000003-accuracy=")]
+    assert len(best) == 1, sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    (tmp_path / "predictions" / "val_metrics.json").unlink()
+    main(["nlvr2", "validate", *args, f"--ckpt_path={tmp_path / 'checkpoints' / best[0]}"])
+    assert json.loads((tmp_path / "predictions" / "val_metrics.json").read_text())["step"] == 3
+
+
+def test_periodic_checkpoints_are_written_before_the_first_validation(demo, pretrained, tmp_path) -> None:
+    """Killed at step 3 of a run that validates only at its epoch's end (step 4): --checkpoint
+    .every_n_train_steps 2 has left last.ckpt at step 2, though no metric exists yet to rank it by."""
+    import torch
+
+    from tests.test_cli_pretrain import _callbacks
+
+    args = _args(demo, tmp_path, pretrained, "--trainer.max_steps=8", "--checkpoint.every_n_train_steps=2")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "vlmoe.cli", "finetune", "nlvr2", "fit", *args, _callbacks(("KillAt", {"step": 3}))]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+
+
+def test_unreadable_training_images_are_skipped_and_counted_up_to_a_limit(demo, pretrained, tmp_path, capsys) -> None:
+    """A 0-byte image and a text file named .jpg among the first training questions' images: the run
+    trains, replaces those samples by readable ones and reports them; over --data.max_skipped_samples
+    the run stops with one line naming the file."""
+    import shutil
+
+    from vlmoe.data.vqav2 import coco_image_path
+
+    root = tmp_path / "coco"
+    shutil.copytree(demo.coco_images / "train2014", root / "train2014")
+    questions = json.loads(demo.vqa_train_questions.read_text())["questions"][:32]
+    ids = sorted({q["image_id"] for q in questions})[:2]
+    bad = [coco_image_path(root, "train2014", i) for i in ids]
+    bad[0].write_bytes(b"")
+    bad[1].write_text("not an image")
+    skipped = sum(q["image_id"] in ids for q in questions)
+    args = _args(demo, tmp_path / "r", pretrained, "--trainer.max_steps=4", "--trainer.limit_val_batches=0",
+                 f"--data.image_root={root}")
+    main(["vqav2", "fit", *args])
+    assert f"skipped samples: train: corrupt_image={skipped}" in capsys.readouterr().out
+    msg = _user_error(capsys, ["finetune", "vqav2", *args, "--data.max_skipped_samples=1", "--run_dir",
+                               str(tmp_path / "r2")])
+    assert "more than data.max_skipped_samples=1 unreadable samples (corrupt_image=2)" in msg
+    assert "cannot decode image" in msg and str(root / "train2014") in msg
 
 
 def _user_error(capsys, argv: list[str]) -> str:
@@ -209,3 +274,28 @@ def test_an_error_in_a_dataloader_worker_is_one_line_too() -> None:
     err = FileNotFoundError("Caught FileNotFoundError in DataLoader worker process 0.\nOriginal Traceback (most recent "
                             "call last):\n  File \"x.py\", line 1\nFileNotFoundError: image not found: /a/b.jpg")
     assert _message(err) == "image not found: /a/b.jpg"
+
+
+def test_vocabularies_and_checkpoints_that_cannot_serve_the_task_get_one_line(demo, pretrained, tmp_path,
+                                                                                capsys) -> None:
+    args = _args(demo, tmp_path / "r", pretrained, "--trainer.max_steps=1", "--trainer.limit_val_batches=0")
+    # an answer vocabulary of another dataset: no training question is answerable
+    vocab = tmp_path / "answers.txt"
+    vocab.write_text("\n".join(json.dumps({"answer": a, "label": i}) for i, a in enumerate(["dog", "cat", "car"])))
+    msg = _user_error(capsys, ["finetune", "vqav2", *args, f"--data.answer_vocab={vocab}"])
+    assert "none of the 38575 questions has an answer in the answer vocabulary" in msg and str(vocab) in msg
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    msg = _user_error(capsys, ["finetune", "vqav2", *args, f"--data.answer_vocab={empty}"])
+    assert msg.endswith(f"{empty}: an empty answer vocabulary")
+    # fewer training samples than one batch
+    msg = _user_error(capsys, ["finetune", "nlvr2", *args, "--data.limit_train_samples=3"])
+    assert "the training split has 3 samples, fewer than one batch (data.batch_size=8)" in msg
+    # a detection model: no text branch for VQA; and its checkpoint does not resume a VQA run
+    main(["detection", "fit", *_args(demo, tmp_path / "det", pretrained, "--trainer.max_steps=1",
+                                     "--trainer.limit_val_batches=0", "--data.batch_size=2")])
+    det = tmp_path / "det" / "checkpoints" / "last.ckpt"
+    msg = _user_error(capsys, ["finetune", "vqav2", *args, f"--model.init_checkpoint={det}"])
+    assert f"model.init_checkpoint {det}: a vision-only backbone (modalities ['vision']), but VQATask reads text" in msg
+    msg = _user_error(capsys, ["finetune", "vqav2", *args, f"--ckpt_path={det}"])
+    assert "holds a 'tiny_mhmoe' detection model but this run builds a 'tiny_mhmoe' vqa model" in msg

@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 
 
 class LossRecorder(pl.Callback):
-    """Append ``step loss`` to a file after every training step (flushed: survives a kill).
+    """Append ``step loss epoch`` to a file after every training step (flushed: survives a kill).
 
     With several ranks each writes ``<path>.rank<r>``.
     """
@@ -22,7 +22,8 @@ class LossRecorder(pl.Callback):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         path = self.path if trainer.world_size == 1 else f"{self.path}.rank{trainer.global_rank}"
         with open(path, "a") as f:
-            f.write(f"{trainer.global_step - 1} {float(loss)!r}\n")  # the step this loss was computed at
+            # the step this loss was computed at, and its epoch
+            f.write(f"{trainer.global_step - 1} {float(loss)!r} {trainer.current_epoch}\n")
             f.flush()
 
 
@@ -38,8 +39,15 @@ class KillAt(pl.Callback):
 
 
 def read_losses(path: str) -> dict[int, float]:
+    """``{step: loss}`` of a :class:`LossRecorder` file."""
     with open(path) as f:
-        return {int(s): float(v) for s, v in (line.split() for line in f if line.strip())}
+        return {int(r[0]): float(r[1]) for r in (line.split() for line in f if line.strip())}
+
+
+def read_epochs(path: str) -> dict[int, int]:
+    """``{step: epoch}`` of a :class:`LossRecorder` file."""
+    with open(path) as f:
+        return {int(r[0]): int(r[2]) for r in (line.split() for line in f if line.strip())}
 
 
 class RecordRank(pl.Callback):

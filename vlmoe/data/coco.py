@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 from vlmoe.data._io import DataFormatError, load_image, load_json, require
 from vlmoe.io import atomic_write_json
 
-__all__ = ["COCOCaptions", "COCOInstances", "KarpathyCaptions", "karpathy_to_coco", "load_coco"]
+__all__ = ["COCOCaptions", "COCOInstances", "KarpathyCaptions", "karpathy_coco", "karpathy_to_coco", "load_coco"]
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
 
@@ -112,12 +112,16 @@ def karpathy_to_coco(path: str | os.PathLike, split: str, out: str | os.PathLike
         split: ``"val"`` or ``"test"`` (or any Karpathy split name).
         out: the JSON file to write.
     """
-    return _write_karpathy_gt(_karpathy_images(path), split, out, source=str(path))
+    atomic_write_json(out, karpathy_coco(path, split))
+    return Path(out)
 
 
-def _write_karpathy_gt(
-    karpathy_images: list[dict[str, Any]], split: str, out: str | os.PathLike, source: str = ""
-) -> Path:
+def karpathy_coco(path: str | os.PathLike, split: str) -> dict[str, Any]:
+    """The COCO-format caption ground truth of one Karpathy split (what :func:`karpathy_to_coco` writes)."""
+    return _karpathy_gt(_karpathy_images(path), split, source=str(path))
+
+
+def _karpathy_gt(karpathy_images: list[dict[str, Any]], split: str, source: str = "") -> dict[str, Any]:
     images, anns = [], []
     for im in karpathy_images:
         if im["split"] != split:
@@ -129,7 +133,13 @@ def _write_karpathy_gt(
     if not images:
         raise ValueError(f"{source or 'Karpathy split'}: no image in split {split!r}")
     info = {"description": f"Karpathy {split} split"}
-    atomic_write_json(out, {"info": info, "licenses": [], "type": "captions", "images": images, "annotations": anns})
+    return {"info": info, "licenses": [], "type": "captions", "images": images, "annotations": anns}
+
+
+def _write_karpathy_gt(
+    karpathy_images: list[dict[str, Any]], split: str, out: str | os.PathLike, source: str = ""
+) -> Path:
+    atomic_write_json(out, _karpathy_gt(karpathy_images, split, source))
     return Path(out)
 
 

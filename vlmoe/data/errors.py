@@ -19,7 +19,12 @@ from collections.abc import Callable
 from multiprocessing.context import get_spawning_popen
 from typing import Any
 
-__all__ = ["CATEGORIES", "SampleErrors"]
+from PIL import Image
+from torch.utils.data import Dataset
+
+from vlmoe.data._io import DataFormatError
+
+__all__ = ["CATEGORIES", "SampleErrors", "SkipUnreadable"]
 
 log = logging.getLogger("vlmoe.data")
 
@@ -31,6 +36,7 @@ CATEGORIES: tuple[str, ...] = (
     "bad_json",  # unparsable key.json metadata
     "broken_tar",  # truncated/corrupt tar member or shard, duplicate member names
     "other",  # anything else raised while preparing a sample
+    "missing_image",  # an image file a record names is not there
 )
 
 
@@ -122,3 +128,50 @@ class SampleErrors:
         for i in range(len(CATEGORIES)):
             self._counts[i] = 0
         self._seen_here = 0
+
+
+class SkipUnreadable(Dataset):
+    """A map-style training set whose unreadable samples are skipped and counted.
+
+    A sample whose image is missing, undecodable (a 0-byte or truncated file, a text file named
+    ``.jpg``) or over PIL's decompression-bomb limit is counted in ``errors`` and replaced by the next
+    readable sample of the split, so batches keep their size and the epoch its length; each process
+    (a DataLoader worker) counts a sample once and does not read it again. Past ``limit``
+    skipped samples in a run the next one is an error (a wrong image folder should not train on the
+    few images that happen to be there). Evaluation sets are not wrapped: a metric over part of a
+    split would not be the split's metric.
+
+    Args:
+        data: the dataset.
+        errors: the counters (shared with the DataLoader workers).
+        limit: skipped samples allowed per run.
+    """
+
+    UNREADABLE = (OSError, Image.DecompressionBombError)
+
+    def __init__(self, data: Any, errors: SampleErrors, limit: int) -> None:
+        self.data, self.errors, self.limit = data, errors, limit
+        self._unreadable: set[int] = set()  # found by this process: counted once, not read again
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> Any:
+        n = len(self.data)
+        for k in range(n):
+            j = (index + k) % n
+            if j in self._unreadable:
+                continue
+            try:
+                return self.data[j]
+            except self.UNREADABLE as e:
+                self._unreadable.add(j)
+                category = "missing_image" if isinstance(e, FileNotFoundError) else "corrupt_image"
+                self.errors.count(category, str(e))
+                if self.errors.total > self.limit:
+                    counts = ", ".join(f"{c}={v}" for c, v in self.errors.as_dict().items() if v)
+                    raise DataFormatError(
+                        f"{self.errors.name}: more than data.max_skipped_samples={self.limit} unreadable samples "
+                        f"({counts}); the last: {e}"
+                    ) from None
+        raise DataFormatError(f"{self.errors.name}: no readable sample in the split")

@@ -47,13 +47,14 @@ class AnswerVocab:
 
     Args:
         answers: the answers, in label order.
+        source: the file it was read from (for messages).
     """
 
-    def __init__(self, answers: Sequence[str]):
-        self.answers = list(answers)
+    def __init__(self, answers: Sequence[str], source: str | None = None):
+        self.answers, self.source = list(answers), source
         self.index = {a: i for i, a in enumerate(self.answers)}
         if len(self.index) != len(self.answers):
-            raise ValueError("answer vocabulary has duplicates")
+            raise ValueError(f"{source or 'answer vocabulary'}: the answers have duplicates")
 
     def __len__(self) -> int:
         return len(self.answers)
@@ -102,15 +103,17 @@ class AnswerVocab:
     def load(cls, path: str | os.PathLike) -> AnswerVocab:
         """Read an ``answer2label.txt`` (JSON lines) or a JSON list of answers."""
         rows = load_jsonl(path)
-        if rows and isinstance(rows[0], str):
-            return cls(rows)
+        if not rows:
+            raise DataFormatError(f"{path}: an empty answer vocabulary")
+        if isinstance(rows[0], str):
+            return cls(rows, source=str(path))
         answers: dict[int, str] = {}
         for i, r in enumerate(rows):
             require(r, ["answer", "label"], f"{path}: line {i + 1}")
             answers[int(r["label"])] = r["answer"]
         if sorted(answers) != list(range(len(answers))):
             raise DataFormatError(f"{path}: labels are not 0..{len(answers) - 1}")
-        return cls([answers[i] for i in range(len(answers))])
+        return cls([answers[i] for i in range(len(answers))], source=str(path))
 
     def targets(self, answers: Sequence[str]) -> torch.Tensor:
         """Dense soft-score vector ``(len(self),)`` for one question's ground-truth answers."""
@@ -180,7 +183,15 @@ class VQAv2Dataset(Dataset):
                     f"{questions}, e.g. question_id {missing[:3]}"
                 )
             if drop_unanswerable:
-                records = [r for r in records if self._answerable(self.annotations[int(r["question_id"])])]
+                kept = [r for r in records if self._answerable(self.annotations[int(r["question_id"])])]
+                if records and not kept:
+                    source = f" ({self.vocab.source})" if self.vocab.source else ""
+                    raise DataFormatError(
+                        f"{annotations}: none of the {len(records)} questions has an answer in the answer "
+                        f"vocabulary{source} of {len(self.vocab)} answers, e.g. {self.vocab.answers[:3]}: "
+                        "is it the vocabulary of another dataset?"
+                    )
+                records = kept
         self.records = records
 
     def _answerable(self, ann: dict[str, Any]) -> bool:

@@ -41,7 +41,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class VLMoECheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` that also saves when training ends and says where the checkpoint is.
+    """``ModelCheckpoint`` that also saves when training ends, writes ``last.ckpt`` every
+``every_n_train_steps`` even before the monitored metric exists, and says where the checkpoint is.
 
     Lightning's ``ModelCheckpoint`` skips the end-of-training save once any "last" checkpoint exists,
     so a run whose ``max_steps`` is not a multiple of ``every_n_train_steps`` would lose its final
@@ -57,6 +58,25 @@ class VLMoECheckpoint(ModelCheckpoint):
             kwargs["filename"] = "step={step:06d}"
             kwargs["auto_insert_metric_name"] = False
         super().__init__(*args, **kwargs)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # Lightning defers a step-triggered save until the monitored metric exists, so a run killed
+        # before its first validation would have nothing on disk: write last.ckpt now, the ranked
+        # checkpoint when the metric comes
+        every = self._every_n_train_steps
+        if (
+            every >= 1
+            and trainer.global_step % every == 0
+            and self.save_last
+            and self.monitor is not None
+            and self.monitor not in self._monitor_candidates(trainer)
+            and not self._should_skip_saving_checkpoint(trainer)
+        ):
+            saved = self._last_global_step_saved
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            self._last_global_step_saved = saved  # a validation at this same step still saves its ranked one
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if (

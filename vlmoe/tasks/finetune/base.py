@@ -23,6 +23,7 @@ map-style datasets (Lightning's distributed sampler shards them), the demo data 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -30,10 +31,11 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from vlmoe.data import Collator, build_demo, build_tokenizer, build_transform, preprocess_dict
 from vlmoe.data.controls import CONTROL_KEYS, ShuffledImages
+from vlmoe.data.errors import SampleErrors, SkipUnreadable
 from vlmoe.io import atomic_write_json
 from vlmoe.metrics import Evaluator
 from vlmoe.models import VLMoE, VLMoEConfig, load_checkpoint
@@ -121,6 +123,8 @@ class FinetuneTask(VLMoETask):
     """
 
     default_overrides: ClassVar[dict[str, Any]] = {}
+    needs_text: ClassVar[bool] = False
+    """The task reads text: its backbone must have the text branch."""
     metric_key: ClassVar[str] = "accuracy"
     has_control: ClassVar[bool] = False
     """The task reads image and text: its evaluation can score the shuffled-image control by running
@@ -164,6 +168,13 @@ class FinetuneTask(VLMoETask):
             config = base.replace(**overrides)
         except (ValueError, FileNotFoundError) as e:
             raise type(e)(f"model: {e}") from None
+        if self.needs_text and not config.has_text:
+            source = f"model.model {model}" if model is not None else f"model.init_checkpoint {init}"
+            raise ValueError(
+                f"{source}: a vision-only backbone (modalities {list(config.modalities)}), but "
+                f"{type(self).__name__} reads text; start from a vision-language checkpoint, or give "
+                "--model.model PRESET to build one (the checkpoint then initialises its vision part)"
+            )
         if vocab_size is not None and config.has_text and config.vocab_size != vocab_size:
             if init is not None and model is None:
                 raise ValueError(
@@ -181,6 +192,7 @@ class FinetuneTask(VLMoETask):
             for p in self.model.backbone.parameters():
                 p.requires_grad_(False)
         self.evaluators: dict[str, Evaluator] = {}
+        self._checkpoint_step: int | None = None  # the global step of a checkpoint loaded by the trainer
 
     # ------------------------------------------------------------------ subclass interface
     def build_model(self, backbone: VLMoE) -> nn.Module:
@@ -224,6 +236,14 @@ class FinetuneTask(VLMoETask):
             self.model.backbone.eval()  # a frozen backbone: no drop path, dropout or bias updates
         return self
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        trainer = self.trainer
+        if trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step:
+            # a run that --trainer.max_steps ends mid-epoch: stopping through should_stop makes
+            # Lightning validate at this step, so the run ends scored, with its best checkpoint
+            trainer.should_stop = True
+
     def loss_with_aux(self, loss: Tensor, aux: Any, stage: str = "train") -> Tensor:
         """``loss + aux_loss_weight * MoE aux`` with every term checked (and logged in training)."""
         total = loss + self.aux_loss_weight * aux.loss
@@ -235,6 +255,19 @@ class FinetuneTask(VLMoETask):
         return total
 
     # ------------------------------------------------------------------ evaluation
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._checkpoint_step = checkpoint.get("global_step")
+
+    @property
+    def evaluated_step(self) -> int:
+        """The training step of the weights being scored: the trainer's while fitting; in ``validate`` /
+        ``test`` with ``--ckpt_path``, the checkpoint's (Lightning restores no step counter there)."""
+        trainer = self.trainer
+        if trainer.state.fn != "fit" and self._checkpoint_step is not None:
+            return int(self._checkpoint_step)
+        return trainer.global_step
+
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule if self._trainer is not None else None
         if dm is not None and hasattr(dm, "controls"):
@@ -295,7 +328,7 @@ class FinetuneTask(VLMoETask):
         shown = sorted((k for k in metrics if not k.startswith("num_") and k != "official" and SHUFFLED not in k),
                        key=lambda k: k != self.metric_key)
         where = f" -> {Path(self.output_dir) / f'{stage}_metrics.json'}" if self.output_dir else ""
-        head = ", ".join([f"step {self.trainer.global_step}", *counts])
+        head = ", ".join([f"step {self.evaluated_step}", *counts])
 
         def one(k: str) -> str:
             c = metrics.get(control_name(k))
@@ -312,7 +345,7 @@ class FinetuneTask(VLMoETask):
         out = Path(self.output_dir)
         atomic_write_json(out / f"{stage}_predictions.json", evaluator.records)
         if metrics:
-            atomic_write_json(out / f"{stage}_metrics.json", {"step": self.trainer.global_step, **metrics}, indent=1)
+            atomic_write_json(out / f"{stage}_metrics.json", {"step": self.evaluated_step, **metrics}, indent=1)
 
     def on_validation_epoch_start(self) -> None:
         self._start("val")
@@ -353,18 +386,22 @@ def control_metrics(metrics: dict[str, float]) -> dict[str, float]:
     return {control_name(k): v for k, v in metrics.items() if control_name(k) != k}
 
 
-class _EpochSampler(torch.utils.data.Sampler[int]):
-    """Sample indices in a permutation seeded by ``seed`` and the epoch (or in order), skipping the
-    first ``skip`` of the first epoch it serves (the part a resumed run already trained on)."""
+class _EpochSampler(DistributedSampler):
+    """This rank's share of an epoch's samples: a permutation seeded by ``seed`` and the epoch (or the
+    order of the split), padded to a multiple of the ranks by repeating its start, every
+    ``num_replicas``-th index from ``rank`` (:class:`~torch.utils.data.DistributedSampler`'s split, so
+    Lightning uses it as it is). The first epoch it serves skips the first ``skip`` indices of this
+    rank's share: the part a resumed run already trained on.
 
-    def __init__(self, n: int, shuffle: bool, seed: int, skip: int = 0) -> None:
-        self.n, self.shuffle, self.seed, self.skip, self.epoch = n, shuffle, seed, skip, 0
+    Its length is always the full share: Lightning reads the number of batches once, when the
+    loader is set up, and sizes every epoch by it. A resumed epoch that yields fewer batches ends
+    when they run out (Lightning restored the count of those it had done), the next keep their size.
+    """
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return max(0, self.n - self.skip)
+    def __init__(self, n: int, shuffle: bool, seed: int, skip: int = 0, num_replicas: int = 1,
+                 rank: int = 0) -> None:
+        super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.n, self.skip = n, skip
 
     def __iter__(self):
         if self.shuffle:
@@ -372,8 +409,14 @@ class _EpochSampler(torch.utils.data.Sampler[int]):
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
+        if self.total_size > len(order):  # pad so that every rank gets as many
+            order += (order * math.ceil(self.total_size / max(1, len(order))))[: self.total_size - len(order)]
+        mine = order[self.rank : self.total_size : self.num_replicas]
         skip, self.skip = self.skip, 0
-        return iter(order[skip:])
+        return iter(mine[skip:])
+
+    def __len__(self) -> int:
+        return self.num_samples
 
 
 class FinetuneDataModule(pl.LightningDataModule):
@@ -396,6 +439,9 @@ class FinetuneDataModule(pl.LightningDataModule):
         shuffle: shuffle the training samples (a permutation seeded by ``seed`` and the epoch, so a
             resumed run continues the epoch where the checkpoint left it).
         seed: the shuffling seed.
+        max_skipped_samples: training samples whose image is missing or cannot be decoded are skipped
+            and counted (``skipped samples: train: ...`` at the end, ``data/skipped/train/*`` in the
+            logs); one more than this in a run is an error.
     """
 
     def __init__(
@@ -414,9 +460,14 @@ class FinetuneDataModule(pl.LightningDataModule):
         limit_train_samples: int | None = None,
         shuffle: bool = True,
         seed: int = 0,
+        max_skipped_samples: int = 100,
     ) -> None:
         super().__init__()
+        if max_skipped_samples < 0:
+            raise ValueError(f"data.max_skipped_samples must be >= 0, got {max_skipped_samples}")
         self.shuffle, self.seed = shuffle, seed
+        self.max_skipped_samples = max_skipped_samples
+        self.sample_errors = SampleErrors("train")
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or 2 * batch_size
         self._num_workers = num_workers
         self.tokenizer_name, self.max_len, self._mean_std = tokenizer, max_len, mean_std
@@ -425,6 +476,10 @@ class FinetuneDataModule(pl.LightningDataModule):
         self.tokenizer = build_tokenizer(tokenizer) if tokenizer else None
         self.datasets: dict[str, Dataset] = {}
         self.controls = False  # set by the task: evaluation samples also carry a control image
+
+    def error_counts(self) -> dict[str, dict[str, int]]:
+        """Skipped training samples by reason (read by the ``SkippedSamples`` callback)."""
+        return {"train": self.sample_errors.as_dict()}
 
     def image_keys(self, data: Dataset) -> list[Any] | None:
         """The image key of every sample of an evaluation set (id, path, or a tuple for two images),
@@ -504,12 +559,25 @@ class FinetuneDataModule(pl.LightningDataModule):
             raise ValueError(f"this data module has no {name} split configured")
         if train and self.limit_train_samples:
             data = torch.utils.data.Subset(data, range(min(self.limit_train_samples, len(data))))
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if train and len(data) < self.batch_size * world:
+            raise ValueError(
+                f"the training split has {len(data)} samples, fewer than one batch (data.batch_size={self.batch_size}"
+                + (f" x {world} ranks" if world > 1 else "") + "): nothing to train on"
+            )
+        if train:
+            data = SkipUnreadable(data, self.sample_errors, self.max_skipped_samples)
         if not train and self.controls:
             keys = self.image_keys(data)
             if keys is not None:
                 data = ShuffledImages(data, keys, seed=self.seed)
         w = self._num_workers
-        sampler = _EpochSampler(len(data), self.shuffle, self.seed, skip=self._resumed_samples()) if train else None
+        sampler = None
+        if train:
+            t = self.trainer
+            world, rank = (t.world_size, t.global_rank) if t is not None else (1, 0)
+            sampler = _EpochSampler(len(data), self.shuffle, self.seed, skip=self._resumed_samples(),
+                                    num_replicas=world, rank=rank)
         return DataLoader(
             data,
             batch_size=self.batch_size if train else self.val_batch_size,
@@ -522,12 +590,12 @@ class FinetuneDataModule(pl.LightningDataModule):
         )
 
     def _resumed_samples(self) -> int:
-        """Training samples of the current epoch a resumed run has already trained on (0 otherwise)."""
+        """Training samples of the current epoch this rank has already trained on in a resumed run (0
+        otherwise)."""
         trainer = self.trainer
         if trainer is None or not trainer.fit_loop.restarting:
             return 0
-        done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
-        return done * self.batch_size * max(1, trainer.world_size)
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed) * self.batch_size
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

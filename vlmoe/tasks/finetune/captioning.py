@@ -19,6 +19,7 @@ evaluation: a COCO-format caption file of images and references (``val_captions`
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor
 
 from vlmoe.data import Collator, build_tokenizer, caption_mask
-from vlmoe.data.coco import COCOCaptions, KarpathyCaptions, karpathy_to_coco
+from vlmoe.data.coco import COCOCaptions, KarpathyCaptions, karpathy_coco
 from vlmoe.io import atomic_write_json
 from vlmoe.metrics.captioning import CaptionEvaluator, results_list
 from vlmoe.models import VLMoE, VLMoEForCaptioning
@@ -111,6 +112,7 @@ class CaptioningTask(FinetuneTask):
 
     metric_key = "CIDEr"
     has_control = True
+    needs_text = True
 
     def __init__(
         self,
@@ -170,7 +172,7 @@ class CaptioningTask(FinetuneTask):
         out = Path(self.output_dir)
         atomic_write_json(out / f"{stage}_captions.json", results_list(evaluator.records))
         if metrics:
-            atomic_write_json(out / f"{stage}_metrics.json", {"step": self.trainer.global_step, **metrics}, indent=1)
+            atomic_write_json(out / f"{stage}_metrics.json", {"step": self.evaluated_step, **metrics}, indent=1)
 
 
 class CaptionCollator:
@@ -203,8 +205,9 @@ class CaptioningDataModule(FinetuneDataModule):
             ``gt_dir``).
         val_captions: instead of a Karpathy split, evaluate the images of this COCO-format caption
             file (NoCaps' val, ...; images under ``image_root``), which is also the ground truth.
-        gt_dir: where ground-truth files written from ``karpathy`` go (default: next to it,
-            never overwriting a file that differs).
+        gt_dir: where ground-truth files written from ``karpathy`` go (default: next to it). A file
+            written there from an earlier version of the Karpathy file is rewritten; a file of the same
+            name with other content is an error, never overwritten.
         mask_prob: share of each training caption's tokens that is masked (BEiT-3's
             ``captioning_mask_prob``; its docs use 0.7).
         **kwargs: :class:`~vlmoe.tasks.finetune.FinetuneDataModule` options (``max_len`` 32: BEiT-3's
@@ -232,6 +235,7 @@ class CaptioningDataModule(FinetuneDataModule):
         self.splits = {"val": val_split, "test": test_split}
         self.gt_files = {"val": val_gt, "test": test_gt}
         self.val_captions, self.gt_dir, self.mask_prob = val_captions, gt_dir, mask_prob
+        self._gt_paths: dict[str, str] = {}  # stage -> its ground truth, checked against the Karpathy file
 
     def demo_files(self, d: Any) -> dict[str, Any]:
         return {"karpathy": d.coco_karpathy, "image_root": d.coco_images}
@@ -249,11 +253,29 @@ class CaptioningDataModule(FinetuneDataModule):
         f = self.resolve()
         if not f["karpathy"]:
             raise ValueError(f"data.{stage}_gt is not set and there is no data.karpathy to write it from")
+        if stage in self._gt_paths:
+            return self._gt_paths[stage]
         split = self.splits[stage]
         folder = Path(self.gt_dir) if self.gt_dir else Path(f["karpathy"]).parent / "annotations"
         path = folder / f"coco_karpathy_{split}_gt.json"
-        if not path.exists():
-            karpathy_to_coco(f["karpathy"], split, path)
+        gt = karpathy_coco(f["karpathy"], split)
+        if path.exists():
+            try:
+                held = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                held = None
+            if held == gt:
+                self._gt_paths[stage] = str(path)
+                return str(path)
+            # a file written from an earlier version of the Karpathy file is refreshed; anything else
+            # is the user's and stays as it is
+            if not (isinstance(held, dict) and held.get("info") == gt["info"]):
+                raise ValueError(
+                    f"{path}: differs from the {split!r} split of {f['karpathy']} and was not written from it; "
+                    f"give it as data.{stage}_gt to score against it, or another data.gt_dir"
+                )
+        atomic_write_json(path, gt)
+        self._gt_paths[stage] = str(path)
         return str(path)
 
     def setup(self, stage: str | None = None) -> None:

@@ -174,7 +174,7 @@ class DetectionTask(FinetuneTask):
         out = Path(self.output_dir)
         atomic_write_json(out / f"{stage}_detections.json", evaluator.results())
         if metrics:
-            atomic_write_json(out / f"{stage}_metrics.json", {"step": self.trainer.global_step, **metrics}, indent=1)
+            atomic_write_json(out / f"{stage}_metrics.json", {"step": self.evaluated_step, **metrics}, indent=1)
 
 
 class DetectionDataModule(FinetuneDataModule):

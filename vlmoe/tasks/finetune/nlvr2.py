@@ -26,6 +26,7 @@ class NLVR2Task(FinetuneTask):
     """NLVR2 finetuning (see the module docstring); options: :class:`~vlmoe.tasks.finetune.FinetuneTask`'s."""
 
     has_control = True
+    needs_text = True
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -60,6 +60,7 @@ class RetrievalTask(FinetuneTask):
     """Retrieval finetuning (see the module docstring); options: :class:`~vlmoe.tasks.finetune.FinetuneTask`'s."""
 
     metric_key = "average_score"
+    needs_text = True
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -109,7 +110,7 @@ class RetrievalTask(FinetuneTask):
 
         if metrics:
             atomic_write_json(Path(self.output_dir) / f"{stage}_metrics.json",
-                              {"step": self.trainer.global_step, **metrics}, indent=1)
+                              {"step": self.evaluated_step, **metrics}, indent=1)
 
 
 class RetrievalCollator:

@@ -67,6 +67,7 @@ class VQATask(FinetuneTask):
 
     default_overrides = {"final_norm": False}
     has_control = True
+    needs_text = True
 
     def __init__(self, answers: list[str] | None = None, loss: str = "bce", **kwargs: Any) -> None:
         self.answers = list(answers or [])
