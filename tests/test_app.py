@@ -5,6 +5,7 @@ screenshot is kept in ``build/test-artifacts/app.png``."""
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import time
@@ -88,6 +89,18 @@ def test_page_answers_as_the_predictor_does_for_every_task(kind, tmp_path) -> No
             respond(model, img, "  ")
     with pytest.raises(ValueError, match="upload an image"):
         respond(model, None, *rest)
+
+
+def test_page_draws_detections_of_a_large_upload_on_a_picture_of_at_most_1024_pixels(tmp_path) -> None:
+    from vlmoe.app import respond
+
+    model = vlmoe.load(_export(tmp_path, "detect"))
+    img = Image.new("RGB", (1600, 1200), (200, 20, 20))
+    text, drawn, _, _ = respond(model, img, 0.0)
+    assert drawn.size == (1024, 768)  # vlmoe.app.DRAW_SIZE: the masks come at this size, not the upload's
+    boxes = [ast.literal_eval(line.split(" ", 2)[2]) for line in text.splitlines()]  # in the upload's pixels
+    assert boxes and all(0 <= x0 <= x1 <= 1600 and 0 <= y0 <= y1 <= 1200 for x0, y0, x1, y1 in boxes)
+    assert max(b[2] for b in boxes) > 1024
 
 
 def test_app_without_gradio_names_the_extra(monkeypatch) -> None:

@@ -1,11 +1,13 @@
 """A local web page for one model: ``vlmoe app --model DIR`` (Gradio, the optional extra ``vlmoe[app]``).
 
 Upload an image and, depending on the model's task, ask a question (VQA), get a caption, the top
-classes or the detections (boxes and masks drawn on the image), or check a sentence against a second
-image (NLVR2), or score texts against it (retrieval). Next to the answer the page shows the routing
-map of that image: every patch coloured by its first-choice expert in each vision MoE layer (one panel
-per MH-MoE sub-token head), computed by :func:`vlmoe.analysis.patch_expert_maps` on the image exactly
-as the model saw it. The server binds to 127.0.0.1 unless told otherwise.
+classes or the detections (boxes and masks drawn on the image scaled down to at most :data:`DRAW_SIZE`
+pixels a side, which is what the detector is run on; the boxes listed are in the upload's pixels), or
+check a sentence against a second image (NLVR2), or score texts against it (retrieval). Next to the
+answer the page shows the routing map of that image: every patch coloured by its first-choice expert
+in each vision MoE layer (one panel per MH-MoE sub-token head), computed by
+:func:`vlmoe.analysis.patch_expert_maps` on the image exactly as the model saw it. The server binds to
+127.0.0.1 unless told otherwise.
 
     from vlmoe.app import build_app
     app = build_app(vlmoe.load("out/vqa"))
@@ -19,11 +21,12 @@ from typing import Any
 
 import torch
 
-from vlmoe.inference import Predictor, open_image
+from vlmoe.inference import Predictor, fit_within, open_image
 
-__all__ = ["MissingExtraError", "build_app", "respond", "routing_picture"]
+__all__ = ["DRAW_SIZE", "MissingExtraError", "build_app", "respond", "routing_picture"]
 
 TITLE = "vlmoe"
+DRAW_SIZE = 1024  # the longer side of the picture the detections are drawn on (a page shows no more)
 
 
 class MissingExtraError(ImportError):
@@ -108,9 +111,15 @@ def respond(predictor: Predictor, img: Any, *rest: Any) -> tuple[str, Any, Any, 
     elif task == "image_classification":
         text = "\n".join(f"{c['label']}  ({c['score']:.3f})" for c in predictor.classify(img, 5)[0])
     elif task == "detection":
-        dets = predictor.detect(img, score_threshold=float(rest[0]) if rest else 0.5)[0]
-        text = "\n".join(f"{d['label']} {d['score']:.2f} {d['box']}" for d in dets) or "no detections"
-        shown = _draw_detections(img, dets)
+        # detect on the picture that is shown, so the masks come at its size, not the upload's
+        upload = open_image(img)
+        picture = fit_within(upload, DRAW_SIZE)
+        dets = predictor.detect(picture, score_threshold=float(rest[0]) if rest else 0.5)[0]
+        (w, h), (pw, ph) = upload.size, picture.size
+        scale = [w / pw, h / ph] * 2  # picture -> upload pixels, per box coordinate
+        text = "\n".join(f"{d['label']} {d['score']:.2f} {[round(v * f, 2) for v, f in zip(d['box'], scale)]}"
+                         for d in dets) or "no detections"
+        shown = _draw_detections(picture, dets)
     elif task == "nlvr2":
         if len(rest) < 2 or rest[0] is None or not (rest[1] or "").strip():
             raise ValueError("upload the right image and write a sentence")

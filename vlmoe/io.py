@@ -3,10 +3,11 @@
 Every file vlmoe produces (checkpoints, exports, configs, metrics, predictions, shards' ``sizes.json``)
 goes through :func:`atomic_write`: the bytes go to a temporary file *beside* the target (same
 filesystem, so the final rename is atomic), are flushed to disk, the file gets the mode a plain
-``open()`` would give it (``0666 & ~umask``), and is renamed over the target; the directory entry is
-flushed too. A reader therefore sees the old complete file or the new complete file, never a torn
-one, and a kill mid-write leaves only a hidden temporary named ``.<target>.<random>.tmp``, which
-:func:`remove_stale_temporaries` cleans on the next start.
+``open()`` would give it (``0666 & ~umask``; a copy no more than its source's), and is renamed over the
+target; the directory entry is flushed too. A reader therefore sees the old complete file or the new
+complete file, never a torn one, and a kill mid-write leaves only a hidden temporary named
+``.<target>.<random>.tmp``, which :func:`remove_stale_temporaries` cleans on the next start. A
+directory is never replaced.
 
 :func:`torch_load` reads ``torch.save`` files without unpickling code (``weights_only=True``) and
 turns torch's long failure texts into one line that says what is wrong with the file.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -56,13 +58,18 @@ def _fsync_dir(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb", *, overwrite: bool = True) -> Iterator[Any]:
+def atomic_write(
+    path: str | os.PathLike, mode: str = "wb", *, overwrite: bool = True, permissions: int | None = None
+) -> Iterator[Any]:
     """Open a temporary file beside ``path`` for writing; on success it replaces ``path``.
 
     Args:
-        path: the target file (its folder is created if needed).
+        path: the target file (its folder is created if needed; a directory there is an
+            ``IsADirectoryError``, whatever ``overwrite`` says).
         mode: ``"wb"`` or ``"w"`` (text, UTF-8).
         overwrite: False: refuse (``FileExistsError``) when ``path`` exists.
+        permissions: the most the file may allow, e.g. the mode of the file it copies: it gets
+            ``0666 & ~umask & permissions``.
 
     Yields:
         The open file object. Raising inside the block removes the temporary and leaves ``path``
@@ -71,6 +78,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *, overwrite: bool =
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_write mode must be 'wb' or 'w', got {mode!r}")
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; vlmoe writes a file there and never replaces a directory")
     if not overwrite and path.exists():
         raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,7 +89,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *, overwrite: bool =
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, _default_mode())  # mkstemp creates 0600
+        os.chmod(tmp, _default_mode() & (0o777 if permissions is None else permissions))  # mkstemp: 0600
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -151,8 +160,9 @@ def torch_load(path: str | os.PathLike, *, allow: tuple[type, ...] = ()) -> Any:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file is not a torch checkpoint, is truncated / corrupt, or holds Python
-            objects other than tensors and containers (named; code is never unpickled).
+        ValueError: the file is not a torch checkpoint, is truncated / corrupt, or is refused because
+            unpickling it would import or call Python code (the name it asks for is given); vlmoe has no
+            option to unpickle code.
     """
     import pickle
 
@@ -166,11 +176,42 @@ def torch_load(path: str | os.PathLike, *, allow: tuple[type, ...] = ()) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
         text = str(e)
-        marker = "Unsupported global: GLOBAL "
-        if marker in text:
-            name = text.split(marker, 1)[1].split()[0]
+        fix = ("if you trust the file, re-save its tensors with torch.save(model.state_dict()) or as safetensors; "
+               "vlmoe has no option to unpickle code")
+        # torch names the global its safe unpickler refused: "Unsupported global: GLOBAL argparse.Namespace
+        # was not an allowed global" or "unsupported GLOBAL posix.system whose module posix is blocked"
+        found = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", text, re.IGNORECASE)
+        if found:
             raise ValueError(
-                f"{path}: holds Python objects other than tensors ({name}); vlmoe never unpickles code "
-                "(torch.load weights_only=True). Re-save its state dict with torch.save(model.state_dict())."
+                f"{path}: holds Python objects other than tensors ({found[1]}); refused: unpickling it would run code "
+                f"(import and call {found[1]}; vlmoe loads with torch.load weights_only=True); {fix}"
+            ) from None
+        opcode = re.search(r"Unsupported operand (\d+)", text)
+        if opcode and _is_a_pickle(path):
+            name = _pickle_opcode_name(int(opcode[1]))
+            raise ValueError(
+                f"{path}: a pickle that the safe loader (torch.load weights_only=True) refuses (pickle opcode "
+                f"{name}); unpickling it fully could run code; {fix}"
             ) from None
         raise ValueError(f"{path}: not a checkpoint or corrupt (torch.load cannot read it)") from None
+
+
+def _is_a_pickle(path: Path) -> bool:
+    """Whether the file is a well-formed pickle: its opcodes are parsed up to STOP, none is executed."""
+    import pickletools
+
+    try:
+        with open(path, "rb") as f:
+            for _ in pickletools.genops(f):
+                pass
+    except Exception:  # pickletools raises ValueError, EOFError, struct.error, ... on anything else
+        return False
+    return True
+
+
+def _pickle_opcode_name(code: int) -> str:
+    """``149`` -> ``"FRAME"`` (the number itself when no opcode has it)."""
+    import pickletools
+
+    op = next((o for o in pickletools.opcodes if ord(o.code) == code), None)
+    return op.name if op else str(code)

@@ -107,3 +107,91 @@ def test_exported_files_have_the_usual_permissions(tmp_path):
         os.umask(old)
     for f in (out / "model.safetensors", out / "config.json", tmp_path / "b.pth"):
         assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+
+
+def _folder_with_tokenizer(tmp_path, tokenizer):
+    """A tiny model folder whose config.json names ``tokenizer`` as its preprocess tokenizer."""
+    from vlmoe.data import preprocess_dict
+
+    folder = save_pretrained(create_model("tiny"), tmp_path / "m", preprocess=preprocess_dict(32), overwrite=True)
+    config = json.loads((folder / "config.json").read_text())
+    config["preprocess"]["tokenizer"] = tokenizer
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_model_folder_never_makes_export_or_load_read_a_file_outside_it(tmp_path, capsys, monkeypatch):
+    import vlmoe
+
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    secret = home / ".ssh" / "id_rsa"
+    secret.write_text("PRIVATE KEY")
+    (home / "tokenizer.json").write_text('{"not": "a tokenizer"}')
+    monkeypatch.setenv("HOME", str(home))
+    for name in ("~/.ssh/id_rsa", str(secret), "../home/tokenizer.json", "link.json"):
+        folder = _folder_with_tokenizer(tmp_path, name)
+        (folder / "link.json").unlink(missing_ok=True)
+        (folder / "link.json").symlink_to(home / "tokenizer.json")  # inside by name, outside by its real path
+        err = _fails(capsys, ["export", str(folder), str(tmp_path / "out"), "--overwrite"])
+        assert f"config.json: preprocess.tokenizer {name!r} is outside the model folder" in err, err
+        assert not (tmp_path / "out").exists()
+        with pytest.raises(ValueError, match="preprocess.tokenizer"):
+            vlmoe.load(folder)
+    folder = _folder_with_tokenizer(tmp_path, "clip")  # a built-in tokenizer is a name, not a file
+    vlmoe_main(["export", str(folder), str(tmp_path / "out")])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_a_bundled_tokenizer_file_gets_no_broader_permissions_than_its_source(tmp_path):
+    import os
+    import stat
+
+    from vlmoe.data import preprocess_dict
+
+    tok = tmp_path / "spm.model"
+    tok.write_bytes(b"a private tokenizer")
+    tok.chmod(0o600)
+    old = os.umask(0o022)
+    try:
+        out = save_pretrained(create_model("tiny"), tmp_path / "m", preprocess=preprocess_dict(32, tokenizer=str(tok)))
+    finally:
+        os.umask(old)
+    assert (out / "spm.model").read_bytes() == b"a private tokenizer"
+    assert stat.S_IMODE((out / "spm.model").stat().st_mode) == 0o600
+    assert json.loads((out / "config.json").read_text())["preprocess"]["tokenizer"] == "spm.model"
+    (tmp_path / "id_rsa").write_text("PRIVATE KEY")  # a file that is no tokenizer is never copied
+    with pytest.raises(ValueError, match="is not a tokenizer file"):
+        save_pretrained(create_model("tiny"), tmp_path / "n",
+                        preprocess=preprocess_dict(32, tokenizer=str(tmp_path / "id_rsa")))
+    assert not (tmp_path / "n" / "id_rsa").exists()
+
+
+def test_a_training_checkpoint_cannot_have_a_local_file_copied(tmp_path, capsys):
+    from vlmoe.data import preprocess_dict
+
+    model = create_model("tiny")
+    (tmp_path / "secrets.json").write_text('{"token": "s3cr3t"}')
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "vlmoe_config": model.config.to_dict(), "vlmoe_task": None,
+                "vlmoe_preprocess": preprocess_dict(32, tokenizer=str(tmp_path / "secrets.json"))},
+               tmp_path / "last.ckpt")
+    err = _fails(capsys, ["export", str(tmp_path / "last.ckpt"), str(tmp_path / "out")])
+    assert "secrets.json" in err and "it is not copied into" in err, err
+    assert not (tmp_path / "out" / "secrets.json").exists()
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_saying_so(tmp_path, capsys):
+    import os
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo this must never run",))
+
+    torch.save({"w": torch.zeros(1), "e": Evil()}, tmp_path / "evil.pth")
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"e": Evil()}, protocol=4))
+    for name, why in (("evil.pth", "(posix.system)"), ("evil.pkl", "refuses (pickle opcode FRAME)")):
+        err = _fails(capsys, ["export", str(tmp_path / name), str(tmp_path / "out"), "--config", "tiny"])
+        assert err.startswith(f"vlmoe export: {tmp_path / name}: ") and why in err and "run code" in err, err
+        assert "not a checkpoint or corrupt" not in err and "weights_only=False" not in err

@@ -29,6 +29,24 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _check_tokenizer_file(preprocess: dict[str, Any] | None, out: str) -> None:
+    """The tokenizer file a checkpoint names is copied into the export: it must load as a tokenizer, so a
+    crafted checkpoint cannot have some other local file copied."""
+    tok = (preprocess or {}).get("tokenizer")
+    if not tok or not Path(str(tok)).expanduser().is_file():
+        return  # a built-in name (clip), or a file the export does not copy
+    from vlmoe.data import build_tokenizer
+
+    try:
+        build_tokenizer(str(tok))
+    except ImportError as e:  # the library that reads this kind of tokenizer is missing
+        raise ValueError(f"preprocess.tokenizer {tok}: cannot check that it is a tokenizer ({e}); "
+                         f"it is not copied into {out}") from None
+    except Exception as e:  # SentencePiece and tokenizers raise their own types
+        raise ValueError(f"preprocess.tokenizer {tok}: not a tokenizer file ({type(e).__name__}); "
+                         f"it is not copied into {out}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vlmoe export",
@@ -63,6 +81,7 @@ def main(argv: list[str] | None = None) -> Path:
     if args.to == "beit3":
         out = export_beit3(model, args.out, overwrite=args.overwrite)
     else:
+        _check_tokenizer_file(preprocess, args.out)
         out = save_pretrained(model, args.out, preprocess=preprocess, overwrite=args.overwrite)
     n = sum(p.numel() for p in model.parameters())
     task = getattr(model, "task", "") or "backbone"

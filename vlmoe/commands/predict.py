@@ -5,11 +5,16 @@
     vlmoe predict classify --model out/cls "shots/*.png" --topk 3 --out preds.jsonl
     vlmoe predict detect --model out/det street.jpg --score-threshold 0.6
 
-INPUTS are image files, folders (searched recursively for .jpg .jpeg .png .webp .bmp .gif .tif .tiff)
-or glob patterns. Each line of the output (stdout, or ``--out FILE``, never overwritten without
-``--overwrite``) is ``{"image": path, ...}`` with the task's result; images that cannot be read are
-reported on stderr, skipped and counted. Detection lines carry boxes, labels and scores (masks are not
-written; use ``vlmoe.load(...).detect`` for them).
+INPUTS are image files, folders (searched recursively for .jpg .jpeg .png .webp .bmp .gif .tif .tiff,
+following links to folders) or glob patterns. Each line of the output (stdout, or ``--out FILE``, never
+overwritten without ``--overwrite``, never a directory) is ``{"image": path, ...}`` with the task's
+result; a path that is not valid UTF-8 is written with its undecodable bytes as ``\\xNN`` escapes
+(Python's ``backslashreplace``), so the output is always valid UTF-8. Images that cannot be read or
+are over PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) are reported on stderr,
+skipped and counted; so are the parts of a folder that cannot be searched (an unreadable folder, a
+symbolic link loop, a link back into the folder being searched, a broken link named like an image).
+Detection lines carry boxes, labels and scores (masks are not written; use ``vlmoe.load(...).detect``
+for them).
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,20 +52,61 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def find_images(inputs: list[str]) -> list[Path]:
+def display_name(path: str | os.PathLike) -> str:
+    """``path`` as valid UTF-8 text: bytes that are not UTF-8 become ``\\xNN`` escapes (``ls -b`` style)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _search(folder: Path, left_out: list[str], parents: tuple[str, ...] = ()) -> Iterator[Path]:
+    """The image files under ``folder`` (links to folders followed); what cannot be searched is appended to
+    ``left_out`` as ``"<path>: <why>"``."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as e:
+        left_out.append(f"{display_name(folder)}: cannot list this folder ({e.strerror})")
+        return
+    parents = (*parents, os.path.realpath(folder))
+    for entry in entries:
+        path = Path(entry.path)
+        try:
+            if entry.is_dir():  # follows a link; raises on a link loop
+                if os.path.realpath(path) in parents:
+                    left_out.append(f"{display_name(path)}: a link back to a folder being searched (a loop)")
+                else:
+                    yield from _search(path, left_out, parents)
+            elif path.suffix.lower() in IMAGE_EXTENSIONS:
+                if entry.is_file():
+                    yield path
+                elif entry.is_symlink():
+                    left_out.append(f"{display_name(path)}: a broken symbolic link")
+        except OSError as e:
+            left_out.append(f"{display_name(path)}: {e.strerror or e}")
+
+
+def find_images(inputs: list[str], left_out: list[str] | None = None) -> list[Path]:
     """The image files named by ``inputs`` (files, folders searched recursively, glob patterns), in order,
-    each once; an input that matches nothing is an error naming it."""
+    each once; an input that matches nothing is an error naming it.
+
+    Args:
+        inputs: files, folders or glob patterns.
+        left_out: receives one ``"<path>: <why>"`` line per part of a folder that cannot be searched (an
+            unreadable folder, a symbolic link loop, a link back into the folder, a broken image link).
+    """
+    left_out = [] if left_out is None else left_out
     found: list[Path] = []
     for item in inputs:
         p = Path(item)
+        problems: list[str] = []
         if p.is_dir():
-            matches = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+            matches = sorted(_search(p, problems))
         elif p.is_file():
             matches = [p]
         else:
             matches = sorted(Path(m) for m in glob.glob(item, recursive=True) if Path(m).is_file())
         if not matches:
-            raise FileNotFoundError(f"{item}: no image file, folder with images or matching glob")
+            why = f" ({problems[0]})" if problems else ""
+            raise FileNotFoundError(f"{item}: no image file, folder with images or matching glob{why}")
+        left_out += problems
         found += matches
     seen: set[Path] = set()
     return [f for f in found if not (f.resolve() in seen or seen.add(f.resolve()))]
@@ -68,10 +116,18 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.task == "answer" and not args.question:
         raise ValueError("vlmoe predict answer needs --question")
+    for option, value in (("--topk", args.topk), ("--beam", args.beam), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ValueError(f"{option} must be >= 1, got {value}")
+    if args.out and Path(args.out).is_dir():
+        raise IsADirectoryError(f"--out {args.out} is a directory; give a file path (a directory is never replaced)")
     if args.out and Path(args.out).exists() and not args.overwrite:
         raise FileExistsError(f"--out {args.out} exists; choose another file or add --overwrite")
-    images = find_images(args.inputs)
-    from vlmoe.inference import load, open_image
+    left_out: list[str] = []
+    images = find_images(args.inputs, left_out)
+    for problem in left_out:
+        print(f"vlmoe predict: left out {problem}", file=sys.stderr)
+    from vlmoe.inference import load
 
     model = load(args.model, device=args.device, batch_size=args.batch_size)
     run = {
@@ -88,15 +144,15 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
         ok, opened = [], []
         for path in images[start : start + args.batch_size]:
             try:
-                opened.append(open_image(path))
+                opened.append(model.open(path))  # at most the size the model needs (see vlmoe.inference)
                 ok.append(path)
             except (OSError, ValueError) as e:
                 skipped += 1
-                print(f"vlmoe predict: skipped {path}: {e}", file=sys.stderr)
+                print(f"vlmoe predict: skipped {display_name(path)}: {display_name(str(e))}", file=sys.stderr)
         if opened:
             for path, result in zip(ok, run(opened)):
                 key = "predictions" if isinstance(result, list) else None
-                row: dict[str, Any] = {"image": str(path), **({key: result} if key else result)}
+                row: dict[str, Any] = {"image": display_name(path), **({key: result} if key else result)}
                 lines.append(json.dumps(row))
         progress(min(len(images), start + args.batch_size))
     text = "\n".join(lines) + ("\n" if lines else "")
@@ -106,10 +162,11 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
         atomic_write_text(args.out, text)
     else:
         sys.stdout.write(text)
-    summary = {"images": len(images), "predicted": len(lines), "skipped": skipped}
+    summary = {"images": len(images), "predicted": len(lines), "skipped": skipped, "left_out": len(left_out)}
     print(f"vlmoe predict {args.task}: {len(lines)} of {len(images)} images"
-          + (f", {skipped} skipped (unreadable)" if skipped else "") + (f" -> {args.out}" if args.out else ""),
-          file=sys.stderr)
+          + (f", {skipped} skipped (unreadable or too large)" if skipped else "")
+          + (f", {len(left_out)} folder entries left out (see above)" if left_out else "")
+          + (f" -> {args.out}" if args.out else ""), file=sys.stderr)
     return summary
 
 

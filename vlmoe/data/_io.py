@@ -96,22 +96,32 @@ def decode_image(data: bytes, mode: str = "RGB", draft: tuple[int, int] | None =
         data: the encoded image (JPEG, PNG, WebP, ...).
         mode: PIL mode to convert to.
         draft: for JPEG, let the decoder scale down by a power of two while keeping at least this
-            (width, height): several times faster on large web images, same result after a resize.
+            (width, height): several times faster on large web images, same result after a resize. A
+            scaled-down image keeps the file's (width, height) in ``img.info["original_size"]``.
     """
     img = Image.open(io.BytesIO(data))
+    size = img.size
     if draft is not None and img.format == "JPEG":
         img.draft(mode, draft)
     img.load()  # raises OSError on a truncated or corrupt file
+    if img.size != size:
+        img.info["original_size"] = size
     return img.convert(mode) if img.mode != mode else img
 
 
-def load_image(path: str | os.PathLike, record: str = "", mode: str = "RGB") -> Image.Image:
+def load_image(
+    path: str | os.PathLike, record: str = "", mode: str = "RGB", draft: tuple[int, int] | None = None
+) -> Image.Image:
     """Open an image file, naming the path and the record that refers to it on failure.
+
+    An image over PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS`` times two) is an
+    ``OSError`` like a corrupt one: it is refused before its pixels are decoded.
 
     Args:
         path: the image file.
         record: a description of the record that points at the image (for the message).
         mode: PIL mode to convert to.
+        draft: see :func:`decode_image`.
     """
     path = Path(path)
     ref = f" (referenced by {record})" if record else ""
@@ -119,6 +129,6 @@ def load_image(path: str | os.PathLike, record: str = "", mode: str = "RGB") -> 
         raise FileNotFoundError(f"image not found: {path}{ref}")
     try:
         with open(path, "rb") as f:
-            return decode_image(f.read(), mode)
-    except OSError as e:
+            return decode_image(f.read(), mode, draft)
+    except (OSError, Image.DecompressionBombError) as e:
         raise OSError(f"cannot decode image {path}{ref}: {e}") from None

@@ -12,9 +12,11 @@
      "preprocess": {"image_size": 480, "mean": [...], "std": [...], "interpolation": "bicubic",
                     "resize": "squash", "tokenizer": "clip", "max_len": 64} | null}
 
-A tokenizer given as a file (SentencePiece model, ``tokenizer.json``) is copied into the folder and
-named relative to it, so a folder needs nothing else to predict. Folders written by earlier vlmoe
-versions (a flat model config, pretraining heads listed under ``heads``) load as before.
+A tokenizer given as a file (SentencePiece model, ``tokenizer.json``) is copied into the folder (with
+no broader permissions than the file has) and named relative to it, so a folder needs nothing else to
+predict. A folder's tokenizer file must lie inside it (its real path, links followed): its config
+never makes vlmoe read or copy a file outside the folder. Folders written by earlier vlmoe versions (a
+flat model config, pretraining heads listed under ``heads``) load as before.
 
     vlmoe export beit3_base_patch16_224.pth out/beit3_base                 # official BEiT-3 -> vlmoe
     vlmoe export beit3_base_patch16_224.pth out/xmoe8 --config base_xmoe8  # ... upcycled to MoE
@@ -28,7 +30,9 @@ replaced unless ``overwrite`` is asked for.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +70,8 @@ __all__ = [
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 FORMAT_VERSION = 2
+# what vlmoe.data.build_tokenizer reads as a file; any other value without a path in it is a name (clip)
+TOKENIZER_FILE_SUFFIXES = (".json", ".spm", ".model")
 
 
 def _state_dict(model: nn.Module) -> dict[str, Any]:
@@ -84,13 +90,32 @@ def _bundle_tokenizer(preprocess: dict[str, Any] | None, out: Path, overwrite: b
     tok = Path(str(preprocess["tokenizer"])).expanduser()
     if not tok.is_file():
         return preprocess
+    if not tok.name.lower().endswith(TOKENIZER_FILE_SUFFIXES):
+        raise ValueError(f"preprocess.tokenizer {str(tok)!r} is not a tokenizer file "
+                         f"({' / '.join(TOKENIZER_FILE_SUFFIXES)}); it is not copied into {out}")
     target = out / tok.name
     if target.resolve() != tok.resolve():
         if target.exists() and not overwrite:
             raise FileExistsError(f"{target} exists; pass overwrite=True (--overwrite) to replace it")
-        with atomic_write(target) as f, open(tok, "rb") as src:
+        mode = stat.S_IMODE(tok.stat().st_mode)
+        with open(tok, "rb") as src, atomic_write(target, permissions=mode) as f:
             shutil.copyfileobj(src, f)
     return {**preprocess, "tokenizer": tok.name}
+
+
+def _tokenizer_in_folder(value: Any, folder: Path, where: str) -> str:
+    """A model folder's ``preprocess.tokenizer``: a name (``clip``) as it is, a file as its real path, which
+    must lie inside ``folder`` (links followed); anything else is a ValueError naming ``where``."""
+    name = str(value)
+    if not ("/" in name or os.sep in name or name.startswith("~") or name.lower().endswith(TOKENIZER_FILE_SUFFIXES)):
+        return name  # vlmoe.data.build_tokenizer knows it or refuses it without reading a file
+    path = (folder / name).resolve()
+    if name.startswith("~") or not path.is_relative_to(folder.resolve()):
+        raise ValueError(f"{where}: preprocess.tokenizer {name!r} is outside the model folder {folder} "
+                         "(a folder's files must be inside it; or name a built-in tokenizer such as 'clip')")
+    if not path.is_file():
+        raise ValueError(f"{where}: preprocess.tokenizer {name!r} is not a file in the model folder {folder}")
+    return str(path)
 
 
 def save_pretrained(
@@ -168,8 +193,8 @@ class ExportInfo:
             config = VLMoEConfig.from_dict(model)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{where}: {e}") from None
-        if pre and pre.get("tokenizer") and (weights.parent / str(pre["tokenizer"])).is_file():
-            pre = {**pre, "tokenizer": str(weights.parent / str(pre["tokenizer"]))}
+        if pre and pre.get("tokenizer"):
+            pre = {**pre, "tokenizer": _tokenizer_in_folder(pre["tokenizer"], weights.parent, where)}
         return cls(config, task or None, pre or None, weights)
 
 
