@@ -15,8 +15,8 @@
 A tokenizer given as a file (SentencePiece model, ``tokenizer.json``) is copied into the folder (with
 no broader permissions than the file has) and named relative to it, so a folder needs nothing else to
 predict. A folder's tokenizer file must lie inside it (its real path, links followed): its config
-never makes vlmoe read or copy a file outside the folder. Folders written by earlier vlmoe versions (a
-flat model config, pretraining heads listed under ``heads``) load as before.
+never makes vlmoe read or copy a file outside the folder. Folders in vlmoe's older format (a flat model
+config, pretraining heads listed under ``heads``) load too.
 
     vlmoe export beit3_base_patch16_224.pth out/beit3_base                 # official BEiT-3 -> vlmoe
     vlmoe export beit3_base_patch16_224.pth out/xmoe8 --config base_xmoe8  # ... upcycled to MoE

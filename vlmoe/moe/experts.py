@@ -8,10 +8,8 @@ Weights have the shape ``(E, in, out)`` so that rows multiply on the left (``x @
 
 Memory layout: both are row-major (E, in, out). The kernels take any dense layout: a ``w1`` stored as
 each expert's (out, in) matrix (the transposed view of an (E, out, in) tensor) runs fc1's products
-~12 % faster on oneDNN (BENCHMARKS.md, eighth round) and gets its gradient in its own strides. It is not
-the default yet: it was reverted for an abort at process exit of the gloo expert-parallel + DDP test
-that later reproduced with the row-major layout too (2/25 runs; BENCHMARKS.md, ninth round), so the
-layout is not its cause and can become the default again.
+~12 % faster on oneDNN (BENCHMARKS.md, "fc1's weights stored (out, in)") and gets its gradient in its
+own strides. The parameters here are created row-major.
 """
 
 from __future__ import annotations

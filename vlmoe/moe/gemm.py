@@ -5,13 +5,13 @@ oneDNN ships in the same build (``torch.ops.mkldnn._linear_pointwise``, the kern
 backend uses for linears) and computes the same full-fp32 product. Which one is faster depends on the
 CPU's maker, because MKL picks its fastest code paths only on Intel's processors:
 
-- AMD EPYC (AVX-512; an earlier benchmark VM of this project): oneDNN, most of all at the row counts an
-  expert gets in an MoE layer - an fc1 GEMM of 128 x 768 x 3072 at ~150 GFLOP/s against ~85 through MKL,
-  which reaches its own best (~115-170) only from ~512 rows;
+- AMD EPYC (AVX-512): oneDNN, most of all at the row counts an expert gets in an MoE layer - an fc1
+  GEMM of 128 x 768 x 3072 at ~150 GFLOP/s against ~85 through MKL, which reaches its own best
+  (~115-170) only from ~512 rows;
 - Intel Xeon (AVX-512, 2 cores): MKL, 5-25 % faster than oneDNN on fc1 shapes from 128 to 2,088 rows
   and level on fc2 (``python tools/gemm_efficiency.py``); a whole ``base`` / ``base_moe8`` /
-  ``base_mhmoe8`` training step 9-20 % faster (BENCHMARKS.md, issue 17's sixth round);
-- AMD EPYC (Zen 3, AVX2, 2 cores; the seventh round): oneDNN 5-20 % ahead of MKL with an (out, in)
+  ``base_mhmoe8`` training step 9-20 % faster (BENCHMARKS.md, "the GEMM library by CPU maker");
+- AMD EPYC (Zen 3, AVX2, 2 cores): oneDNN 5-20 % ahead of MKL with an (out, in)
   weight, but a third slower than MKL with a transposed one, which oneDNN reorders in every call - hence
   :func:`onednn_takes`: whichever the backend, a product whose weight is not (out, in)-contiguous takes
   the BLAS (a ``base_moe8`` training step 15 % faster on that VM, the dense ``base`` 3 %).

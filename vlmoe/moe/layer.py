@@ -32,7 +32,8 @@ from .stats import MoEAux, RoutingStats
 
 
 class NonFiniteRoutingError(FloatingPointError, ValueError):
-    """An MoE layer's router produced NaN / inf logits (``layer`` names it; also a ValueError, as before)."""
+    """An MoE layer's router produced NaN / inf logits (``layer`` names it; a ValueError too, so the CLI
+    prints it as one line)."""
 
     def __init__(self, message: str, layer: str = "") -> None:
         super().__init__(message)

@@ -107,8 +107,9 @@ class AdamW(torch.optim.AdamW):
 
     The update is element-wise, so nothing changes but speed: torch's fused kernel runs ~6x slower on a
     non-contiguous tensor (8 x 768 x 3072 on CPU: 57 ms, against 9 ms handed over contiguous;
-    BENCHMARKS.md, ninth round). The optimizer's state is the same tensors. Before that, gradients and
-    moments in another layout than their parameter are copied into its layout (see :meth:`_match_layouts`).
+    BENCHMARKS.md, "the optimizer step"). The optimizer's state is the same tensors. Gradients and
+    moments in another layout than their parameter are first copied into its layout (see
+    :meth:`_match_layouts`).
     """
 
     def _match_layouts(self, group: dict[str, Any]) -> None:
@@ -171,8 +172,8 @@ def adamw(params: Iterable[Any], **kwargs: Any) -> torch.optim.AdamW:
 
     The fused kernel reads each parameter, its gradient and both moments once and writes them back:
     on CPU it is 2-4x faster than torch's default there (a loop over the tensors) and than
-    ``foreach``, which also allocates temporaries the size of the parameters (BENCHMARKS.md, ninth
-    round); the update is the loop's to rounding (``tests/tasks/test_base.py``).
+    ``foreach``, which also allocates temporaries the size of the parameters (BENCHMARKS.md, "the
+    optimizer step"); the update is the loop's to rounding (``tests/tasks/test_base.py``).
     """
     params = list(params)
     if fused_adamw_takes(p for g in params for p in (g["params"] if isinstance(g, Mapping) else [g])):
