@@ -145,11 +145,11 @@ def test_demo_captions(demo) -> None:
 def test_demo_nlvr2(demo) -> None:
     ds = NLVR2Dataset(demo.nlvr2_dev, demo.nlvr2_images)
     train = NLVR2Dataset(demo.nlvr2_train, demo.nlvr2_images)
-    assert len(train) == 1000 and len(ds) == 240
+    assert len(train) == 10000 and len(ds) == 1000
     labels = [r["label"] for r in train.records]
     assert 0.4 < labels.count("True") / len(labels) < 0.6
     groups = {consistency_group(r["identifier"]) for r in ds.records}
-    assert len(groups) == 60  # 4 image pairs per statement
+    assert len(groups) == 250  # 4 image pairs per statement
     s = train[0]
     assert s["image"].size == s["image2"].size == (64, 64) and s["label"] in (0, 1)
 

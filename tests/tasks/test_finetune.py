@@ -188,6 +188,16 @@ def test_task_head_lr_weight_scales_the_head_only(demo, tokenizer) -> None:
     assert scale["model.backbone.blocks.1.attn.qkv.vision.weight"] == 0.5 ** (top - 2)
 
 
+def test_nlvr2_head_init_scale_reaches_both_head_linears(demo, tokenizer) -> None:
+    dm = _data("nlvr2", demo, tokenizer)
+    torch.manual_seed(0)
+    beit3 = _task("nlvr2", dm).model.head
+    torch.manual_seed(0)
+    unit = _task("nlvr2", dm, head_init_scale=1.0).model.head
+    for lin in ("dense1", "dense2"):  # same draws, scaled by 1e-3 (BEiT-3) or not
+        assert torch.allclose(getattr(beit3, lin).weight, 1e-3 * getattr(unit, lin).weight)
+
+
 def test_imagenet_starts_from_a_timm_vit(demo, tmp_path) -> None:
     import timm
 

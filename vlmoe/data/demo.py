@@ -15,8 +15,9 @@ rectangle, triangle) in one of 8 colours on a light background, and 48k question
   COCO-format ``captions_{train,val}2014.json`` and Karpathy ``val`` / ``test`` ground-truth files,
   ``instances_{train,val}2014.json`` with boxes, areas and RLE masks *measured from the pixels*;
 - NLVR2: ``nlvr2/{train,dev,test1}.json`` (JSON lines) with true/false statements about two images,
-  four image pairs per statement (so the consistency metric is meaningful), images as
-  ``nlvr2/images/<split>/[<dir>/]<prefix>-img{0,1}.png``;
+  four image pairs per statement (so the consistency metric is meaningful; 10,000 training examples,
+  1,000 in dev and in test1), images as ``nlvr2/images/<split>/[<dir>/]<prefix>-img{0,1}.png`` (hard
+  links to one file per easy-vqa image where the filesystem allows);
 - ImageFolders: ``imagefolder/shape/{train,val}/<shape>/`` and
   ``imagefolder/color_shape/{train,val}/<color>_<shape>/``.
 
@@ -52,7 +53,11 @@ from vlmoe.io import atomic_write_json, atomic_write_text
 
 __all__ = ["DEMO_VERSION", "DemoPaths", "ImageFacts", "build_demo", "default_demo_dir", "measure_shape"]
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2
+
+# NLVR2 statements per split, each over 4 image pairs: 10,000 training examples (a two-image
+# comparison needs thousands to be learnt), 1,000 in dev and in test1
+NLVR2_SETS = {"train": 2500, "dev": 250, "test1": 250}
 STAMP = ".vlmoe-demo.json"
 SHAPES = ("circle", "rectangle", "triangle")  # category ids 1, 2, 3 and cls 0, 1, 2
 SHARD_SIZE = 500  # samples per pretraining shard: 8 train shards per stream (>= 2 ranks x 2 workers)
@@ -585,22 +590,33 @@ def _build(root: Path, seed: int) -> dict[str, int]:
     _write_karpathy_gt(karpathy, "test", paths.coco_karpathy_test_gt)
 
     # ---- NLVR2 ----
+    # each pair's images are hard links to one PNG per easy-vqa image (NLVR2 names every pair's files)
+    pool = root / ".nlvr2_pool"
+    pool.mkdir()
+    pooled: dict[tuple[str, int], Path] = {}
+
+    def pooled_png(f: ImageFacts) -> Path:
+        if (f.split, f.index) not in pooled:
+            pooled[(f.split, f.index)] = pool / f"{f.split}_{f.index}.png"
+            pooled[(f.split, f.index)].write_bytes(f.png)
+        return pooled[(f.split, f.index)]
+
     half = len(test) // 2
     for split, facts, num_sets in (
-        ("train", train, 250),
-        ("dev", test[:half], 60),
-        ("test1", test[half:], 60),
+        ("train", train, NLVR2_SETS["train"]),
+        ("dev", test[:half], NLVR2_SETS["dev"]),
+        ("test1", test[half:], NLVR2_SETS["test1"]),
     ):
         rows = []
         for row, x, y in _nlvr2_examples(rng, facts, split, num_sets):
             folder = paths.nlvr2_images / split / row.get("directory", "")
             prefix = row["identifier"].rsplit("-", 1)[0]
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / f"{prefix}-img0.png").write_bytes(x.png)
-            (folder / f"{prefix}-img1.png").write_bytes(y.png)
+            _link_or_copy(pooled_png(x), folder / f"{prefix}-img0.png")
+            _link_or_copy(pooled_png(y), folder / f"{prefix}-img1.png")
             rows.append(json.dumps(row))
         target = {"train": paths.nlvr2_train, "dev": paths.nlvr2_dev, "test1": paths.nlvr2_test}[split]
         atomic_write_text(target, "\n".join(rows) + "\n")
+    shutil.rmtree(pool)
 
     # ---- ImageFolders (hard links to the COCO-layout JPEGs where the filesystem allows) ----
     for split, facts in (("train", train), ("val", test)):

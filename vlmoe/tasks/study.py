@@ -94,7 +94,7 @@ BUDGETS: dict[str, dict[str, list[str]]] = {
         "pretrain": ["--trainer.max_steps=300", "--trainer.val_check_interval=300", "--trainer.limit_val_batches=8",
                      "--checkpoint.every_n_train_steps=300"],
         "vqav2": ["--trainer.max_epochs=1", "--trainer.limit_val_batches=8", "--model.warmup_steps=50"],
-        "nlvr2": ["--trainer.max_epochs=4"],
+        "nlvr2": ["--trainer.max_epochs=1", "--data.limit_train_samples=4000"],
         "captioning": ["--trainer.max_epochs=1", "--data.limit_train_samples=9600", "--trainer.limit_val_batches=2",
                        "--model.warmup_steps=30"],
         "imagenet": ["--trainer.max_epochs=6"],

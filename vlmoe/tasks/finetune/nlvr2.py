@@ -28,12 +28,15 @@ class NLVR2Task(FinetuneTask):
     has_control = True
     needs_text = True
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, head_init_scale: float = 1e-3, **kwargs: Any) -> None:
+        """Args: head_init_scale: the scale of the head's linears at init (BEiT-3: 1e-3); other options:
+        :class:`~vlmoe.tasks.finetune.FinetuneTask`'s."""
+        self.head_init_scale = head_init_scale
         super().__init__(**kwargs)
         self.save_hyperparameters()
 
     def build_model(self, backbone: VLMoE) -> VLMoEForNLVR2:
-        return VLMoEForNLVR2(backbone)
+        return VLMoEForNLVR2(backbone, init_scale=self.head_init_scale)
 
     def _forward(self, batch: dict[str, Any]) -> tuple[Tensor, Any]:
         return self.model(batch["image"], batch["image2"], batch["text_ids"], batch["text_padding_mask"],
