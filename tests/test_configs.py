@@ -109,6 +109,7 @@ def test_demo_pretraining_targets_keep_the_colours_the_captions_name() -> None:
     assert not torch.allclose(pixel(red, 8, "inception"), pixel(blue, 8, "inception"))
     data = parse("--config", str(ROOT / "pretrain" / "demo.yaml")).data
     assert tuple(data.scale) == (1.0, 1.0) and data.hflip == 0  # the captions' "left" and "large" hold
+    assert data.mim_ratio_pair == 0  # the shape a caption names is never masked out of its image
 
 
 def test_demo_config_instantiates(tmp_path: Path, monkeypatch) -> None:

@@ -96,6 +96,23 @@ def test_pretrain_streams_can_be_switched_off(demo, tokenizer) -> None:
     assert set(b) == {"pair", "text"} and "image_mask" not in b["pair"]
 
 
+def test_the_pair_stream_can_see_its_images_whole(demo, tokenizer) -> None:
+    cfg = PretrainDataConfig(
+        pair_shards=demo.pretrain_pairs,
+        image_shards=demo.pretrain_images,
+        batch_size=8,
+        image_size=64,
+        patch_size=8,
+        min_mask_patches=4,
+        mim_ratio_pair=0.0,
+        num_workers=0,
+        shuffle=0,
+    )
+    b = next(iter(PretrainData(cfg, tokenizer=tokenizer).loader()))
+    assert "image_mask" not in b["pair"] and "mlm_labels" in b["pair"]
+    assert b["image"]["image_mask"].sum(1).tolist() == [25] * 4  # the image stream keeps mim_ratio
+
+
 def test_pretrain_epoch_is_equal_across_ranks(demo, tokenizer) -> None:
     cfg = PretrainDataConfig(
         pair_shards=demo.pretrain_pairs,

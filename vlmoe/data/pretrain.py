@@ -149,6 +149,8 @@ class PretrainDataConfig:
         max_len: text length L.
         tokenizer: see :func:`~vlmoe.data.tokenizers.build_tokenizer`.
         mim_ratio: fraction of patches masked (block-wise) in pair and image streams; 0 disables.
+        mim_ratio_pair: the pair stream's own ratio (None: ``mim_ratio``; 0: the pair's image is seen
+            whole, so every masked caption word can be read off it).
         min_mask_patches: smallest masking block.
         mlm_ratio_pair, mlm_ratio_text: fraction of text tokens masked in pairs / texts; 0 disables.
         mean_std: normalisation (see :mod:`vlmoe.data.transforms`).
@@ -177,6 +179,7 @@ class PretrainDataConfig:
     max_len: int = 64
     tokenizer: str = "clip"
     mim_ratio: float = 0.4
+    mim_ratio_pair: float | None = None
     min_mask_patches: int = 16
     mlm_ratio_pair: float = 0.5
     mlm_ratio_text: float = 0.15
@@ -231,11 +234,12 @@ class PretrainData:
         if c.image_size % c.patch_size:
             raise ValueError(f"image_size {c.image_size} is not a multiple of patch_size {c.patch_size}")
         grid = c.image_size // c.patch_size
-        mim = (
-            BlockMaskingGenerator(grid, mask_ratio=c.mim_ratio, min_num_patches=c.min_mask_patches)
-            if c.mim_ratio > 0
-            else None
-        )
+        def masking(ratio: float) -> BlockMaskingGenerator | None:
+            return BlockMaskingGenerator(grid, mask_ratio=ratio, min_num_patches=c.min_mask_patches) if ratio > 0 else None
+
+        mim = masking(c.mim_ratio)
+        mim_by_kind = {"image": mim, "text": None,
+                       "pair": mim if c.mim_ratio_pair is None else masking(c.mim_ratio_pair)}
         # uint8 per sample, normalised per batch in the collate step (4x less data through the
         # transform and the stack, one fused conversion).
         tkind = "pretrain" if c.augment else "eval"
@@ -254,7 +258,7 @@ class PretrainData:
                 self.tokenizer if kind != "image" else None,
                 c.max_len,
                 mlm_ratio=mlm[kind],
-                mim=mim if kind != "text" else None,
+                mim=mim_by_kind[kind],
                 mean_std=c.mean_std if c.normalize_images else None,
             )
             streams[kind] = stream_pipeline(
