@@ -138,7 +138,8 @@ def test_resume_mid_epoch_matches_the_uninterrupted_run_step_for_step(demo, pret
     from tests.tasks.helpers import read_epochs, read_losses
     from tests.test_cli_pretrain import _callbacks
 
-    common = ["--trainer.max_steps=14", "--trainer.limit_val_batches=0", "--checkpoint.every_n_train_steps=3",
+    common = ["--trainer.max_steps=14", "--trainer.max_epochs=-1", "--trainer.limit_val_batches=0",
+              "--checkpoint.every_n_train_steps=3",
               "--checkpoint.monitor=null", "--data.seed=3"]
     ref = _args(demo, tmp_path / "ref", pretrained, *common)
     main(["nlvr2", "fit", *ref, _callbacks(("LossRecorder", {"path": str(tmp_path / "ref.txt")}))])

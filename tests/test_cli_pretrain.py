@@ -22,6 +22,7 @@ def _run_args(shards: dict[str, str], out: Path, *extra: str) -> list[str]:
         f"--data.val_image_shards={shards['val_images']}",
         f"--data.val_text_shards={shards['val_texts']}",
         "--model.model=tiny_mhmoe",  # the tests' size (the demo's own model is demo_xmoe, 64 px)
+        "--data.mim_ratio_pair=null",  # BEiT-3's masking of the pairs' images too (the demo sees them whole)
         "--data.batch_size=6",
         "--data.max_len=16",
         "--data.num_workers=0",

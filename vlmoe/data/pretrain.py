@@ -234,8 +234,11 @@ class PretrainData:
         if c.image_size % c.patch_size:
             raise ValueError(f"image_size {c.image_size} is not a multiple of patch_size {c.patch_size}")
         grid = c.image_size // c.patch_size
+
         def masking(ratio: float) -> BlockMaskingGenerator | None:
-            return BlockMaskingGenerator(grid, mask_ratio=ratio, min_num_patches=c.min_mask_patches) if ratio > 0 else None
+            if ratio <= 0:
+                return None
+            return BlockMaskingGenerator(grid, mask_ratio=ratio, min_num_patches=c.min_mask_patches)
 
         mim = masking(c.mim_ratio)
         mim_by_kind = {"image": mim, "text": None,
