@@ -206,7 +206,7 @@ class CaptioningDataModule(FinetuneDataModule):
         val_captions: instead of a Karpathy split, evaluate the images of this COCO-format caption
             file (NoCaps' val, ...; images under ``image_root``), which is also the ground truth.
         gt_dir: where ground-truth files written from ``karpathy`` go (default: next to it). A file
-            written there from an earlier version of the Karpathy file is rewritten; a file of the same
+            written there from another version of the Karpathy file is rewritten; a file of the same
             name with other content is an error, never overwritten.
         mask_prob: share of each training caption's tokens that is masked (BEiT-3's
             ``captioning_mask_prob``; its docs use 0.7).
@@ -267,7 +267,7 @@ class CaptioningDataModule(FinetuneDataModule):
             if held == gt:
                 self._gt_paths[stage] = str(path)
                 return str(path)
-            # a file written from an earlier version of the Karpathy file is refreshed; anything else
+            # a file written from another version of the Karpathy file is refreshed; anything else
             # is the user's and stays as it is
             if not (isinstance(held, dict) and held.get("info") == gt["info"]):
                 raise ValueError(
