@@ -136,13 +136,6 @@ def _karpathy_gt(karpathy_images: list[dict[str, Any]], split: str, source: str 
     return {"info": info, "licenses": [], "type": "captions", "images": images, "annotations": anns}
 
 
-def _write_karpathy_gt(
-    karpathy_images: list[dict[str, Any]], split: str, out: str | os.PathLike, source: str = ""
-) -> Path:
-    atomic_write_json(out, _karpathy_gt(karpathy_images, split, source))
-    return Path(out)
-
-
 def load_coco(path: str | os.PathLike) -> Any:
     """A ``pycocotools.coco.COCO`` from a file, with vlmoe's positioned JSON errors and no prints."""
     from pycocotools.coco import COCO

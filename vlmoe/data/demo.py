@@ -584,10 +584,10 @@ def _build(root: Path, seed: int) -> dict[str, int]:
             },
         )
     atomic_write_json(paths.coco_karpathy, {"images": karpathy, "dataset": "coco"})
-    from vlmoe.data.coco import _write_karpathy_gt
+    from vlmoe.data.coco import _karpathy_gt
 
-    _write_karpathy_gt(karpathy, "val", paths.coco_karpathy_val_gt)
-    _write_karpathy_gt(karpathy, "test", paths.coco_karpathy_test_gt)
+    atomic_write_json(paths.coco_karpathy_val_gt, _karpathy_gt(karpathy, "val"))
+    atomic_write_json(paths.coco_karpathy_test_gt, _karpathy_gt(karpathy, "test"))
 
     # ---- NLVR2 ----
     # each pair's images are hard links to one PNG per easy-vqa image (NLVR2 names every pair's files)

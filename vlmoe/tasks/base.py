@@ -453,10 +453,13 @@ class VLMoETask(pl.LightningModule):
         their_task = (checkpoint.get("vlmoe_task") or {}).get("type")
         our_task = getattr(getattr(self, "model", None), "task", None)
         if not (their_task and our_task and their_task != our_task):
-            their_task = our_task = ""  # the task is named only where it differs
-        held = f"a {theirs.get('name', '?')!r} {their_task} model" if theirs else "another model"
-        built = f"a {ours.name!r} {our_task} model" if ours is not None else "another model"
-        held, built = held.replace("  ", " "), built.replace("  ", " ")
+            their_task = our_task = None  # the task is named only where it differs
+
+        def model(name: str, task: str | None) -> str:
+            return f"a {name!r} {task} model" if task else f"a {name!r} model"
+
+        held = model(theirs.get("name", "?"), their_task) if theirs else "another model"
+        built = model(ours.name, our_task) if ours is not None else "another model"
         detail = "; ".join(wrong[:3]) if wrong else f"weights it lacks, e.g. {missing[:3]}"
         raise ValueError(
             f"the checkpoint {self._ckpt_name()}holds {held} but this run builds {built} ({detail}). "

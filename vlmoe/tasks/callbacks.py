@@ -66,16 +66,12 @@ class VLMoECheckpoint(ModelCheckpoint):
         # before its first validation would have nothing on disk: write last.ckpt now, the ranked
         # checkpoint when the metric comes
         every = self._every_n_train_steps
-        if (
-            every >= 1
-            and trainer.global_step % every == 0
-            and self.save_last
-            and self.monitor is not None
-            and self.monitor not in self._monitor_candidates(trainer)
-            and not self._should_skip_saving_checkpoint(trainer)
-        ):
+        if every < 1 or trainer.global_step % every or not self.save_last or self.monitor is None:
+            return
+        candidates = self._monitor_candidates(trainer)
+        if self.monitor not in candidates and not self._should_skip_saving_checkpoint(trainer):
             saved = self._last_global_step_saved
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            self._save_last_checkpoint(trainer, candidates)
             self._last_global_step_saved = saved  # a validation at this same step still saves its ranked one
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
