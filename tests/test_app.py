@@ -48,7 +48,7 @@ def test_routing_picture_of_a_dense_model_says_why_there_is_none(tmp_path) -> No
 
 
 def test_detections_are_drawn_on_the_original_image() -> None:
-    from vlmoe.app import _draw_detections
+    from vlmoe.tasks.finetune.detection import draw_detections as _draw_detections
 
     img = Image.new("RGB", (60, 40), (255, 255, 255))
     mask = torch.zeros(40, 60, dtype=torch.bool)
@@ -97,7 +97,7 @@ def test_page_draws_detections_of_a_large_upload_on_a_picture_of_at_most_1024_pi
     model = vlmoe.load(_export(tmp_path, "detect"))
     img = Image.new("RGB", (1600, 1200), (200, 20, 20))
     text, drawn, _, _ = respond(model, img, 0.0)
-    assert drawn.size == (1024, 768)  # vlmoe.app.DRAW_SIZE: the masks come at this size, not the upload's
+    assert drawn.size == (1024, 768)  # detection.DRAW_SIZE: the masks come at this size, not the upload's
     boxes = [ast.literal_eval(line.split(" ", 2)[2]) for line in text.splitlines()]  # in the upload's pixels
     assert boxes and all(0 <= x0 <= x1 <= 1600 and 0 <= y0 <= y1 <= 1200 for x0, y0, x1, y1 in boxes)
     assert max(b[2] for b in boxes) > 1024

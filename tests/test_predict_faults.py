@@ -98,7 +98,8 @@ def test_file_names_that_are_not_utf8_are_written_as_valid_utf8(models, tmp_path
 @pytest.mark.parametrize("option, value", [("--topk", "-1"), ("--topk", "0"), ("--batch-size", "0"), ("--beam", "0")])
 def test_option_values_below_one_are_one_line_errors(option, value, models, tmp_path, capsys) -> None:
     Image.new("RGB", (20, 20)).save(tmp_path / "a.png")
-    err = _fails(capsys, ["predict", "classify", "--model", str(models["classify"]), str(tmp_path / "a.png"),
+    method = "caption" if option == "--beam" else "classify"  # each method has its own options
+    err = _fails(capsys, ["predict", method, "--model", str(models["classify"]), str(tmp_path / "a.png"),
                           option, value])
     assert err == f"vlmoe predict: {option} must be >= 1, got {value}"
 

@@ -1,9 +1,11 @@
 """A local web page for one model: ``vlmoe app --model DIR`` (Gradio, the optional extra ``vlmoe[app]``).
 
-Upload an image and, depending on the model's task, ask a question (VQA), get a caption, the top
-classes or the detections (boxes and masks drawn on the image scaled down to at most :data:`DRAW_SIZE`
-pixels a side, which is what the detector is run on; the boxes listed are in the upload's pixels), or
-check a sentence against a second image (NLVR2), or score texts against it (retrieval). Next to the
+Upload an image and give what the model's task asks for (its page inputs in the task registry,
+:mod:`vlmoe.tasks.registry`): a question (VQA), nothing (a caption, the top classes), a score threshold
+(the detections, boxes and masks drawn on the image scaled down to at most
+:data:`vlmoe.tasks.finetune.detection.DRAW_SIZE` pixels a side, which is what the detector is run on;
+the boxes listed are in the upload's pixels), a second image and a sentence (NLVR2), or texts to rank
+against it (retrieval). Next to the
 answer the page shows the routing map of that image: every patch coloured by its first-choice expert
 in each vision MoE layer (one panel per MH-MoE sub-token head), computed by
 :func:`vlmoe.analysis.patch_expert_maps` on the image exactly as the model saw it. The server binds to
@@ -21,12 +23,11 @@ from typing import Any
 
 import torch
 
-from vlmoe.inference import Predictor, fit_within, open_image
+from vlmoe.inference import Predictor
 
-__all__ = ["DRAW_SIZE", "MissingExtraError", "build_app", "respond", "routing_picture"]
+__all__ = ["MissingExtraError", "build_app", "respond", "routing_picture"]
 
 TITLE = "vlmoe"
-DRAW_SIZE = 1024  # the longer side of the picture the detections are drawn on (a page shows no more)
 
 
 class MissingExtraError(ImportError):
@@ -79,86 +80,54 @@ def routing_picture(predictor: Predictor, image: Any) -> tuple[Any, str]:
     return _figure_to_image(fig), caption
 
 
-def _draw_detections(image: Any, dets: list[dict[str, Any]]) -> Any:
-    from torchvision.transforms.functional import pil_to_tensor, to_pil_image
-    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
-
-    img = pil_to_tensor(open_image(image))
-    if not dets:
-        return to_pil_image(img)
-    if all("mask" in d for d in dets):
-        img = draw_segmentation_masks(img, torch.stack([d["mask"] for d in dets]), alpha=0.4)
-    boxes = torch.tensor([d["box"] for d in dets], dtype=torch.float)
-    labels = [f"{d['label']} {d['score']:.2f}" for d in dets]
-    return to_pil_image(draw_bounding_boxes(img, boxes, labels, colors="red", width=2))
-
-
 def respond(predictor: Predictor, img: Any, *rest: Any) -> tuple[str, Any, Any, str]:
-    """The page's answer to one image: ``(text, image with the detections drawn or None, routing map,
-    its caption)``. ``rest``: the question (VQA), the right image and the sentence (NLVR2), the texts
-    one per line (retrieval) or the score threshold (detection). Missing input is a ValueError."""
-    task = predictor.task
+    """The page's answer to one image: ``(text, drawn image or None, routing map, its caption)``.
+    ``rest``: the values of the page inputs of the model's task (:class:`vlmoe.tasks.registry.Input`
+    with ``page``, in order: the question of VQA, the right image and the sentence of NLVR2, the texts
+    of retrieval one per line, the score threshold of detection). Missing input is a ValueError."""
     if img is None:
         raise ValueError("upload an image first")
-    text, shown = "", None
-    if task == "vqa":
-        question = (rest[0] or "").strip() if rest else ""
-        if not question:
-            raise ValueError("ask a question about the image")
-        text = "\n".join(f"{a['answer']}  ({a['score']:.3f})" for a in predictor.answer(img, question, 5)[0])
-    elif task == "captioning":
-        text = predictor.caption(img)[0]
-    elif task == "image_classification":
-        text = "\n".join(f"{c['label']}  ({c['score']:.3f})" for c in predictor.classify(img, 5)[0])
-    elif task == "detection":
-        # detect on the picture that is shown, so the masks come at its size, not the upload's
-        upload = open_image(img)
-        picture = fit_within(upload, DRAW_SIZE)
-        dets = predictor.detect(picture, score_threshold=float(rest[0]) if rest else 0.5)[0]
-        (w, h), (pw, ph) = upload.size, picture.size
-        scale = [w / pw, h / ph] * 2  # picture -> upload pixels, per box coordinate
-        text = "\n".join(f"{d['label']} {d['score']:.2f} {[round(v * f, 2) for v, f in zip(d['box'], scale)]}"
-                         for d in dets) or "no detections"
-        shown = _draw_detections(picture, dets)
-    elif task == "nlvr2":
-        if len(rest) < 2 or rest[0] is None or not (rest[1] or "").strip():
-            raise ValueError("upload the right image and write a sentence")
-        v = predictor.verify(img, rest[0], rest[1].strip())[0]
-        text = f"{'true' if v['true'] else 'false'}  (p(true) = {v['score']:.3f})"
-    elif task == "retrieval":
-        texts = [t.strip() for t in (rest[0] or "").splitlines() if t.strip()] if rest else []
-        if not texts:
-            raise ValueError("write one or more texts, one per line")
-        sims = predictor.match(img, texts)[0].tolist()
-        text = "\n".join(f"{s:.3f}  {t}" for s, t in sorted(zip(sims, texts), reverse=True))
-    else:
-        raise ValueError(f"this model's task is {task!r}: the page answers for finetuned models only")
+    spec = predictor.spec()
+    if spec is None or spec.predict is None:
+        raise ValueError(f"this model's task is {predictor.task!r}: the page answers for finetuned models only")
+    fields = [i for i in spec.predict.inputs if i.page]
+    values = {i.name: (v.splitlines() if i.kind == "texts" and isinstance(v, str) else v)
+              for i, v in zip(fields, rest)}
+    text, shown = spec.predict.respond(predictor, img, values)
     picture, note = routing_picture(predictor, img)
     return text, shown, picture, note
+
+
+def _component(gr: Any, i: Any) -> Any:
+    """The Gradio input of one page input of a task (:class:`vlmoe.tasks.registry.Input`)."""
+    eid = "image2" if i.kind == "image" else "text" if i.kind in ("text", "texts") else i.name
+    if i.kind == "image":
+        return gr.Image(type="pil", label=i.help, elem_id=eid)
+    if i.kind in ("text", "texts"):
+        return gr.Textbox(label=i.help, elem_id=eid, lines=3 if i.kind == "texts" else 1)
+    if i.minimum is not None and i.maximum is not None:
+        step = 1 if i.kind == "int" else (i.maximum - i.minimum) / 20
+        return gr.Slider(i.minimum, i.maximum, value=i.default, step=step, label=i.help, elem_id=eid)
+    return gr.Number(value=i.default, label=i.help, precision=0 if i.kind == "int" else None, elem_id=eid)
 
 
 def build_app(predictor: Predictor, title: str | None = None) -> Any:
     """A ``gradio.Blocks`` page for the predictor's task (see the module docstring)."""
     gr = _gradio()
     task = predictor.task
+    spec = predictor.spec()
+    pred = spec.predict if spec is not None else None
     with gr.Blocks(title=title or TITLE) as app:
         gr.Markdown(f"## {title or TITLE}: a {task} model\n"
                     "Upload an image; the routing map shows which expert each patch of it chose.")
         with gr.Row():
             with gr.Column():
                 image = gr.Image(type="pil", label="image", elem_id="image")
-                inputs = [image]
-                if task == "nlvr2":
-                    inputs.append(gr.Image(type="pil", label="right image", elem_id="image2"))
-                if task in ("vqa", "nlvr2", "retrieval"):
-                    label = {"vqa": "question", "nlvr2": "sentence", "retrieval": "texts (one per line)"}[task]
-                    inputs.append(gr.Textbox(label=label, elem_id="text", lines=3 if task == "retrieval" else 1))
-                if task == "detection":
-                    inputs.append(gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="score threshold"))
+                inputs = [image] + [_component(gr, i) for i in (pred.inputs if pred else ()) if i.page]
                 run = gr.Button("Run", variant="primary", elem_id="run")
             with gr.Column():
                 answer = gr.Textbox(label="answer", elem_id="answer", lines=4)
-                drawn = gr.Image(label="detections", visible=task == "detection", elem_id="detections")
+                drawn = gr.Image(label="detections", visible=bool(pred and pred.draws), elem_id="detections")
                 routing = gr.Image(label="routing map", elem_id="routing")
                 routing_note = gr.Markdown(elem_id="routing_note")
 

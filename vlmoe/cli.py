@@ -33,7 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "study": ("vlmoe.tasks.study", "the papers' comparison: Dense / X-MoE / MH-MoE / ... x seeds x every task"),
     "evaluate": ("vlmoe.commands.evaluate", "score a results file: `vlmoe evaluate coco` (COCOeval), `captions`"),
     "analyze": ("vlmoe.commands.analyze", "`vlmoe analyze routing`: expert load / activation per layer, pictures"),
-    "predict": ("vlmoe.commands.predict", "a model folder on your own images: answer | caption | classify | detect"),
+    "predict": ("vlmoe.commands.predict", "a model folder on your own images: answer, caption, classify, detect, ..."),
     "app": ("vlmoe.commands.app", "`vlmoe app --model DIR`: a local web page for a model (pip install 'vlmoe[app]')"),
     "export": ("vlmoe.commands.export", "checkpoints (BEiT-3, timm, vlmoe) -> safetensors + config.json"),
 }

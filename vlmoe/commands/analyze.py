@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             + (" and sub-token head" if any(m.shape[1] > 1 for m in maps.values()) else "")))
         group_by = args.group_by
         if group_by == "auto":
-            group_by = "answer_type" if pred.task == "vqa" else "class"
+            spec = pred.spec()
+            group_by = spec.routing_groups if spec is not None else "class"
         if group_by != "none" and reports[name]["streams"]:
             gb, groups = grouped_demo_batches(group_by, pre.image_size, tok, pre.max_len, args.batches,
                                               args.batch_size, (pre.mean, pre.std), args.demo_dir)

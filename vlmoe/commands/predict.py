@@ -1,9 +1,14 @@
-"""``vlmoe predict TASK --model DIR INPUTS...``: a model folder on the user's own images, JSON lines out.
+"""``vlmoe predict METHOD --model DIR INPUTS...``: a model folder on the user's own images, JSON lines out.
 
     vlmoe predict caption --model out/caption photos/                 # every image under photos/
     vlmoe predict answer --model out/vqa img.jpg --question "what colour is the shape?"
     vlmoe predict classify --model out/cls "shots/*.png" --topk 3 --out preds.jsonl
     vlmoe predict detect --model out/det street.jpg --score-threshold 0.6
+    vlmoe predict verify --model out/nlvr2 left/ --right right.png --sentence "both shapes are red"
+    vlmoe predict rank_texts --model out/retrieval photos/ --text "a red circle" --text "a blue square"
+
+METHOD is the prediction method of a registered task (:mod:`vlmoe.tasks.registry`; ``vlmoe predict
+--help`` lists them with their options); the model must be of that task.
 
 INPUTS are image files, folders (searched recursively for .jpg .jpeg .png .webp .bmp .gif .tif .tiff,
 following links to folders) or glob patterns. Each line of the output (stdout, or ``--out FILE``, never
@@ -26,29 +31,46 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 __all__ = ["build_parser", "find_images", "main"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-TASKS = ("answer", "caption", "classify", "detect")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vlmoe predict", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("task", choices=TASKS)
+def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
     p.add_argument("--model", required=True, help="a `vlmoe export` folder or a training .ckpt")
-    p.add_argument("--question", help="answer: the question asked of every image")
-    p.add_argument("--topk", type=int, default=1, help="answer / classify: how many answers or classes")
-    p.add_argument("--beam", type=int, default=3, help="caption: beam size (1: greedy)")
-    p.add_argument("--score-threshold", type=float, default=0.5, help="detect: the lowest score kept")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", help="write JSON lines here instead of stdout")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+_TYPES = {"text": str, "texts": str, "image": str, "int": int, "float": float}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One sub-command per registered prediction method, with its task's inputs as options."""
+    from vlmoe.tasks.registry import tasks
+
+    p = argparse.ArgumentParser(prog="vlmoe predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="method", required=True, metavar="METHOD")
+    for spec in tasks().values():
+        pred = spec.predict
+        if pred is None:
+            continue
+        q = sub.add_parser(pred.method, help=f"{pred.help} (a {spec.name} model)",
+                           description=f"{pred.help} (a {spec.name} model)")
+        _common(q)
+        for i in pred.inputs:
+            kind = "a path" if i.kind == "image" else ""
+            q.add_argument(i.option, dest=i.name, type=_TYPES[i.kind], default=None,
+                           action="append" if i.kind == "texts" else "store",
+                           help=f"{i.help}{' (' + kind + ')' if kind else ''}"
+                           + (" (repeat the option for several)" if i.kind == "texts" else "")
+                           + ("" if i.required else f" (default {i.default})"))
     return p
 
 
@@ -113,12 +135,21 @@ def find_images(inputs: list[str], left_out: list[str] | None = None) -> list[Pa
 
 
 def main(argv: list[str] | None = None) -> dict[str, int]:
+    from vlmoe.tasks.registry import tasks
+
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    if args.task == "answer" and not args.question:
-        raise ValueError("vlmoe predict answer needs --question")
-    for option, value in (("--topk", args.topk), ("--beam", args.beam), ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise ValueError(f"{option} must be >= 1, got {value}")
+    spec = next(s for s in tasks().values() if s.predict and s.predict.method == args.method)
+    pred = spec.predict
+    values = {}
+    for i in pred.inputs:
+        try:
+            values[i.name] = i.check(getattr(args, i.name), name=i.option)
+        except ValueError:
+            if i.required and not getattr(args, i.name):
+                raise ValueError(f"vlmoe predict {args.method} needs {i.option} ({i.help})") from None
+            raise
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.out and Path(args.out).is_dir():
         raise IsADirectoryError(f"--out {args.out} is a directory; give a file path (a directory is never replaced)")
     if args.out and Path(args.out).exists() and not args.overwrite:
@@ -130,13 +161,13 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     from vlmoe.inference import load
 
     model = load(args.model, device=args.device, batch_size=args.batch_size)
-    run = {
-        "answer": lambda ims: model.answer(ims, args.question, topk=args.topk),
-        "caption": lambda ims: [{"caption": c} for c in model.caption(ims, beam=args.beam)],
-        "classify": lambda ims: model.classify(ims, topk=args.topk),
-        "detect": lambda ims: [[{k: v for k, v in d.items() if k != "mask"} for d in dets]
-                               for dets in model.detect(ims, score_threshold=args.score_threshold, masks=False)],
-    }[args.task]
+    if model.task != spec.model_task:
+        raise ValueError(f"{args.model}: a {model.task!r} model; vlmoe predict {args.method} needs a "
+                         f"{spec.model_task} model (task {spec.name!r})")
+    for i in pred.inputs:  # a second image (NLVR2's right image) is opened once, as the inputs are
+        if i.kind == "image" and values[i.name] is not None:
+            values[i.name] = model.open(values[i.name])
+    method = getattr(model, args.method)
     lines: list[str] = []
     skipped = 0
     progress = _progress(len(images))
@@ -150,10 +181,8 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
                 skipped += 1
                 print(f"vlmoe predict: skipped {display_name(path)}: {display_name(str(e))}", file=sys.stderr)
         if opened:
-            for path, result in zip(ok, run(opened)):
-                key = "predictions" if isinstance(result, list) else None
-                row: dict[str, Any] = {"image": display_name(path), **({key: result} if key else result)}
-                lines.append(json.dumps(row))
+            for path, result in zip(ok, method(opened, **values, **pred.cli_kwargs)):
+                lines.append(json.dumps({"image": display_name(path), **pred.row(result)}))
         progress(min(len(images), start + args.batch_size))
     text = "\n".join(lines) + ("\n" if lines else "")
     if args.out:
@@ -163,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     else:
         sys.stdout.write(text)
     summary = {"images": len(images), "predicted": len(lines), "skipped": skipped, "left_out": len(left_out)}
-    print(f"vlmoe predict {args.task}: {len(lines)} of {len(images)} images"
+    print(f"vlmoe predict {args.method}: {len(lines)} of {len(images)} images"
           + (f", {skipped} skipped (unreadable or too large)" if skipped else "")
           + (f", {len(left_out)} folder entries left out (see above)" if left_out else "")
           + (f" -> {args.out}" if args.out else ""), file=sys.stderr)

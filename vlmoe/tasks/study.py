@@ -72,47 +72,42 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 DEFAULT_VARIANTS = ("dense", "xmoe", "mhmoe")
 
-TASKS = ("pretrain", "routing", "vqav2", "nlvr2", "captioning", "imagenet", "retrieval", "detection")
+def _finetune_specs() -> dict[str, Any]:
+    """The registered finetuning tasks that have a study budget (:mod:`vlmoe.tasks.registry`)."""
+    from .registry import tasks
 
-# task -> (metric keys kept from <run>/predictions/val_metrics.json, the headline metric)
+    return {n: s for n, s in tasks().items() if s.study_metrics and s.study_budgets}
+
+
+_SPECS = _finetune_specs()
+TASKS = ("pretrain", "routing", *_SPECS)
+
+# task -> (metric keys kept from <run>/predictions/val_metrics.json, the headline metric); the finetuning
+# tasks' come from their specs
 METRICS: dict[str, tuple[tuple[str, ...], str]] = {
-    "vqav2": (("accuracy", "accuracy/yes/no", "accuracy/other"), "accuracy"),
-    "nlvr2": (("accuracy", "consistency"), "accuracy"),
-    "captioning": (("Bleu_4", "METEOR", "ROUGE_L", "CIDEr"), "CIDEr"),
-    "imagenet": (("top1", "top5"), "top1"),
-    "retrieval": (("tr_r1", "ir_r1", "average_score"), "average_score"),
-    "detection": (("bbox_AP", "bbox_AP50", "segm_AP"), "bbox_AP"),
+    **{n: (s.study_metrics, s.metric) for n, s in _SPECS.items()},
     "pretrain": (("val_loss", "samples_per_s"), "val_loss"),
     "routing": (("activation_ratio", "load_entropy"), "activation_ratio"),
 }
 
 _QUIET = ["--trainer.enable_progress_bar=false", "--data.num_workers=1"]
 # The study's budget per task: the demo recipes, shortened so that 3 variants x 3 seeds fit in about
-# two hours of a 2-core CPU. ``smoke``: a few steps each (tests).
-BUDGETS: dict[str, dict[str, list[str]]] = {
+# two hours of a 2-core CPU (the finetuning tasks' from their specs). ``smoke``: a few steps each (tests).
+_OWN_BUDGETS: dict[str, dict[str, list[str]]] = {
     "demo": {
         "pretrain": ["--trainer.max_steps=300", "--trainer.val_check_interval=300", "--trainer.limit_val_batches=8",
                      "--checkpoint.every_n_train_steps=300"],
-        "vqav2": ["--trainer.max_epochs=1", "--trainer.limit_val_batches=8", "--model.warmup_steps=50"],
-        "nlvr2": ["--trainer.max_epochs=1", "--data.limit_train_samples=4000"],
-        "captioning": ["--trainer.max_epochs=1", "--data.limit_train_samples=9600", "--trainer.limit_val_batches=2",
-                       "--model.warmup_steps=30"],
-        "imagenet": ["--trainer.max_epochs=6"],
-        "retrieval": ["--trainer.max_epochs=1"],
-        "detection": ["--trainer.max_steps=150", "--trainer.val_check_interval=150", "--trainer.limit_val_batches=4",
-                      "--model.warmup_steps=20"],
         "routing": ["--batches=2"],
     },
     "smoke": {
         "pretrain": ["--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.limit_val_batches=1",
                      "--checkpoint.every_n_train_steps=3"],
-        **{t: ["--trainer.max_steps=2", "--trainer.max_epochs=-1", "--data.limit_train_samples=32",
-               "--data.batch_size=16", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1"]
-           for t in ("vqav2", "nlvr2", "captioning", "imagenet", "retrieval")},
-        "detection": ["--trainer.max_steps=2", "--data.limit_train_samples=16", "--trainer.val_check_interval=2",
-                      "--trainer.limit_val_batches=1", "--data.batch_size=4"],
         "routing": ["--batches=1", "--batch-size=8", "--samples=1"],
     },
+}
+BUDGETS: dict[str, dict[str, list[str]]] = {
+    b: {**own, **{n: s.study_budgets[b] for n, s in _SPECS.items() if b in s.study_budgets}}
+    for b, own in _OWN_BUDGETS.items()
 }
 
 

@@ -50,15 +50,30 @@ log = logging.getLogger("vlmoe.tasks")
 __all__ = [
     "DEMO",
     "DEMO_PRETRAIN_CHECKPOINT",
+    "SMOKE_BUDGET",
     "FinetuneDataModule",
     "FinetuneTask",
     "checkpoint_config",
     "control_metrics",
     "control_name",
+    "demo_recipe",
 ]
 
 DEMO = "demo"
 DEMO_PRETRAIN_CHECKPOINT = "runs/pretrain/demo/checkpoints/last.ckpt"
+
+# what every demo recipe shares: the demo pretraining checkpoint, the schedule's floor, one loader
+# worker (2-core CPUs)
+_DEMO_COMMON = {"model.init_checkpoint": DEMO, "model.min_lr": 1.0e-5, "data.num_workers": 1}
+
+# the study's ``smoke`` budget of a task: a few steps on a few samples (tests)
+SMOKE_BUDGET = ["--trainer.max_steps=2", "--trainer.max_epochs=-1", "--data.limit_train_samples=32",
+                "--data.batch_size=16", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1"]
+
+
+def demo_recipe(options: dict[str, Any]) -> dict[str, Any]:
+    """A task's demo: the CLI defaults ``options`` over what every demo shares."""
+    return {**_DEMO_COMMON, **options}
 
 
 def resolve_init(init_checkpoint: str | None) -> str | None:

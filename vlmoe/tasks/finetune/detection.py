@@ -25,13 +25,16 @@ from torch import Tensor
 
 from vlmoe.data.coco import COCOInstances
 from vlmoe.data.collate import collate_detection
+from vlmoe.data.images import fit_within, open_image, original_size
+from vlmoe.data.inputs import as_list
 from vlmoe.data.transforms import resolve_mean_std
 from vlmoe.io import atomic_write_json
 from vlmoe.metrics.coco import COCOEvaluator
 from vlmoe.models import VLMoE
 from vlmoe.models.detection import VLMoEForDetection
 
-from .base import DEMO, FinetuneDataModule, FinetuneTask
+from ..registry import Input, Prediction, TaskSpec, register_task
+from .base import DEMO, FinetuneDataModule, FinetuneTask, demo_recipe
 
 __all__ = ["DetectionDataModule", "DetectionTask", "DetectionTransform", "to_coco_results"]
 
@@ -272,3 +275,116 @@ class DetectionDataModule(FinetuneDataModule):
 
     def collator(self) -> Any:
         return collate_detection
+
+
+# ---------------------------------------------------------------------- use on one's own images
+DRAW_SIZE = 1024  # the longer side of the picture the web page draws detections on (a page shows no more)
+
+
+def detect(predictor: Any, images: Any, score_threshold: float = 0.5, masks: bool = True,
+           mask_threshold: float = 0.5) -> list[list[dict[str, Any]]]:
+    """Detection: per image ``{"label", "score", "box": [x0, y0, x1, y1]}`` (original pixels) above
+    ``score_threshold``, with ``"mask"`` (bool ``(H, W)`` tensor) when the model has masks and ``masks``
+    is True (each mask is scaled up to the original size only then). The detector gets each image at
+    its own input size (the longer side ``model.image_size``), so its masks are pasted at that size."""
+    from torch.nn.functional import interpolate
+    from torchvision.transforms.functional import pil_to_tensor
+
+    model, imgs, out = predictor.model, as_list(images), []
+    for s in predictor.batches(len(imgs)):
+        opened = predictor.open_all(imgs[s], s.start)
+        inputs = [fit_within(im, model.image_size) for im in opened]
+        batch = [pil_to_tensor(im).to(predictor.device, dtype=predictor.dtype or torch.float32) / 255.0
+                 for im in inputs]
+        for im, x, det in zip(opened, inputs, model(batch)):
+            w, h = original_size(im)
+            sx, sy = w / x.width, h / x.height
+            keep = det["scores"] >= score_threshold
+            rows = []
+            for j in keep.nonzero().flatten().tolist():
+                x0, y0, x1, y1 = det["boxes"][j].tolist()
+                r = {"label": model.class_names[int(det["labels"][j]) - 1], "score": float(det["scores"][j]),
+                     "box": [round(min(v, lim), 2) for v, lim in ((x0 * sx, w), (y0 * sy, h), (x1 * sx, w),
+                                                                 (y1 * sy, h))]}
+                if masks and "masks" in det:
+                    m = det["masks"][j : j + 1].float()  # (1, 1, h', w') probabilities
+                    if m.shape[-2:] != (h, w):
+                        m = interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
+                    r["mask"] = (m[0, 0] > mask_threshold).cpu()
+                rows.append(r)
+            out.append(rows)
+    return out
+
+
+def draw_detections(image: Any, dets: list[dict[str, Any]]) -> Any:
+    """``image`` (PIL) with the boxes, labels and scores drawn, and the masks tinted when every detection
+    has one."""
+    from torchvision.transforms.functional import pil_to_tensor, to_pil_image
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+    img = pil_to_tensor(open_image(image))
+    if not dets:
+        return to_pil_image(img)
+    if all("mask" in d for d in dets):
+        img = draw_segmentation_masks(img, torch.stack([d["mask"] for d in dets]), alpha=0.4)
+    boxes = torch.tensor([d["box"] for d in dets], dtype=torch.float)
+    labels = [f"{d['label']} {d['score']:.2f}" for d in dets]
+    return to_pil_image(draw_bounding_boxes(img, boxes, labels, colors="red", width=2))
+
+
+def detection_page(predictor: Any, image: Any, score_threshold: float = 0.5) -> tuple[str, Any]:
+    """The web page's answer: the detections of the upload scaled to at most :data:`DRAW_SIZE` pixels a
+    side (so the masks come at that size, not the upload's), drawn on it; the listed boxes are in the
+    upload's pixels."""
+    upload = open_image(image)
+    picture = fit_within(upload, DRAW_SIZE)
+    dets = detect(predictor, picture, score_threshold=score_threshold)[0]
+    (w, h), (pw, ph) = upload.size, picture.size
+    scale = [w / pw, h / ph] * 2  # picture -> upload pixels, per box coordinate
+    text = "\n".join(f"{d['label']} {d['score']:.2f} {[round(v * f, 2) for v, f in zip(d['box'], scale)]}"
+                     for d in dets) or "no detections"
+    return text, draw_detections(picture, dets)
+
+
+register_task(TaskSpec(
+    name="detection", task=DetectionTask, data=DetectionDataModule, model=VLMoEForDetection, metric="bbox_AP",
+    links=(("data.class_names", "model.class_names"), ("data.category_ids", "model.category_ids"),
+           ("data.mean_std_values", "model.mean_std")),
+    demo=demo_recipe({
+        # the tiny demo model (patch 8) at 128 px: a 16 x 16 patch grid, 8 x 8 windows in block 0,
+        # global attention in block 1; narrow pyramid and heads for a CPU
+        "model.image_size": 128,
+        "model.window_size": 8,
+        "model.out_channels": 64,
+        "model.head_channels": 64,
+        "model.fc_dim": 256,
+        # one object per image: far fewer proposals and sampled ROIs than COCO needs (2x faster)
+        "model.detector_options": {
+            "box_batch_size_per_image": 64, "rpn_batch_size_per_image": 64,
+            "rpn_pre_nms_top_n_train": 300, "rpn_post_nms_top_n_train": 300,
+            "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 100, "box_detections_per_img": 20,
+        },
+        "model.lr": 3.0e-4,
+        "model.warmup_steps": 100,
+        "model.weight_decay": 0.1,
+        "data.scale_range": [0.8, 1.25],
+        "data.batch_size": 8,
+        "data.val_batch_size": 25,
+        "data.hflip": 0.5,
+    }),
+    trainer={"max_epochs": -1, "max_steps": 800, "val_check_interval": 800, "check_val_every_n_epoch": None},
+    description="COCO detection / instance segmentation: ViTDet on torchvision's Mask R-CNN (box and mask AP).",
+    predict=Prediction(
+        "detect", detect, help="the objects in every image: boxes, labels, scores (masks: vlmoe.load(...).detect)",
+        inputs=(Input("score_threshold", "float", "score threshold", default=0.5, minimum=0.0, maximum=1.0),),
+        cli_kwargs={"masks": False},
+        page=detection_page, draws=True,
+    ),
+    study_metrics=("bbox_AP", "bbox_AP50", "segm_AP"),
+    study_budgets={
+        "demo": ["--trainer.max_steps=150", "--trainer.val_check_interval=150", "--trainer.limit_val_batches=4",
+                 "--model.warmup_steps=20"],
+        "smoke": ["--trainer.max_steps=2", "--data.limit_train_samples=16", "--trainer.val_check_interval=2",
+                  "--trainer.limit_val_batches=1", "--data.batch_size=4"],
+    },
+))

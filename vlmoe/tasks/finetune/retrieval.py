@@ -21,10 +21,12 @@ from torch import Tensor
 
 from vlmoe.data.coco import KarpathyCaptions
 from vlmoe.data.controls import image_derangement
+from vlmoe.data.inputs import as_list, strings
 from vlmoe.metrics.retrieval import RetrievalEvaluator
 from vlmoe.models import VLMoE, VLMoEForRetrieval
 
-from .base import DEMO, FinetuneDataModule, FinetuneTask
+from ..registry import Input, Prediction, TaskSpec, register_task
+from .base import DEMO, SMOKE_BUDGET, FinetuneDataModule, FinetuneTask, demo_recipe
 
 __all__ = ["RetrievalCollator", "RetrievalDataModule", "RetrievalTask", "clip_loss", "gather_features"]
 
@@ -164,3 +166,59 @@ class RetrievalDataModule(FinetuneDataModule):
 
     def collator(self) -> RetrievalCollator:
         return RetrievalCollator(super().collator())
+
+
+# ---------------------------------------------------------------------- use on one's own images
+def embed_images(predictor: Any, images: Any) -> Tensor:
+    """Retrieval: unit-norm image embeddings ``(N, D)``."""
+    imgs = as_list(images)
+    return torch.cat([predictor.model.encode_image(predictor.images(imgs[s], s.start)).float()
+                      for s in predictor.batches(len(imgs))])
+
+
+def embed_texts(predictor: Any, texts: str | list[str]) -> Tensor:
+    """Retrieval: unit-norm text embeddings ``(N, D)``."""
+    ts = strings(texts, "texts")
+    return torch.cat([predictor.model.encode_text(*predictor.texts(ts[s])).float() for s in predictor.batches(len(ts))])
+
+
+def match(predictor: Any, images: Any, texts: str | list[str]) -> Tensor:
+    """Retrieval: the ``(images, texts)`` cosine-similarity matrix."""
+    return embed_images(predictor, images) @ embed_texts(predictor, texts).t()
+
+
+def rank_texts(predictor: Any, images: Any, texts: str | list[str]) -> list[list[dict[str, Any]]]:
+    """Retrieval, per image: the texts from the best match down, ``{"text", "score"}`` (cosine similarity)."""
+    ts = strings(texts, "texts")
+    sims = match(predictor, images, ts)
+    return [[{"text": ts[j], "score": float(row[j])} for j in row.argsort(descending=True).tolist()]
+            for row in sims]
+
+
+register_task(TaskSpec(
+    name="retrieval", task=RetrievalTask, data=RetrievalDataModule, model=VLMoEForRetrieval, metric="average_score",
+    demo=demo_recipe({
+        "model.image_size": 64,
+        "model.lr": 5.0e-4,
+        "model.warmup_steps": 50,
+        "model.weight_decay": 0.05,
+        "data.val_split": "test",
+        "data.batch_size": 64,
+        "data.val_batch_size": 100,
+        "data.max_len": 24,
+        "data.randaug": "",
+        "data.scale": [1.0, 1.0],
+        "data.hflip": 0.0,
+    }),
+    trainer={"max_epochs": 2, "max_steps": -1},
+    description="Image-text retrieval, dual encoder (BEiT-3's heads; contrastive loss over all ranks; R@1/5/10).",
+    predict=Prediction(
+        "rank_texts", rank_texts, help="rank texts (--text, repeated) by how well they match every image",
+        inputs=(Input("texts", "texts", "texts (one per line)", required=True,
+                      missing="write one or more texts, one per line", flag="--text"),),
+        more={"match": match, "embed_images": embed_images, "embed_texts": embed_texts},
+        text=lambda r: "\n".join(f"{t['score']:.3f}  {t['text']}" for t in r),
+    ),
+    study_metrics=("tr_r1", "ir_r1", "average_score"),
+    study_budgets={"demo": ["--trainer.max_epochs=1"], "smoke": SMOKE_BUDGET},
+))

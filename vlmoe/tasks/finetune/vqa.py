@@ -25,11 +25,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import ConcatDataset, Subset
 
+from vlmoe.data.inputs import as_list, check_count, strings
 from vlmoe.data.vqav2 import AnswerVocab, VQAv2Dataset
 from vlmoe.metrics.vqa import VQAEvaluator, read_vqa_ground_truth, write_vqa_submission
 from vlmoe.models import VLMoE, VLMoEForVQA
 
-from .base import DEMO, FinetuneDataModule, FinetuneTask
+from ..registry import Input, Prediction, TaskSpec, register_task
+from .base import DEMO, SMOKE_BUDGET, FinetuneDataModule, FinetuneTask, demo_recipe
 
 __all__ = ["VQA_LOSSES", "VQADataModule", "VQATask", "vqa_loss"]
 
@@ -260,3 +262,56 @@ class VQADataModule(FinetuneDataModule):
             return batch
 
         return collate
+
+
+# ---------------------------------------------------------------------- use on one's own images
+def answer(predictor: Any, images: Any, questions: str | list[str], topk: int = 1) -> list[list[dict[str, Any]]]:
+    """VQA: per image + question the ``topk`` answers ``{"answer", "score"}`` (sigmoid scores); one
+    question is asked of every image."""
+    check_count(topk, "topk")
+    imgs, qs = as_list(images), strings(questions, "questions")
+    if len(qs) == 1 and len(imgs) > 1:
+        qs = qs * len(imgs)
+    if len(qs) != len(imgs):
+        raise ValueError(f"{len(imgs)} images but {len(qs)} questions")
+    model, out = predictor.model, []
+    for s in predictor.batches(len(imgs)):
+        ids, pad = predictor.texts(qs[s])
+        scores = model(predictor.images(imgs[s], s.start), ids, pad).float().sigmoid()
+        top = scores.topk(min(topk, scores.shape[1]), dim=1)
+        out += [[{"answer": model.answers[i], "score": float(v)} for v, i in zip(vs, ix)]
+                for vs, ix in zip(top.values.tolist(), top.indices.tolist())]
+    return out
+
+
+register_task(TaskSpec(
+    name="vqav2", task=VQATask, data=VQADataModule, model=VLMoEForVQA, metric="accuracy",
+    links=(("data.answers", "model.answers"),),
+    demo=demo_recipe({
+        "model.image_size": 64,
+        "model.loss": "soft_ce",
+        "model.lr": 5.0e-4,
+        "model.warmup_steps": 100,
+        "model.weight_decay": 0.01,
+        "model.task_head_lr_weight": 10.0,
+        "data.batch_size": 64,
+        "data.val_batch_size": 256,
+        "data.max_len": 24,
+        "data.randaug": "",
+        "data.scale": [1.0, 1.0],
+    }),
+    trainer={"max_epochs": 3, "max_steps": -1},
+    description="VQAv2 finetuning (BEiT-3's VQA head and loss; the official VQA accuracy).",
+    predict=Prediction(
+        "answer", answer, help="answer one question about every image",
+        inputs=(Input("questions", "text", "question asked of every image", required=True,
+                      missing="ask a question about the image", flag="--question"),
+                Input("topk", "int", "how many answers", default=1, page=False, minimum=1)),
+        page_kwargs={"topk": 5},
+        text=lambda r: "\n".join(f"{a['answer']}  ({a['score']:.3f})" for a in r),
+    ),
+    routing_groups="answer_type",
+    study_metrics=("accuracy", "accuracy/yes/no", "accuracy/other"),
+    study_budgets={"demo": ["--trainer.max_epochs=1", "--trainer.limit_val_batches=8", "--model.warmup_steps=50"],
+                   "smoke": SMOKE_BUDGET},
+))
