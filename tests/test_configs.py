@@ -186,3 +186,36 @@ def test_published_recipes_carry_the_reference_hyperparameters() -> None:
     m = cap.model
     assert (cap.data.max_len, cap.data.mask_prob, m.drop_worst_after, m.drop_worst_ratio) == (32, 0.7, 12000, 0.2)
     assert (cap.model.num_beams, cap.model.length_penalty, cap.model.label_smoothing) == (3, 0.6, 0.1)
+
+
+# ---------------------------------------------------------------------------------------------- MoE options
+def test_moe_fields_are_typed_options_with_help(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli(["fit", "--config", str(ROOT / "pretrain" / "demo.yaml"), "--model.moe.top_k=1",
+                     "--model.moe.router=softmax"], run=False)
+    moe = cli.model.model.config.moe
+    assert (moe.top_k, moe.router, moe.num_experts) == (1, "softmax", 4)  # the rest of demo_xmoe's MoE kept
+    assert all(b.mlp.vision.config.top_k == 1 for b in cli.model.model.backbone.blocks)
+    with pytest.raises(SystemExit):
+        build_cli(["fit", "--help"], run=False)
+    help_text = capsys.readouterr().out
+    assert "--model.moe.top_k TOP_K" in help_text and "Experts each token is sent to" in help_text
+    from argparse import ArgumentError
+
+    with pytest.raises(ArgumentError, match="unrecognized arguments: --model.moe.topk"):  # refused by the parser
+        parse("--model.moe.topk=1")
+    with pytest.raises(ArgumentError, match="top_k"):
+        parse("--model.moe.top_k=two")
+
+
+def test_moe_overrides_name_the_valid_keys_and_a_dense_model_needs_a_size() -> None:
+    from vlmoe.tasks.pretrain import PretrainTask
+
+    with pytest.raises(ValueError, match=r"unknown MoEConfig key\(s\) \['topk'\]; known keys: \[.*'top_k'"):
+        PretrainTask("tiny_moe", model_overrides={"moe": {"topk": 1}})
+    from vlmoe.moe import MoEOptions
+
+    with pytest.raises(ValueError, match=r"\['top_k'\] given, but 'tiny' has no MoE layers; give moe.num_experts"):
+        PretrainTask("tiny", moe=MoEOptions(top_k=1))
+    made = PretrainTask("tiny", moe=MoEOptions(num_experts=2, top_k=1, ffn_dim=64)).model.config.moe
+    assert (made.num_experts, made.top_k, made.ffn_dim) == (2, 1, 64)

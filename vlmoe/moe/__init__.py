@@ -16,7 +16,7 @@ if _dist.is_available():
     import torch.distributed.nn.functional  # noqa: F401
 
 from . import workspace
-from .config import MoEConfig
+from .config import MoEConfig, MoEOptions
 from .dispatch import DispatchPlan, combine, dispatch, expert_capacity, make_plan
 from .experts import GroupedExperts, HeteroExperts
 from .grouped import grouped_linear
@@ -57,6 +57,7 @@ __all__ = [
     "defer_finite_checks",
     "MoEAux",
     "MoEConfig",
+    "MoEOptions",
     "CosineRouter",
     "DispatchPlan",
     "GroupedExperts",

@@ -26,7 +26,9 @@ class MoEConfig:
 
     # --- experts ---
     num_experts: int = 8
+    """Experts in the layer (per modality in a multiway block)."""
     top_k: int = 2
+    """Experts each token is sent to."""
     ffn_dim: int = 3072
     """Hidden width of each expert (homogeneous experts)."""
     expert_type: str = "gelu"
@@ -200,7 +202,9 @@ class MoEConfig:
         return self.router in ("sigmoid", "xmoe_sigmoid")
 
     def replace(self, **changes: Any) -> MoEConfig:
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again); an unknown field is an error listing the
+        known ones."""
+        _check_keys(changes)
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -208,10 +212,8 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MoEConfig:
+        _check_keys(d)
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - set(fields))
-        if unknown:
-            raise ValueError(f"unknown MoEConfig key(s) {unknown}; known keys: {sorted(fields)}")
         d = dict(d)
         for name, value in d.items():
             # YAML 1.1 reads `1e-3` (no dot) as a string; accept it for float fields
@@ -221,3 +223,52 @@ class MoEConfig:
                 except ValueError:
                     raise ValueError(f"MoEConfig.{name}={value!r}: expected a number") from None
         return cls(**d)
+
+
+def _check_keys(d: dict[str, Any]) -> None:
+    known = [f.name for f in dataclasses.fields(MoEConfig)]
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ValueError(f"unknown MoEConfig key(s) {unknown}; known keys: {sorted(known)}")
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The first sentence of each field's docstring (the string literal under it in the class body)."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+            text = " ".join(str(after.value.value).split())
+            docs[node.target.id] = text.split(". ")[0].rstrip(".")
+    return docs
+
+
+def _options_class() -> type:
+    """:class:`MoEConfig`'s fields, each optional (None: keep the model's value): the typed ``--model.moe.*``
+    options of ``vlmoe pretrain`` / ``finetune``, so ``--help`` lists them with their types and a wrong
+    name or type is refused by the parser."""
+    import typing
+
+    hints = typing.get_type_hints(MoEConfig)
+    fields = [f.name for f in dataclasses.fields(MoEConfig)]
+    docs = _field_docs(MoEConfig)
+    doc = ("Changes to the model's MoE layers (``moe``); a field left at None keeps the model's value.\n\n"
+           "Args:\n" + "\n".join(f"    {n}: {docs.get(n, n.replace('_', ' '))}." for n in fields))
+
+    def changes(self: Any) -> dict[str, Any]:
+        """The fields that are set, as a dict for :meth:`MoEConfig.replace`."""
+        return {n: v for n in fields if (v := getattr(self, n)) is not None}
+
+    cls = dataclasses.make_dataclass(
+        "MoEOptions", [(n, hints[n] | None, dataclasses.field(default=None)) for n in fields],
+        namespace={"__doc__": doc, "changes": changes, "__module__": __name__}, frozen=True,
+    )
+    return cls
+
+
+MoEOptions = _options_class()
+NO_MOE_CHANGES = MoEOptions()

@@ -30,7 +30,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from vlmoe.moe import MoEAux, RoutingStats, apply_bias_updates, defer_bias_updates, defer_finite_checks
+from vlmoe.moe import MoEAux, MoEOptions, RoutingStats, apply_bias_updates, defer_bias_updates, defer_finite_checks
 
 __all__ = ["NonFiniteLossError", "VLMoETask", "adamw", "batch_size_and_tokens", "param_groups", "warmup_cosine"]
 
@@ -203,6 +203,23 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return f
+
+
+def with_moe_options(overrides: dict[str, Any], moe: MoEOptions | dict[str, Any] | None, base: Any) -> dict[str, Any]:
+    """``overrides`` (config fields) with the typed ``moe`` options merged into its ``moe`` entry. Options
+    on a model without MoE layers are an error unless they say how many experts to add."""
+    if isinstance(moe, dict):  # as a checkpoint's hyper-parameters store it
+        moe = MoEOptions(**moe)
+    changes = moe.changes() if moe is not None else {}
+    if not changes:
+        return overrides
+    current = overrides.get("moe")
+    has_moe = base.moe is not None or current is not None
+    if not has_moe and "num_experts" not in changes:
+        raise ValueError(f"moe: {sorted(changes)} given, but {base.name!r} has no MoE layers; give "
+                         "moe.num_experts (and moe.ffn_dim) to make its FFNs MoE layers")
+    merged = {**(current.to_dict() if hasattr(current, "to_dict") else current or {}), **changes}
+    return {**overrides, "moe": merged}
 
 
 class VLMoETask(pl.LightningModule):
@@ -398,6 +415,10 @@ class VLMoETask(pl.LightningModule):
         return any(getattr(p, "expert_parallel", False) for p in self.parameters())
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        hp = checkpoint.get("hyper_parameters")
+        if isinstance(hp, dict) and isinstance(hp.get("moe"), MoEOptions):
+            # plain data, so the checkpoint loads with weights_only=True
+            checkpoint["hyper_parameters"] = {**hp, "moe": hp["moe"].changes()}
         # plain data, so `vlmoe export run.ckpt out/` rebuilds the model (heads, preprocessing)
         # without this class: the backbone config, the task block, the data's preprocessing
         checkpoint["vlmoe_config"] = self.backbone.config.to_dict()

@@ -42,8 +42,9 @@ from vlmoe.models import VLMoE, VLMoEConfig, load_checkpoint
 from vlmoe.models.checkpoint import beit3_config, read_state_dict, resolve_config, timm_vit_config
 from vlmoe.models.convert import detect_format, strip_prefix
 from vlmoe.models.export import CONFIG_NAME, read_export
+from vlmoe.moe.config import NO_MOE_CHANGES, MoEOptions
 
-from ..base import VLMoETask
+from ..base import VLMoETask, with_moe_options
 
 log = logging.getLogger("vlmoe.tasks")
 
@@ -121,6 +122,7 @@ class FinetuneTask(VLMoETask):
             ``init_checkpoint``.
         model_overrides: backbone config fields to change (``{"drop_path_rate": 0.1}``; the task's
             own defaults, e.g. ``final_norm: false`` for VQA as BEiT-3, come first).
+        moe: changes to the MoE layers, typed (``--model.moe.top_k 1``; applied after ``model_overrides``).
         init_checkpoint: the weights to start from (see the module docstring); ``demo``: the demo
             pretraining run's; None: random initialisation (with a warning).
         allow_partial_init: accept an ``init_checkpoint`` that provides under half of the weights.
@@ -150,6 +152,7 @@ class FinetuneTask(VLMoETask):
         self,
         model: str | None = None,
         model_overrides: dict[str, Any] | None = None,
+        moe: MoEOptions = NO_MOE_CHANGES,
         init_checkpoint: str | None = DEMO,
         allow_partial_init: bool = False,
         vocab_size: int | None = None,
@@ -180,7 +183,7 @@ class FinetuneTask(VLMoETask):
                 base = checkpoint_config(init)
             else:
                 raise ValueError("give model.model (a preset) or model.init_checkpoint (weights to start from)")
-            config = base.replace(**overrides)
+            config = base.replace(**with_moe_options(overrides, moe, base))
         except (ValueError, FileNotFoundError) as e:
             raise type(e)(f"model: {e}") from None
         if self.needs_text and not config.has_text:

@@ -34,8 +34,9 @@ from vlmoe.models import Pooler, VLMoE, VLMoEConfig, VLMoEForPretraining, load_c
 from vlmoe.models.checkpoint import resolve_config
 from vlmoe.models.convert import legacy_head_keys
 from vlmoe.moe import MoEAux
+from vlmoe.moe.config import NO_MOE_CHANGES, MoEOptions
 
-from ..base import VLMoETask
+from ..base import VLMoETask, with_moe_options
 from .targets import MIMTarget, PixelTarget
 
 __all__ = ["STREAMS", "PretrainTask"]
@@ -49,6 +50,7 @@ class PretrainTask(VLMoETask):
     Args:
         model: model preset name (``tiny_mhmoe``, ``base_xmoe8``, ...) or a YAML/JSON config path.
         model_overrides: config fields to change (``{"moe": {"top_k": 1}}`` updates field-wise).
+        moe: changes to the MoE layers, typed (``--model.moe.top_k 1``; applied after ``model_overrides``).
         vocab_size: text vocabulary (the tokenizer's; linked from the data module by the CLI).
         mean_std: the data's image normalisation (linked from the data module by the CLI); targets
             that need raw pixels undo it.
@@ -70,6 +72,7 @@ class PretrainTask(VLMoETask):
         self,
         model: str = "tiny_mhmoe",
         model_overrides: dict[str, Any] | None = None,
+        moe: MoEOptions = NO_MOE_CHANGES,
         vocab_size: int | None = None,
         mean_std: str = "inception",
         mim_target: MIMTarget | None = None,
@@ -87,7 +90,8 @@ class PretrainTask(VLMoETask):
         if vocab_size is not None:
             overrides["vocab_size"] = vocab_size
         try:
-            config = resolve_config(model, overrides)
+            base = resolve_config(model)
+            config = base.replace(**with_moe_options(overrides, moe, base))
         except (ValueError, FileNotFoundError) as e:
             raise type(e)(f"model.model: {e}") from None
         # the MIM head predicts the target: codebook ids (vqkd), patch pixels, or teacher features
