@@ -20,7 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from vlmoe.models import VLMoE, VLMoEConfig
-from vlmoe.tasks.base import adamw
+from vlmoe.tasks.optim import adamw
 
 
 def profile_one(name: str, args: argparse.Namespace, device: torch.device) -> tuple[dict[str, float], float]:

@@ -1,4 +1,5 @@
-"""Files vlmoe writes and checkpoints it reads: one atomic writer, one safe loader.
+"""Files vlmoe writes and reads: one atomic writer, one safe checkpoint loader, JSON readers whose errors
+name the file and the position.
 
 Every file vlmoe produces (checkpoints, exports, configs, metrics, predictions, shards' ``sizes.json``)
 goes through :func:`atomic_write`: the bytes go to a temporary file *beside* the target (same
@@ -27,10 +28,13 @@ from typing import Any
 
 __all__ = [
     "TMP_SUFFIX",
+    "DataFormatError",
     "atomic_torch_save",
     "atomic_write",
     "atomic_write_json",
     "atomic_write_text",
+    "load_json",
+    "load_jsonl",
     "remove_stale_temporaries",
     "torch_load",
 ]
@@ -215,3 +219,52 @@ def _pickle_opcode_name(code: int) -> str:
 
     op = next((o for o in pickletools.opcodes if ord(o.code) == code), None)
     return op.name if op else str(code)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+class DataFormatError(ValueError):
+    """A data file does not follow the expected format; the message names file and position."""
+
+
+def load_json(path: str | os.PathLike) -> Any:
+    """Parse a JSON file, turning a syntax error into one that names the file, line and column.
+
+    Args:
+        path: the JSON file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataFormatError(
+                f"{path}: malformed JSON at line {e.lineno}, column {e.colno} (char {e.pos}): {e.msg}"
+            ) from None
+
+
+def load_jsonl(path: str | os.PathLike) -> list[Any]:
+    """Parse a JSON-lines file (one JSON value per non-empty line).
+
+    A file that holds one JSON array instead (some releases name JSONL files ``.json``) is also
+    accepted.
+
+    Args:
+        path: the JSONL file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        return load_json(path)
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataFormatError(f"{path}: malformed JSON on line {lineno}, column {e.colno}: {e.msg}") from None
+    return rows

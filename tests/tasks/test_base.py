@@ -43,7 +43,7 @@ def test_task_optimizer_is_fused_adamw_with_the_reference_update(make_task) -> N
     """The tasks' AdamW takes torch's fused kernel on CPU; its steps over the task's groups (layer decay,
     weight decay, the (out, in)-strided expert weights, handed to the kernel as their contiguous
     permutation) equal those of torch's per-tensor loop, and the moments keep the parameters' strides."""
-    from vlmoe.tasks.base import adamw
+    from vlmoe.tasks.optim import adamw
 
     task = make_task("tiny_moe", layer_decay=0.5, weight_decay=0.05, max_steps=10)
     for m in task.modules():  # the experts' fc1 stored (out, in) (the faster, non-default layout)
@@ -80,8 +80,8 @@ def test_task_optimizer_is_fused_adamw_with_the_reference_update(make_task) -> N
 @pytest.mark.parametrize("kw", [{"fused": True}, {"foreach": True}, {"foreach": False},
                                 {"fused": True, "amsgrad": True}])
 def test_adamw_updates_a_permuted_parameter_as_a_contiguous_one(kw, monkeypatch) -> None:
-    from vlmoe.tasks import base
-    from vlmoe.tasks.base import AdamW
+    from vlmoe.tasks import optim as base
+    from vlmoe.tasks.optim import AdamW
 
     handed = []  # what the update receives (torch calls _init_group, which this AdamW wraps, every step)
     order = base._storage_order
@@ -106,7 +106,7 @@ def test_adamw_fused_with_gradients_and_moments_in_another_layout() -> None:
     """torch's fused kernel pairs elements by memory position: a gradient or a loaded moment in another
     layout than its parameter (an expert-parallel checkpoint's gathered moments are contiguous) would be
     applied to the wrong elements. This AdamW relays them first (torch's own fused AdamW is shown wrong)."""
-    from vlmoe.tasks.base import AdamW
+    from vlmoe.tasks.optim import AdamW
 
     def run(cls, fused: bool, reload: bool) -> torch.Tensor:
         torch.manual_seed(0)
@@ -129,7 +129,7 @@ def test_adamw_fused_with_gradients_and_moments_in_another_layout() -> None:
 
 
 def test_adamw_keeps_its_implementation_when_loading_a_foreach_state() -> None:
-    from vlmoe.tasks.base import adamw
+    from vlmoe.tasks.optim import adamw
 
     torch.manual_seed(0)
     a, b = (torch.nn.Parameter(torch.randn(4, 3)) for _ in range(2))

@@ -14,7 +14,7 @@ Next to each model: its FLOP ideal relative to the reference - forward FLOPs per
 4 d F, MoE layers router + k experts + MH-MoE projections) divided by the reference's - and the measured
 time ratio over that ideal (1.00 = the model costs exactly what its FLOPs say). ``--train-step`` adds
 AdamW's step to every timed iteration, as a training step has it (the tasks' optimizer,
-:func:`vlmoe.tasks.base.adamw`: fused where it can be), and then times that step alone per model with
+:func:`vlmoe.tasks.optim.adamw`: fused where it can be), and then times that step alone per model with
 each of torch's three AdamW implementations - fused, foreach and the per-tensor loop - on the same
 state, against its ideal: a pass that reads the parameters, gradients and both moments once and
 writes three of them back (28 bytes per fp32 parameter) at the bandwidth of an in-place update
@@ -109,7 +109,7 @@ def _vlmoe_impl(name: str, model: VLMoE, ids: Tensor, pad: Tensor, autocast: Cal
     fpt = flops_per_token(cfg, 1 + cfg.num_patches + ids.shape[1])["total"]
     opt = None
     if train_step:
-        from vlmoe.tasks.base import adamw
+        from vlmoe.tasks.optim import adamw
 
         opt = adamw(model.parameters(), lr=1e-4)
     return Impl(name, model, run, flops_per_token=fpt, optimizer=opt)
@@ -217,7 +217,7 @@ def optimizer_rows(impls: list[Impl], repeats: int, bandwidth: float, device: to
     The step reads ``param_groups[i]["fused" | "foreach"]`` at every call, so switching the flags
     switches the implementation over the same parameters, gradients and moments. Gradients are random
     (the step's cost does not depend on their values) and dropped afterwards."""
-    from vlmoe.tasks.base import fused_adamw_takes
+    from vlmoe.tasks.optim import fused_adamw_takes
 
     rows = []
     for impl in impls:

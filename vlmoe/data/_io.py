@@ -8,13 +8,14 @@ so a user pointing a config at a broken download sees what to fix.
 from __future__ import annotations
 
 import io
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
+
+from vlmoe.io import DataFormatError, load_json, load_jsonl
 
 __all__ = [
     "DataFormatError",
@@ -24,54 +25,6 @@ __all__ = [
     "load_jsonl",
     "require",
 ]
-
-
-class DataFormatError(ValueError):
-    """A data file does not follow the expected format; the message names file and position."""
-
-
-def load_json(path: str | os.PathLike) -> Any:
-    """Parse a JSON file, turning a syntax error into one that names the file, line and column.
-
-    Args:
-        path: the JSON file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataFormatError(
-                f"{path}: malformed JSON at line {e.lineno}, column {e.colno} (char {e.pos}): {e.msg}"
-            ) from None
-
-
-def load_jsonl(path: str | os.PathLike) -> list[Any]:
-    """Parse a JSON-lines file (one JSON value per non-empty line).
-
-    A file that holds one JSON array instead (some releases name JSONL files ``.json``) is also
-    accepted.
-
-    Args:
-        path: the JSONL file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        return load_json(path)
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise DataFormatError(f"{path}: malformed JSON on line {lineno}, column {e.colno}: {e.msg}") from None
-    return rows
 
 
 def require(record: Any, fields: Sequence[str], where: str) -> None:

@@ -14,8 +14,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 from collections import defaultdict
 from collections.abc import Callable
@@ -28,6 +26,7 @@ from torch.utils.data import Dataset
 
 from vlmoe.data._io import DataFormatError, load_image, load_json, require
 from vlmoe.io import atomic_write_json
+from vlmoe.protocols.coco import load_coco
 
 __all__ = ["COCOCaptions", "COCOInstances", "KarpathyCaptions", "karpathy_coco", "karpathy_to_coco", "load_coco"]
 
@@ -134,20 +133,6 @@ def _karpathy_gt(karpathy_images: list[dict[str, Any]], split: str, source: str 
         raise ValueError(f"{source or 'Karpathy split'}: no image in split {split!r}")
     info = {"description": f"Karpathy {split} split"}
     return {"info": info, "licenses": [], "type": "captions", "images": images, "annotations": anns}
-
-
-def load_coco(path: str | os.PathLike) -> Any:
-    """A ``pycocotools.coco.COCO`` from a file, with vlmoe's positioned JSON errors and no prints."""
-    from pycocotools.coco import COCO
-
-    data = load_json(path)
-    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-        raise DataFormatError(f"{path}: not a COCO annotation file (needs 'images' and 'annotations')")
-    coco = COCO()
-    coco.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
 
 
 class COCOCaptions(Dataset):

@@ -52,7 +52,7 @@ METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 def read_caption_ground_truth(path: str | os.PathLike) -> dict[int, list[str]]:
     """``{image_id: [reference captions]}`` of a COCO-format caption file (every image listed, even
     one without captions, which is an error)."""
-    from vlmoe.data._io import DataFormatError, load_json
+    from vlmoe.io import DataFormatError, load_json
 
     data = load_json(path)
     if not isinstance(data, dict) or "annotations" not in data or "images" not in data:
@@ -239,7 +239,7 @@ class CaptionEvaluator(Evaluator):
     @classmethod
     def score_file(cls, results: str | os.PathLike, ground_truth: str | os.PathLike, **kwargs: Any) -> dict[str, float]:
         """The metrics of a COCO results file (``[{"image_id", "caption"}]``) against a ground-truth file."""
-        from vlmoe.data._io import load_json
+        from vlmoe.io import load_json
 
         ev = cls(ground_truth, **kwargs)
         res = check_caption_results(load_json(results), ev.gts, str(results))

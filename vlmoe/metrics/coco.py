@@ -46,7 +46,7 @@ IOU_TYPES = ("bbox", "segm")
 
 def load_ground_truth(path: str | os.PathLike) -> Any:
     """A checked ``pycocotools.coco.COCO`` of an instances file (no prints)."""
-    from vlmoe.data.coco import load_coco
+    from vlmoe.protocols.coco import load_coco
 
     coco = load_coco(path)
     check_coco_ground_truth(coco, str(path))
@@ -141,7 +141,7 @@ def evaluate_coco(
     """
     from pycocotools.cocoeval import COCOeval
 
-    from vlmoe.data._io import load_json
+    from vlmoe.io import load_json
 
     for t in iou_types:
         if t not in IOU_TYPES:

@@ -11,6 +11,7 @@ new complete file.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -19,10 +20,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.callbacks import ModelSummary as LightningModelSummary
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
 
 from vlmoe.io import atomic_torch_save
 
-__all__ = ["AtomicCheckpointIO", "ModelSummary", "SkippedSamples", "StepProgressBar", "VLMoECheckpoint"]
+__all__ = ["AtomicCheckpointIO", "ModelSummary", "SkippedSamples", "StepProgressBar", "VLMoECheckpoint",
+           "batch_size_and_tokens"]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -325,7 +328,7 @@ class Throughput(pl.Callback):
     bar), timed from one training batch end to the next, data loading included, as a user measures it.
 
     The counts come from ``pl_module.batch_size_and_tokens(batch)`` when the module has it (vlmoe's
-    tasks do), else from :func:`vlmoe.tasks.base.batch_size_and_tokens` on the batch. Lightning's
+    tasks do), else from :func:`batch_size_and_tokens` on the batch. Lightning's
     ``ThroughputMonitor`` averages over a window and needs per-batch size functions; this one reports
     each step, which is what the demo's progress bar shows.
     """
@@ -348,8 +351,6 @@ class Throughput(pl.Callback):
         if callable(count):
             samples, tokens = count(batch)
         else:
-            from .base import batch_size_and_tokens
-
             samples, tokens = batch_size_and_tokens(batch, getattr(pl_module, "config", None))
         dt = max(now - last, 1e-9)
         log = dict(on_step=True, on_epoch=False, batch_size=max(1, samples))
@@ -369,3 +370,22 @@ class CPUThreads(pl.Callback):
 
         workers = int(getattr(trainer.datamodule, "num_workers", 0) or 0) if trainer.datamodule else 0
         set_cpu_threads(int(getattr(trainer, "num_devices", 1) or 1), workers)
+
+
+def batch_size_and_tokens(batch: Any, config: Any) -> tuple[int, int]:
+    """``(samples, tokens)`` of a batch dict (``image`` / ``text_ids`` / ``text_padding_mask``), or
+    of a dict of such dicts (one per stream); images count CLS + patches."""
+    if isinstance(batch, Mapping) and batch and all(isinstance(v, Mapping) for v in batch.values()):
+        pairs = [batch_size_and_tokens(b, config) for b in batch.values()]
+        return sum(s for s, _ in pairs), sum(t for _, t in pairs)
+    if not isinstance(batch, Mapping):
+        return 0, 0
+    image, ids, pad = batch.get("image"), batch.get("text_ids"), batch.get("text_padding_mask")
+    n, tokens = 0, 0
+    if isinstance(image, Tensor):
+        n = image.shape[0]
+        tokens += n * (1 + (image.shape[-2] // config.patch_size) * (image.shape[-1] // config.patch_size))
+    if isinstance(ids, Tensor):
+        n = n or ids.shape[0]
+        tokens += int(ids.numel() if pad is None else (~pad.bool()).sum())
+    return n, tokens
