@@ -219,3 +219,20 @@ def test_moe_overrides_name_the_valid_keys_and_a_dense_model_needs_a_size() -> N
         PretrainTask("tiny", moe=MoEOptions(top_k=1))
     made = PretrainTask("tiny", moe=MoEOptions(num_experts=2, top_k=1, ffn_dim=64)).model.config.moe
     assert (made.num_experts, made.top_k, made.ffn_dim) == (2, 1, 64)
+
+
+# ---------------------------------------------------------------------------------------------- one source
+def test_the_yaml_stated_in_python_is_what_python_writes() -> None:
+    """configs/model/*.yaml, configs/finetune/*/demo.yaml and configs/pretrain/demo.yaml are written from
+    PRESETS, the tasks' specs and the pretraining CLI's defaults (tools/write_configs.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("write_configs", ROOT.parent / "tools" / "write_configs.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    files = tool.generated()
+    assert {p.relative_to(ROOT).as_posix() for p in files} >= {"model/demo_xmoe.yaml", "finetune/vqav2/demo.yaml",
+                                                                "pretrain/demo.yaml"}
+    stale = [p.relative_to(ROOT).as_posix() for p, text in files.items() if p.read_text() != text]
+    assert not stale, f"{stale}: run python tools/write_configs.py"
+    assert {p.stem for p in MODEL_CONFIGS} == {p.stem for p in files if p.parent.name == "model"}

@@ -334,5 +334,15 @@ PRESETS: dict[str, VLMoEConfig] = {
 }
 
 
+def preset_yaml(name: str) -> str:
+    """The text of ``configs/model/<name>.yaml``: the preset as YAML (compact MoE fields), written from
+    :data:`PRESETS` (``tools/write_configs.py``), so the preset has one source."""
+    config = PRESETS[name]
+    head = f'# model preset `{name}`: vlmoe.models.create_model("{name}") builds the same model.\n'
+    if config.moe is not None or config.moe_text is not None:
+        head += "# MoE fields left out take the vlmoe.moe.MoEConfig defaults.\n"
+    return head + config.to_yaml(full_moe=False)
+
+
 def list_presets() -> list[str]:
     return sorted(PRESETS)

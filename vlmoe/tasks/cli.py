@@ -40,6 +40,30 @@ __all__ = ["SUBCOMMANDS", "VLMoECLI", "default_callbacks", "default_loggers", "q
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
+def recipe_yaml(header: str, sections: dict[str, Any]) -> str:
+    """A recipe file: ``header`` as ``#`` comment lines, then ``sections`` (``{"trainer": {...}, "model":
+    {...}}``, or dotted keys ``{"model.lr": 1e-3}`` grouped into their sections) as YAML."""
+    import yaml
+
+    nested: dict[str, Any] = {}
+    for key, value in sections.items():
+        section, _, option = key.partition(".")
+        if option:
+            nested.setdefault(section, {})[option] = _plain(value)
+        else:
+            nested[section] = _plain(value)
+    class Dumper(yaml.SafeDumper):  # mappings as blocks, lists (of scalars) on one line
+        pass
+
+    def flow_list(dumper: yaml.SafeDumper, data: list[Any]) -> Any:
+        flow = all(not isinstance(v, dict | list) for v in data)
+        return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+    Dumper.add_representer(list, flow_list)
+    comment = "".join(f"# {line}".rstrip() + "\n" for line in header.strip("\n").splitlines())
+    return comment + yaml.dump(nested, Dumper=Dumper, sort_keys=False, default_flow_style=False, width=110)
+
+
 def default_loggers(run_dir: str) -> list[dict[str, Any]]:
     """CSV (no dependencies, easy to read back) and TensorBoard logs under ``run_dir``."""
     return [

@@ -166,8 +166,10 @@ class TaskSpec:
             records).
         metric: the validation metric the best checkpoint is chosen by (``val/<metric>``).
         links: data -> model arguments the CLI links (``("data.answers", "model.answers")``).
-        demo: the CLI defaults: the task's demo recipe (``configs/finetune/NAME/demo.yaml`` is written from it).
+        demo: the CLI defaults: the task's demo recipe (``configs/finetune/NAME/demo.yaml`` is written from it
+            by ``tools/write_configs.py``).
         trainer: the trainer defaults of the demo.
+        demo_notes: what the demo does and why, the head comment of its YAML file.
         description: one line for ``vlmoe finetune --help``.
         predict: how the model is used on one's own images (None: it is not).
         routing_groups: ``vlmoe analyze routing``'s default grouping (``class`` or ``answer_type``).
@@ -184,6 +186,7 @@ class TaskSpec:
     demo: dict[str, Any] = field(default_factory=dict)
     trainer: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    demo_notes: str = ""
     predict: Prediction | None = None
     routing_groups: str = "class"
     study_metrics: tuple[str, ...] = ()

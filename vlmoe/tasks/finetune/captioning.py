@@ -340,6 +340,16 @@ register_task(TaskSpec(
     }),
     trainer={"max_epochs": 3, "max_steps": -1},
     description="Image captioning (BEiT-3's masked seq2seq; KV-cached beam search; BLEU/METEOR/ROUGE-L/CIDEr).",
+    demo_notes=(
+        "  vlmoe pretrain && vlmoe finetune captioning\n"
+        "\n"
+        "Starts from the demo pretraining checkpoint (runs/pretrain/demo/checkpoints/last.ckpt: the demo X-MoE\n"
+        "model, its MLM head becomes the captioning head), finetunes at 64 px on the demo's Karpathy-format\n"
+        "captions of easy-vqa's train images (5 per image, one sample per caption) and scores its test split (500\n"
+        "images of easy-vqa's test set) with the COCO caption toolkit. The demo has no model selection (one\n"
+        "validation, at the end); the published recipes select on val and test separately. Augmentation is off:\n"
+        "RandAugment and random crops change the colours and shapes the captions name."
+    ),
     predict=Prediction(
         "caption", caption, help="a caption of every image",
         inputs=(Input("beam", "int", "beam size (1: greedy)", default=3, page=False, minimum=1),),

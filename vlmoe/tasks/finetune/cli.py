@@ -19,10 +19,10 @@ import sys
 
 from lightning.pytorch.cli import LightningArgumentParser
 
-from ..cli import SUBCOMMANDS, VLMoECLI, run_cli
+from ..cli import SUBCOMMANDS, VLMoECLI, recipe_yaml, run_cli
 from ..registry import TASKS, TaskSpec, get_task
 
-__all__ = ["TASKS", "FinetuneCLI", "build_cli", "main"]
+__all__ = ["TASKS", "FinetuneCLI", "build_cli", "demo_yaml", "main"]
 
 
 # the trainer defaults of every task (a task's spec adds its own: epochs or steps)
@@ -82,6 +82,23 @@ def build_cli(task: str, args: list[str] | None, run: bool = True, cli_class: ty
     return run_cli(cls, spec.task, spec.data, args, run=run, trainer_defaults={**_TRAINER, **spec.trainer},
                    description=spec.description + " No options: the CPU demo. Subcommands fit (implied) | validate | "
                    "test | predict; --debug shows tracebacks.")
+
+
+def demo_yaml(name: str) -> str:
+    """The text of ``configs/finetune/<name>/demo.yaml``: the task's demo as its spec states it (the CLI's
+    defaults), written by ``tools/write_configs.py``; the spec is the one source."""
+    spec = get_task(name)
+    module = spec.task.__module__.replace(".", "/") + ".py"
+    header = (f"The {name} demo, spelled out: `vlmoe finetune {name}` with no options runs exactly this.\n"
+              f"Written from its TaskSpec ({module})\nby `python tools/write_configs.py`: edit the spec, "
+              f"not this file.\n\n{spec.demo_notes}")
+    return recipe_yaml(header, {
+        "seed_everything": 0,
+        "trainer": {**_TRAINER, **spec.trainer},
+        **spec.demo,
+        "checkpoint": {"dirpath": f"runs/finetune/{name}/demo/checkpoints", "monitor": f"val/{spec.metric}",
+                       "mode": "max"},
+    })
 
 
 def _usage() -> str:

@@ -374,6 +374,16 @@ register_task(TaskSpec(
     }),
     trainer={"max_epochs": -1, "max_steps": 800, "val_check_interval": 800, "check_val_every_n_epoch": None},
     description="COCO detection / instance segmentation: ViTDet on torchvision's Mask R-CNN (box and mask AP).",
+    demo_notes=(
+        "  vlmoe pretrain && vlmoe finetune detection\n"
+        "\n"
+        "Starts from the demo pretraining checkpoint (the demo X-MoE model, vision branch only: its text weights are\n"
+        "skipped), builds torchvision's Mask R-CNN on it with window attention (8 x 8 windows in block 0, global\n"
+        "attention in block 1) and a 64-channel simple feature pyramid at 128 px (the demo's 64 px images are\n"
+        "upscaled), trains 800 steps on the demo's COCO-format instances of easy-vqa's train images (one shape\n"
+        "per image, three classes, boxes and masks measured from the pixels) and reports COCOeval box and mask\n"
+        "AP on its 1,000 val images."
+    ),
     predict=Prediction(
         "detect", detect, help="the objects in every image: boxes, labels, scores (masks: vlmoe.load(...).detect)",
         inputs=(Input("score_threshold", "float", "score threshold", default=0.5, minimum=0.0, maximum=1.0),),

@@ -134,6 +134,13 @@ register_task(TaskSpec(
     }),
     trainer={"max_epochs": 2, "max_steps": -1},
     description="NLVR2 finetuning (BEiT-3's two-image head; accuracy and consistency).",
+    demo_notes=(
+        "  vlmoe pretrain && vlmoe finetune nlvr2\n"
+        "\n"
+        "From the demo pretraining checkpoint, at 64 px; the demo's NLVR2 files (10,000 true / false\n"
+        "statements about two easy-vqa images, four image pairs per sentence); accuracy and consistency on the\n"
+        "1,000 dev examples. The head starts at full scale (BEiT-3's 1e-3 keeps it at chance at this width)."
+    ),
     predict=Prediction(
         "verify", verify, help="is a sentence true of each image (left) and --right?",
         inputs=(Input("right", "image", "right image", required=True, missing="upload the right image"),

@@ -302,6 +302,17 @@ register_task(TaskSpec(
     }),
     trainer={"max_epochs": 3, "max_steps": -1},
     description="VQAv2 finetuning (BEiT-3's VQA head and loss; the official VQA accuracy).",
+    demo_notes=(
+        "  vlmoe pretrain && vlmoe finetune vqav2\n"
+        "\n"
+        "Starts from the demo pretraining checkpoint (runs/pretrain/demo/checkpoints/last.ckpt: the demo X-MoE\n"
+        "model, 64 px), finetunes on easy-vqa's train questions (the demo's VQAv2-format files) and scores the\n"
+        "official VQA accuracy on its test split (9,673 questions), beside the same evaluation with the images\n"
+        "shuffled among the questions (the control: a model that ignores the image scores the same).\n"
+        "Augmentation is off: RandAugment and random crops change the colours and shapes the questions ask\n"
+        "about. The loss is a softmax cross-entropy over the 13 answers (BEiT-3's per-answer BCE, the published\n"
+        "recipes' choice, learns the open questions several times slower at this scale)."
+    ),
     predict=Prediction(
         "answer", answer, help="answer one question about every image",
         inputs=(Input("questions", "text", "question asked of every image", required=True,

@@ -20,11 +20,11 @@ from typing import Any
 from lightning.pytorch.cli import LightningArgumentParser
 
 from ..base import NonFiniteLossError
-from ..cli import VLMoECLI, run_cli
+from ..cli import VLMoECLI, default_callbacks, default_loggers, recipe_yaml, run_cli
 from .data import PretrainDataModule
 from .task import PretrainTask
 
-__all__ = ["DEFAULT_RUN_DIR", "DEMO_DEFAULTS", "PretrainCLI", "build_cli", "main", "trainer_defaults"]
+__all__ = ["DEFAULT_RUN_DIR", "DEMO_DEFAULTS", "PretrainCLI", "build_cli", "demo_yaml", "main", "trainer_defaults"]
 
 DEFAULT_RUN_DIR = "runs/pretrain/demo"
 DESCRIPTION = (
@@ -34,8 +34,8 @@ DESCRIPTION = (
 
 
 # The demo's values of the task and data options whose library defaults differ (the library defaults
-# are BEiT-3's); with trainer_defaults() this is the whole demo run (configs/pretrain/demo.yaml spells
-# it out, and a test checks the two agree).
+# are BEiT-3's); with trainer_defaults() this is the whole demo run (configs/pretrain/demo.yaml is
+# written from them by tools/write_configs.py).
 DEMO_DEFAULTS: dict[str, Any] = {
     "model.model": "demo_xmoe",
     # the captions name the shape's colour, size and side: the MIM target keeps each patch's colour
@@ -82,6 +82,31 @@ class PretrainCLI(VLMoECLI):
         parser.set_defaults(DEMO_DEFAULTS)
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.mean_std", "model.mean_std", apply_on="parse")
+
+
+DEMO_NOTES = """\
+  vlmoe pretrain --config configs/pretrain/demo.yaml
+
+The demo X-MoE model (2 blocks of width 64, 8 heads, X-MoE in both: 4 experts per modality, top-2),
+easy-vqa demo shards built on first use into $VLMOE_DATA/demo or ~/.cache/vlmoe/demo, 48 samples a
+step (16 pairs + 16 images + 16 texts), pixel MIM targets that keep colours, the pairs' images seen
+whole (MIM on the image stream only), no crop or flip, CPU, fp32."""
+
+
+def demo_yaml() -> str:
+    """The text of ``configs/pretrain/demo.yaml``: the demo run as the CLI's defaults state it
+    (:data:`DEMO_DEFAULTS`, :func:`trainer_defaults`, the run folder's loggers and checkpoints), written
+    by ``tools/write_configs.py``."""
+    header = ("The demo run, spelled out: `vlmoe pretrain` with no arguments runs exactly this.\n"
+              "Written from vlmoe/tasks/pretrain/cli.py (DEMO_DEFAULTS, trainer_defaults)\n"
+              "by `python tools/write_configs.py`: edit those, not this file.\n\n" + DEMO_NOTES)
+    trainer = {**trainer_defaults(), "logger": default_loggers(DEFAULT_RUN_DIR), "callbacks": default_callbacks()}
+    return recipe_yaml(header, {
+        "seed_everything": 0,
+        "trainer": trainer,
+        **DEMO_DEFAULTS,
+        "checkpoint": {"dirpath": f"{DEFAULT_RUN_DIR}/checkpoints", "every_n_train_steps": 200},
+    })
 
 
 def build_cli(args: list[str] | None, run: bool = True, cli_class: type[PretrainCLI] = PretrainCLI) -> PretrainCLI:
