@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -161,22 +160,14 @@ class Predictor:
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
          batch_size: int = 16) -> Predictor:
-    """A :class:`Predictor` from a ``vlmoe export`` folder or a ``vlmoe pretrain`` / ``finetune`` ``.ckpt``."""
-    from vlmoe.models import VLMoE, VLMoEConfig, build_task_model, load_checkpoint, load_pretrained
-    from vlmoe.models.export import CONFIG_NAME, _training_checkpoint
+    """A :class:`Predictor` from a ``vlmoe export`` folder, a ``vlmoe pretrain`` / ``finetune`` ``.ckpt``
+    or ``hf-hub:ORG/NAME`` (an export folder on the Hugging Face Hub)."""
+    from vlmoe.models.loading import load as load_model
+    from vlmoe.models.loading import read_source
 
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no such model folder or checkpoint")
-    if p.is_dir() or p.suffix == ".safetensors":
-        if p.is_dir() and not (p / CONFIG_NAME).exists():
-            raise FileNotFoundError(f"{p}: not a model folder (no {CONFIG_NAME}; write one with `vlmoe export`)")
-        model = load_pretrained(p)
-        return Predictor(model, model.preprocess, device, dtype, batch_size)
-    trained = _training_checkpoint(p)
-    if trained is None:
-        raise ValueError(f"{p}: not a vlmoe model folder or training checkpoint (convert other checkpoints with "
+    source = read_source(path)
+    if not source.is_vlmoe_model:
+        raise ValueError(f"{path}: not a vlmoe model folder or training checkpoint (convert other checkpoints with "
                          "`vlmoe export`)")
-    model = build_task_model(VLMoE(VLMoEConfig.from_dict(trained["config"])), trained["task"])
-    load_checkpoint(model, trained["state_dict"], format="vlmoe", strict=True)
-    return Predictor(model, trained["preprocess"], device, dtype, batch_size)
+    model, _, preprocess = load_model(source, strict=True)
+    return Predictor(model, preprocess, device, dtype, batch_size)

@@ -1,9 +1,10 @@
 """Model configs and presets, the multiway (MoE) backbone, task models and their heads, checkpoint
 conversion and export. Pure torch + timm (no Lightning).
 
-from vlmoe.models import create_model, load_beit3, VLMoEForPretraining
+from vlmoe.models import create_model, load, VLMoEForPretraining
 model = create_model("base_xmoe8")                      # preset + keyword overrides
-model, report = load_beit3("beit3_base_patch16_224.pth", "base_xmoe8")   # dense -> MoE upcycling
+model, report, _ = load("beit3_base_patch16_224.pth", "base_xmoe8")   # dense -> MoE upcycling
+model, report, preprocess = load("out/vqa")             # any checkpoint: export, .ckpt, BEiT-3, timm, hf-hub:
 """
 
 from .backbone import VLMoE, create_model, list_models
@@ -25,6 +26,7 @@ from .detection import ViTDetBackbone, VLMoEForDetection, build_mask_rcnn
 from .export import export_beit3, load_pretrained, save_pretrained
 from .generation import GenerationOutput, beam_search, generate, greedy_search
 from .heads import Pooler, TwoLayerMLP, select_tokens, vqa_classifier
+from .loading import Source, load, read_source
 from .output import BackboneOutput
 from .task_models import (
     TASK_MODELS,
@@ -42,6 +44,7 @@ from .task_models import (
 
 __all__ = [
     "PRESETS",
+    "Source",
     "BackboneOutput",
     "GenerationOutput",
     "TASK_MODELS",
@@ -72,11 +75,13 @@ __all__ = [
     "generate",
     "greedy_search",
     "list_models",
+    "load",
     "load_beit3",
     "load_checkpoint",
     "load_pretrained",
     "load_state_dict",
     "load_timm_vit",
+    "read_source",
     "read_state_dict",
     "register_task_model",
     "save_pretrained",

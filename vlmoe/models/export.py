@@ -39,22 +39,13 @@ from typing import Any
 
 from torch import nn
 
-from vlmoe.io import atomic_torch_save, atomic_write, atomic_write_text, torch_load
+from vlmoe.io import atomic_torch_save, atomic_write, atomic_write_text
 
 from .backbone import VLMoE
-from .checkpoint import (
-    LoadReport,
-    is_training_checkpoint,
-    load_beit3,
-    load_checkpoint,
-    load_timm_vit,
-    read_state_dict,
-    resolve_config,
-    task_state_dict,
-)
+from .checkpoint import LoadReport
 from .config import LEGACY_HEAD_FIELDS, VLMoEConfig
-from .convert import detect_format, strip_prefix, vlmoe_to_beit3
-from .task_models import TaskModel, build_task_model
+from .convert import vlmoe_to_beit3
+from .task_models import TaskModel
 
 __all__ = [
     "CONFIG_NAME",
@@ -232,29 +223,21 @@ def load_pretrained(path: str | Path, *, strict: bool = True, **overrides: Any) 
     """Load a model folder written by :func:`save_pretrained` (or an earlier vlmoe version).
 
     Returns the task model the folder describes (the backbone alone when it has no task), with the
-    folder's preprocessing as ``model.preprocess`` (a dict, or None).
+    folder's preprocessing as ``model.preprocess`` (a dict, or None). :func:`vlmoe.models.load` is the
+    same for every kind of checkpoint.
 
     Args:
         path: the folder, or its ``model.safetensors``.
         strict: raise unless every parameter is in the file and every tensor is used.
         overrides: backbone config fields to change (e.g. ``img_size=384`` resizes the positions).
     """
-    info = read_export(path)
-    config = info.config.replace(**overrides) if overrides else info.config
-    model = build_task_model(VLMoE(config), info.task)
-    if info.task is None and strict:
-        from safetensors import safe_open
+    from .loading import load, read_source
 
-        with safe_open(str(info.weights), "pt") as f:
-            names = list(f.keys())  # noqa: SIM118 (a safetensors handle is not iterable)
-        children = dict(model.named_children())
-        heads = sorted(k for k in names if k.split(".")[0] not in children and k.split(".")[0] != "backbone")
-        if heads:  # the weights hold task heads the config does not describe
-            raise ValueError(f"{info.weights.parent}: its config.json has no 'task' block, but the weights hold task "
-                             f"heads ({', '.join(heads[:3])}{', ...' if len(heads) > 3 else ''}); the task description "
-                             "is missing - export the training checkpoint again with `vlmoe export CKPT DIR`")
-    load_checkpoint(model, str(info.weights), format="vlmoe", strict=strict)
-    model.preprocess = info.preprocess
+    source = read_source(path)
+    if source.kind != "export":
+        raise ValueError(f"{path}: not a model folder (a {source.kind} checkpoint; use vlmoe.models.load)")
+    model, _, preprocess = load(source, strict=strict, **overrides)
+    model.preprocess = preprocess
     return model
 
 
@@ -275,48 +258,10 @@ def export_beit3(model: nn.Module, path: str | Path, *, overwrite: bool = False)
     return path
 
 
-def _training_checkpoint(path: Path) -> dict[str, Any] | None:
-    """The parts of a vlmoe training checkpoint (``.ckpt`` of ``vlmoe pretrain`` / ``finetune``):
-    ``{"state_dict", "config", "task", "preprocess"}``, or None for any other file."""
-    if not path.is_file() or path.suffix != ".ckpt":
-        return None
-    obj = torch_load(path)
-    if not is_training_checkpoint(obj) or "vlmoe_config" not in obj:
-        return None
-    config = obj["vlmoe_config"]
-    task = obj.get("vlmoe_task", legacy_task(config))
-    return {"state_dict": task_state_dict(obj), "config": config, "task": task,
-            "preprocess": obj.get("vlmoe_preprocess")}
-
-
 def convert(args: Any) -> tuple[nn.Module, LoadReport | None, dict[str, Any] | None]:
     """Build and fill the model ``vlmoe export``'s arguments describe (``args.set``: the config
     overrides). Returns ``(model, load report or None, preprocessing or None)``."""
-    overrides = dict(args.set)
-    src = Path(args.src)
-    if src.is_dir() and (src / CONFIG_NAME).exists() and args.config is None:
-        model = load_pretrained(src, strict=args.strict, **overrides)
-        return model, None, model.preprocess
-    trained = _training_checkpoint(src)
-    if trained is not None:
-        base = VLMoEConfig.from_dict(trained["config"]) if args.config is None else args.config
-        model = build_task_model(VLMoE(resolve_config(base, overrides)), trained["task"])
-        report = load_checkpoint(
-            model, trained["state_dict"], format="vlmoe", strict=args.strict, upcycle_noise=args.upcycle_noise
-        )
-        report.source = str(src)
-        return model, report, trained["preprocess"]
-    sd, where = read_state_dict(src, args.key)
-    fmt = detect_format(strip_prefix(sd, ("module.",))) if args.format == "auto" else args.format
-    if fmt == "beit3":
-        model, report = load_beit3(sd, args.config, strict=args.strict, upcycle_noise=args.upcycle_noise, **overrides)
-    elif fmt == "timm":
-        model, report = load_timm_vit(sd, args.config, strict=args.strict, **overrides)
-    else:
-        if args.config is None:
-            raise ValueError("a vlmoe state dict needs --config (or a directory with config.json)")
-        model = VLMoE(resolve_config(args.config, overrides))
-        noise = args.upcycle_noise
-        report = load_checkpoint(model, sd, format="vlmoe", strict=args.strict, upcycle_noise=noise)
-    report.source = where
-    return model, report, None
+    from .loading import load
+
+    return load(args.src, args.config, strict=args.strict, upcycle_noise=args.upcycle_noise, key=args.key,
+                format=args.format, **dict(args.set))

@@ -38,10 +38,9 @@ from vlmoe.data.controls import CONTROL_KEYS, ShuffledImages
 from vlmoe.data.errors import SampleErrors, SkipUnreadable
 from vlmoe.io import atomic_write_json
 from vlmoe.metrics import Evaluator
-from vlmoe.models import VLMoE, VLMoEConfig, load_checkpoint
-from vlmoe.models.checkpoint import beit3_config, read_state_dict, resolve_config, timm_vit_config
-from vlmoe.models.convert import detect_format, strip_prefix
-from vlmoe.models.export import CONFIG_NAME, read_export
+from vlmoe.models import VLMoE, VLMoEConfig
+from vlmoe.models.checkpoint import resolve_config
+from vlmoe.models.loading import load_into, read_source
 from vlmoe.moe.config import NO_MOE_CHANGES, MoEOptions
 
 from ..base import VLMoETask, with_moe_options
@@ -54,7 +53,6 @@ __all__ = [
     "SMOKE_BUDGET",
     "FinetuneDataModule",
     "FinetuneTask",
-    "checkpoint_config",
     "control_metrics",
     "control_name",
     "demo_recipe",
@@ -89,29 +87,6 @@ def resolve_init(init_checkpoint: str | None) -> str | None:
             "folder, a BEiT-3 .pth) or --model.init_checkpoint null with --model.model PRESET (random init)"
         )
     return str(path)
-
-
-def checkpoint_config(path: str) -> VLMoEConfig:
-    """The backbone architecture a checkpoint holds (vlmoe training checkpoint or export: its config;
-    BEiT-3 / timm: read off the tensors)."""
-    from vlmoe.io import torch_load
-    from vlmoe.models.checkpoint import is_training_checkpoint
-
-    p = Path(path)
-    if p.is_dir() and (p / CONFIG_NAME).exists():
-        return read_export(p).config
-    if p.suffix == ".ckpt":
-        obj = torch_load(p)
-        if is_training_checkpoint(obj) and "vlmoe_config" in obj:
-            return VLMoEConfig.from_dict(obj["vlmoe_config"])
-    sd, _ = read_state_dict(p)
-    sd = strip_prefix(sd, ("module.",))
-    fmt = detect_format(sd)
-    if fmt == "beit3":
-        return beit3_config(sd)
-    if fmt == "timm":
-        return timm_vit_config(sd)
-    raise ValueError(f"{path}: a bare vlmoe state dict carries no architecture; give --model.model PRESET")
 
 
 class FinetuneTask(VLMoETask):
@@ -177,10 +152,13 @@ class FinetuneTask(VLMoETask):
         if drop_path_rate is not None:
             overrides["drop_path_rate"] = drop_path_rate
         try:
+            source = read_source(init) if init is not None else None  # the file is read once, here
             if model is not None:
                 base = resolve_config(model)
-            elif init is not None:
-                base = checkpoint_config(init)
+            elif source is not None and source.config is not None:
+                base = source.config
+            elif source is not None:
+                raise ValueError(f"{init}: a bare vlmoe state dict carries no architecture; give --model.model PRESET")
             else:
                 raise ValueError("give model.model (a preset) or model.init_checkpoint (weights to start from)")
             config = base.replace(**with_moe_options(overrides, moe, base))
@@ -201,8 +179,8 @@ class FinetuneTask(VLMoETask):
                 )
             config = config.replace(vocab_size=vocab_size)
         self.model = self.build_model(VLMoE(config))
-        if init is not None:
-            report = load_checkpoint(self.model, init, allow_partial=allow_partial_init)
+        if source is not None:
+            report = load_into(self.model, source, allow_partial=allow_partial_init)
             rank_zero_info(str(report))
         else:
             rank_zero_warn("model.init_checkpoint is null: finetuning from random initialisation")
