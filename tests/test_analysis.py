@@ -142,3 +142,26 @@ def test_grouped_demo_batches_label_each_sample(tmp_path) -> None:
     assert names == ["other", "yes/no"] and batches[0]["text_ids"].shape[0] == 16
     with pytest.raises(ValueError, match="unknown grouping"):
         grouped_demo_batches("colour", 32, TOK)
+
+
+def test_record_routing_sums_every_layer_and_restores_the_layers() -> None:
+    from vlmoe.models import create_model
+    from vlmoe.moe import MoE, record_routing
+
+    torch.manual_seed(0)
+    model = create_model("tiny_mhmoe").eval()
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    seen = []
+    img = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), record_routing(model, on_stats=lambda layer, s, a, k: seen.append((layer, s))) as acc:
+        assert all(m.record_assignments for m in moes)
+        out = model(image=img)
+    assert not any(m.record_assignments for m in moes) and not any(m._forward_hooks for m in moes)
+    vision = [s for s in out.aux.stats if s.name.endswith(".vision")]
+    assert vision and {s.name for _, s in seen} == {s.name for s in vision}
+    for s in vision:  # the hook's counts are the layers' own
+        assert torch.equal(acc.counts[s.name].cpu(), s.tokens_per_expert.long().cpu())
+    rows = acc.layers()
+    h = moes[0].config.heads
+    assert h > 1 and all(1 <= r["distinct_experts_per_token"] <= h * moes[0].config.top_k for r in rows.values())
+    assert all(sum(r["counts"]) == r["routed_tokens"] * moes[0].config.top_k for r in rows.values())  # sub-tokens

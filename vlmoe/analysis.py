@@ -2,8 +2,9 @@
 
 :func:`routing_report` runs a model's backbone over batches of three streams - images alone
 (``vision``), texts alone (``text``) and image-text pairs (``pairs``) - with forward hooks on its MoE
-layers and sums each layer's routed (sub-)token assignments per expert (the layers' own
-:class:`~vlmoe.moe.RoutingStats`, before capacity dropping), per stream. From the summed counts it
+layers (:func:`vlmoe.moe.record_routing`) and sums each layer's routed (sub-)token assignments per expert
+(the layers' own :class:`~vlmoe.moe.RoutingStats`, before capacity dropping) in a
+:class:`~vlmoe.moe.RoutingStatsAccumulator` per stream. From the summed counts it
 reports per layer the expert load (counts and shares), the activation ratio (``vlmoe.moe.stats``:
 share of experts with at least ``tau`` x the uniform share), the load entropy (1 = uniform), the load
 CV, dropped assignments, and where the layers provide them the activated expert parameters per
@@ -30,78 +31,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vlmoe.moe import MoE, RoutingStats
-from vlmoe.moe.stats import activation_ratio, load_cv, load_entropy
+from vlmoe.moe import MoE, RoutingStats, RoutingStatsAccumulator, record_routing
 
 __all__ = ["GROUPINGS", "STREAMS", "demo_batches", "expert_choice_by_group", "grouped_demo_batches",
            "patch_expert_maps", "plot_choice_by_group", "plot_patch_maps", "routing_report", "write_routing_report"]
 
 STREAMS = ("vision", "text", "pairs")
-
-
-class _Recorder:
-    """Forward hooks on every MoE layer of a module: summed counts per layer name."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.counts: OrderedDict[str, Tensor] = OrderedDict()
-        self.dropped: dict[str, int] = {}
-        self.routed: dict[str, int] = {}
-        self.params: dict[str, float] = {}
-        self.passes: dict[str, Tensor] = {}
-        self.distinct: dict[str, list[float]] = {}  # MH-MoE: [sum of distinct experts per token, tokens]
-        self.handles = [m.register_forward_hook(self._hook) for m in module.modules() if isinstance(m, MoE)]
-
-    def _hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        aux = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-        for s in getattr(aux, "stats", []) or []:
-            self.add(s)
-            h = module.config.heads
-            if s.assignments is not None and h > 1:
-                a = s.assignments.view(-1, h * s.assignments.shape[1]).cpu()  # (T, h*k) one row per token
-                distinct = (a.sort(dim=1).values.diff(dim=1) != 0).sum(dim=1) + 1
-                acc = self.distinct.setdefault(s.name, [0.0, 0.0])
-                acc[0] += float(distinct.sum())
-                acc[1] += float(a.shape[0])
-
-    def add(self, s: RoutingStats) -> None:
-        name = s.name or f"layer{len(self.counts)}"
-        c = s.tokens_per_expert.detach().long().cpu()
-        self.counts[name] = self.counts[name] + c if name in self.counts else c.clone()
-        self.dropped[name] = self.dropped.get(name, 0) + int(s.dropped)
-        self.routed[name] = self.routed.get(name, 0) + int(s.routed_tokens)
-        if s.expert_params is not None and s.routed_tokens:
-            self.params[name] = self.params.get(name, 0.0) + s.activated_params_per_token() * s.routed_tokens
-        if s.passes_per_token is not None:
-            p = s.passes_per_token.detach().long().cpu()
-            self.passes[name] = self.passes[name] + p if name in self.passes else p.clone()
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-    def layers(self, tau: float) -> dict[str, dict[str, Any]]:
-        out = {}
-        for name, c in self.counts.items():
-            total = int(c.sum())
-            row: dict[str, Any] = {
-                "counts": c.tolist(),
-                "load": [float(x) / total if total else 0.0 for x in c.tolist()],
-                "activation_ratio": activation_ratio(c, tau),
-                "load_entropy": load_entropy(c),
-                "load_cv": load_cv(c),
-                "dropped": self.dropped[name],
-                "routed_tokens": self.routed[name],
-            }
-            if name in self.params and self.routed[name]:
-                row["activated_params_per_token"] = self.params[name] / self.routed[name]
-            if name in self.distinct and self.distinct[name][1]:
-                row["distinct_experts_per_token"] = self.distinct[name][0] / self.distinct[name][1]
-            if name in self.passes:
-                h = self.passes[name].double()
-                row["passes_per_token"] = h.tolist()
-                row["mean_passes"] = float((h * torch.arange(1, h.numel() + 1)).sum() / h.sum()) if h.sum() else 0.0
-            out[name] = row
-        return out
 
 
 def _backbone(model: nn.Module) -> nn.Module:
@@ -123,35 +58,20 @@ def routing_report(model: nn.Module, batches: Iterable[dict[str, Any]], tau: flo
     """
     bb = _backbone(model).eval()
     cfg = bb.config
-    moes = [m for m in bb.modules() if isinstance(m, MoE)]
-    for m in moes:  # each (sub-)token's experts, for MH-MoE's distinct experts per token
-        m.record_assignments = True
-    recorders = {s: _Recorder(bb) for s in STREAMS}
-    for r in recorders.values():  # one recorder listens at a time
-        r.close()
-    try:
-        for batch in batches:
-            img, ids, pad = batch.get("image"), batch.get("text_ids"), batch.get("text_padding_mask")
-            runs = []
-            if img is not None and cfg.has_vision:
-                runs.append(("vision", dict(image=img)))
-            if ids is not None and cfg.has_text:
-                runs.append(("text", dict(text_ids=ids, text_padding_mask=pad)))
-            if img is not None and ids is not None and cfg.has_vision and cfg.has_text:
-                runs.append(("pairs", dict(image=img, text_ids=ids, text_padding_mask=pad)))
-            for stream, kwargs in runs:
-                rec = recorders[stream]
-                rec.handles = [m.register_forward_hook(rec._hook) for m in bb.modules() if isinstance(m, MoE)]
-                try:
-                    bb(**kwargs)
-                finally:
-                    rec.close()
-    finally:
-        for r in recorders.values():
-            r.close()
-        for m in moes:
-            m.record_assignments = False
-    streams = {s: r.layers(tau) for s, r in recorders.items() if r.counts}
+    accs = {s: RoutingStatsAccumulator(tau) for s in STREAMS}  # each (sub-)token's experts recorded too
+    for batch in batches:
+        img, ids, pad = batch.get("image"), batch.get("text_ids"), batch.get("text_padding_mask")
+        runs = []
+        if img is not None and cfg.has_vision:
+            runs.append(("vision", dict(image=img)))
+        if ids is not None and cfg.has_text:
+            runs.append(("text", dict(text_ids=ids, text_padding_mask=pad)))
+        if img is not None and ids is not None and cfg.has_vision and cfg.has_text:
+            runs.append(("pairs", dict(image=img, text_ids=ids, text_padding_mask=pad)))
+        for stream, kwargs in runs:
+            with record_routing(bb, accs[stream]):
+                bb(**kwargs)
+    streams = {s: acc.layers() for s, acc in accs.items() if acc.counts}
     summary = {}
     for s, layers in streams.items():
         n = len(layers)
@@ -169,21 +89,12 @@ def patch_expert_maps(model: nn.Module, image: Tensor) -> dict[str, Tensor]:
     moes = {m.stats_name: m for m in bb.modules() if isinstance(m, MoE) and m.stats_name.endswith(".vision")}
     got: dict[str, Tensor] = {}
 
-    def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-        for s in output[1].stats:
-            if s.assignments is not None:
-                got[s.name] = s.assignments[:, 0].cpu()
+    def first_choice(layer: MoE, s: RoutingStats, args: Any, kwargs: Any) -> None:
+        if s.assignments is not None:
+            got[s.name] = s.assignments[:, 0].cpu()
 
-    handles = [m.register_forward_hook(hook) for m in moes.values()]
-    for m in moes.values():
-        m.record_assignments = True
-    try:
+    with record_routing(bb, on_stats=first_choice, layers=moes.values()):
         bb(image=image)
-    finally:
-        for h in handles:
-            h.remove()
-        for m in moes.values():
-            m.record_assignments = False
     B = image.shape[0]
     gh, gw = bb.vision_embed.grid_size
     out = {}
@@ -309,16 +220,15 @@ def expert_choice_by_group(model: nn.Module, batches: Iterable[dict[str, Any]], 
             ``(B,)`` ids into ``groups``; the backbone runs on what each batch holds.
     """
     bb = _backbone(model).eval()
-    moes = [m for m in bb.modules() if isinstance(m, MoE)]
     counts: OrderedDict[str, Tensor] = OrderedDict()
     G = len(groups)
     ctx: dict[str, Any] = {}
 
-    def hook(module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
+    def count(layer: MoE, s: RoutingStats, args: Any, kwargs: dict[str, Any]) -> None:
         x = args[0] if args else kwargs["x"]
         pad = kwargs.get("padding_mask", args[1] if len(args) > 1 else None)
         B, Lv, Lt = ctx["B"], ctx["Lv"], ctx["Lt"]
-        if x.ndim == 3:
+        if x.ndim == 3:  # (B, L, D): the sample of every row
             sample = torch.arange(B).repeat_interleave(x.shape[1])
         elif x.ndim == 2 and x.shape[0] == B * (Lv + Lt):  # one shared pool: all vision rows, then all text rows
             sample = torch.cat([torch.arange(B).repeat_interleave(Lv), torch.arange(B).repeat_interleave(Lt)])
@@ -326,20 +236,16 @@ def expert_choice_by_group(model: nn.Module, batches: Iterable[dict[str, Any]], 
             return
         if pad is not None:
             sample = sample[~pad.reshape(-1).bool().cpu()]
-        sample = sample.repeat_interleave(module.config.heads)
-        for s in output[1].stats:
-            if s.assignments is None or s.assignments.shape[0] != sample.shape[0]:
-                continue  # Stratified MoE: no per-token record
-            a = s.assignments.cpu().long()
-            E = s.tokens_per_expert.numel()
-            c = counts.setdefault(s.name, torch.zeros(G, E, dtype=torch.long))
-            g = ctx["group"][sample].unsqueeze(1).expand_as(a)
-            c.view(-1).index_add_(0, (g * E + a).reshape(-1), torch.ones(a.numel(), dtype=torch.long))
+        sample = sample.repeat_interleave(layer.config.heads)  # MH-MoE: h sub-token rows per token
+        if s.assignments is None or s.assignments.shape[0] != sample.shape[0]:
+            return  # Stratified MoE: no per-token record
+        a = s.assignments.cpu().long()  # (rows, k)
+        E = s.tokens_per_expert.numel()
+        c = counts.setdefault(s.name, torch.zeros(G, E, dtype=torch.long))
+        g = ctx["group"][sample].unsqueeze(1).expand_as(a)
+        c.view(-1).index_add_(0, (g * E + a).reshape(-1), torch.ones(a.numel(), dtype=torch.long))
 
-    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in moes]
-    for m in moes:
-        m.record_assignments = True
-    try:
+    with record_routing(bb, on_stats=count):
         for batch in batches:
             img, ids, pad = batch.get("image"), batch.get("text_ids"), batch.get("text_padding_mask")
             B = (img if img is not None else ids).shape[0]
@@ -351,11 +257,6 @@ def expert_choice_by_group(model: nn.Module, batches: Iterable[dict[str, Any]], 
             if ids is not None:
                 kwargs.update(text_ids=ids, text_padding_mask=pad)
             bb(**kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-        for m in moes:
-            m.record_assignments = False
     layers = {}
     for name, c in counts.items():
         p = c.double() / c.sum().clamp(min=1)

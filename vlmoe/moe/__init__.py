@@ -22,6 +22,7 @@ from .experts import GroupedExperts, HeteroExperts
 from .grouped import grouped_linear
 from .layer import MoE, NonFiniteRoutingError, defer_finite_checks
 from .losses import load_balance_loss, p_penalty_loss, router_entropy_loss, router_z_loss
+from .recording import record_routing
 from .routers import (
     CosineRouter,
     LinearRouter,
@@ -67,6 +68,7 @@ __all__ = [
     "RouterOutput",
     "RoutingStats",
     "RoutingStatsAccumulator",
+    "record_routing",
     "activation_ratio",
     "apply_bias_updates",
     "build_router",

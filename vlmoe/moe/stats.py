@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -180,8 +181,16 @@ class RoutingStatsAccumulator:
         self.counts: OrderedDict[str, Tensor] = OrderedDict()
         self.dropped: OrderedDict[str, int] = OrderedDict()
         self.routed: OrderedDict[str, int] = OrderedDict()
+        # what some layers also report: expert parameters x routed tokens (HMoE), the histogram of expert
+        # passes per token (Stratified), [distinct experts summed over tokens, tokens] (MH-MoE, from the
+        # recorded assignments)
+        self.params: dict[str, float] = {}
+        self.passes: dict[str, Tensor] = {}
+        self.distinct: dict[str, list[float]] = {}
 
-    def update(self, aux: MoEAux | RoutingStats | list[RoutingStats]) -> None:
+    def update(self, aux: MoEAux | RoutingStats | list[RoutingStats], heads: int = 1) -> None:
+        """Add one forward's statistics (``heads``: the MH-MoE heads of the layer, to count the distinct
+        experts of a token's sub-tokens when the layer recorded its assignments)."""
         items = aux.stats if isinstance(aux, MoEAux) else ([aux] if isinstance(aux, RoutingStats) else aux)
         for i, s in enumerate(items):
             name = s.name or f"layer{i}"
@@ -190,6 +199,17 @@ class RoutingStatsAccumulator:
             self.counts[name] = c.clone() if prev is None or prev.shape != c.shape else prev + c.to(prev.device)
             self.dropped[name] = self.dropped.get(name, 0) + int(s.dropped)  # a CPU scalar: no device sync
             self.routed[name] = self.routed.get(name, 0) + int(s.routed_tokens)
+            if s.expert_params is not None and s.routed_tokens:
+                self.params[name] = self.params.get(name, 0.0) + s.activated_params_per_token() * s.routed_tokens
+            if s.passes_per_token is not None:
+                p = s.passes_per_token.detach().long().cpu()
+                self.passes[name] = self.passes[name] + p if name in self.passes else p.clone()
+            if s.assignments is not None and heads > 1:
+                a = s.assignments.reshape(-1, heads * s.assignments.shape[1]).cpu()  # (T, h*k): one row a token
+                distinct = (a.sort(dim=1).values.diff(dim=1) != 0).sum(dim=1) + 1
+                acc = self.distinct.setdefault(name, [0.0, 0.0])
+                acc[0] += float(distinct.sum())
+                acc[1] += float(a.shape[0])
 
     def all_reduce(self, reduce: Callable[[Tensor], Tensor]) -> None:
         """Sum every layer's counts over processes with ``reduce`` (e.g. ``lambda t: strategy.reduce(t,
@@ -216,6 +236,38 @@ class RoutingStatsAccumulator:
         self.counts.clear()
         self.dropped.clear()
         self.routed.clear()
+        self.params.clear()
+        self.passes.clear()
+        self.distinct.clear()
+
+    def layers(self) -> dict[str, dict[str, Any]]:
+        """Per layer everything summed: ``counts``, ``load`` (shares), the activation ratio, load entropy
+        and CV, ``dropped``, ``routed_tokens``, and where the layer reports them
+        ``activated_params_per_token``, ``distinct_experts_per_token``, ``passes_per_token`` (histogram)
+        and ``mean_passes``."""
+        out = {}
+        for name, c in self.counts.items():
+            c = c.cpu()
+            total = int(c.sum())
+            row: dict[str, Any] = {
+                "counts": c.tolist(),
+                "load": [float(x) / total if total else 0.0 for x in c.tolist()],
+                "activation_ratio": activation_ratio(c, self.tau),
+                "load_entropy": load_entropy(c),
+                "load_cv": load_cv(c),
+                "dropped": self.dropped[name],
+                "routed_tokens": self.routed[name],
+            }
+            if name in self.params and self.routed[name]:
+                row["activated_params_per_token"] = self.params[name] / self.routed[name]
+            if name in self.distinct and self.distinct[name][1]:
+                row["distinct_experts_per_token"] = self.distinct[name][0] / self.distinct[name][1]
+            if name in self.passes:
+                h = self.passes[name].double()
+                row["passes_per_token"] = h.tolist()
+                row["mean_passes"] = float((h * torch.arange(1, h.numel() + 1)).sum() / h.sum()) if h.sum() else 0.0
+            out[name] = row
+        return out
 
     def per_layer(self) -> dict[str, dict[str, float]]:
         out = {}
