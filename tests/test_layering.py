@@ -52,6 +52,7 @@ ALLOWED = {
     "inference": {"tasks", "models", "layers", "moe", "data", "metrics", "protocols"},
     "analysis": {"tasks", "models", "layers", "moe", "data", "metrics", "protocols"},
     "app": {"inference", "analysis", "tasks", "models", "layers", "moe", "data", "metrics", "protocols"},
+    "study": {"tasks", "models", "layers", "moe", "data", "metrics", "protocols"},
 }
 TOP = {"commands", "cli", "bench", "vlmoe"}  # the entry points: anything below them
 LEAVES = {"io", "runtime"}

@@ -30,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "vlmoe.tasks.finetune.cli",
         "finetune TASK (vqav2, nlvr2, imagenet, captioning, retrieval, detection) and score it; no options: demo",
     ),
-    "study": ("vlmoe.tasks.study", "the papers' comparison: Dense / X-MoE / MH-MoE / ... x seeds x every task"),
+    "study": ("vlmoe.commands.study", "the papers' comparison: Dense / X-MoE / MH-MoE / ... x seeds x every task"),
     "evaluate": ("vlmoe.commands.evaluate", "score a results file: `vlmoe evaluate coco` (COCOeval), `captions`"),
     "analyze": ("vlmoe.commands.analyze", "`vlmoe analyze routing`: expert load / activation per layer, pictures"),
     "predict": ("vlmoe.commands.predict", "a model folder on your own images: answer, caption, classify, detect, ..."),

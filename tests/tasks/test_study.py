@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vlmoe.models.flops import ffn_flops_per_token
 from vlmoe.moe import MoE, MoEConfig, expected_moe_flops_per_token, expected_passes
-from vlmoe.tasks.study import (
+from vlmoe.study import (
     VARIANTS,
     aggregate,
     plan,
