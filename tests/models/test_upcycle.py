@@ -1,4 +1,4 @@
-"""Dense -> MoE upcycling: what holds exactly (see vlmoe.models.checkpoint's docstring)."""
+"""Dense -> MoE upcycling: what holds exactly (see vlmoe.models.upcycling's docstring)."""
 
 import pytest
 import torch

@@ -9,25 +9,17 @@ model, report, preprocess = load("out/vqa")             # any checkpoint: export
 
 from .backbone import VLMoE, create_model, list_models
 from .block import MultiwayBlock
-from .checkpoint import (
-    LoadReport,
-    beit3_config,
-    load_beit3,
-    load_checkpoint,
-    load_state_dict,
-    load_timm_vit,
-    read_state_dict,
-    timm_vit_config,
-    upcycle,
-)
+from .checkpoint import load_checkpoint, load_state_dict, read_state_dict, upcycle
 from .config import PRESETS, VLMoEConfig
 from .convert import beit3_to_vlmoe, detect_format, timm_vit_to_vlmoe, vlmoe_to_beit3
 from .detection import ViTDetBackbone, VLMoEForDetection, build_mask_rcnn
 from .export import export_beit3, load_pretrained, save_pretrained
+from .external import beit3_config, load_beit3, load_timm_vit, timm_vit_config
 from .generation import GenerationOutput, beam_search, generate, greedy_search
 from .heads import Pooler, TwoLayerMLP, select_tokens, vqa_classifier
 from .loading import Source, load, read_source
 from .output import BackboneOutput
+from .report import LoadReport
 from .task_models import (
     TASK_MODELS,
     TaskModel,

@@ -42,9 +42,9 @@ from torch import nn
 from vlmoe.io import atomic_torch_save, atomic_write, atomic_write_text
 
 from .backbone import VLMoE
-from .checkpoint import LoadReport
 from .config import LEGACY_HEAD_FIELDS, VLMoEConfig
 from .convert import vlmoe_to_beit3
+from .report import LoadReport
 from .task_models import TaskModel
 
 __all__ = [

@@ -30,21 +30,18 @@ from vlmoe.io import torch_load
 
 from .backbone import VLMoE
 from .checkpoint import (
-    LoadReport,
-    beit3_config,
     is_training_checkpoint,
-    load_beit3,
     load_checkpoint,
-    load_timm_vit,
     read_state_dict,
     resolve_config,
     split_task_state,
     task_state_dict,
-    timm_vit_config,
 )
 from .config import VLMoEConfig
 from .convert import StateDict, detect_format, legacy_head_keys, strip_prefix
 from .export import CONFIG_NAME, WEIGHTS_NAME, legacy_task, read_export
+from .external import beit3_config, load_beit3, load_timm_vit, timm_vit_config
+from .report import LoadReport
 from .task_models import build_task_model
 
 __all__ = ["HUB_PREFIX", "KINDS", "Source", "hub_folder", "load", "load_into", "read_source"]
