@@ -1,7 +1,8 @@
 """State-dict key mapping between vlmoe and the BEiT-3 (torchscale / unilm) and timm ViT layouts.
 
 Pure functions on ``{name: tensor}`` mappings; loading into a model (shape checks, position
-resizing, dense -> MoE upcycling, the report) is :mod:`vlmoe.models.checkpoint`.
+resizing, dense -> MoE upcycling, the report) is :mod:`vlmoe.models.checkpoint` (with
+:mod:`~vlmoe.models.upcycling` and :mod:`~vlmoe.models.report`).
 
 BEiT-3 (``A`` = vision, ``B`` = language, optional ``beit3.``) -> vlmoe (``W`` = vision | text):
 
