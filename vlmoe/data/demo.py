@@ -41,7 +41,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -404,37 +404,65 @@ def _rle(mask: np.ndarray) -> dict[str, Any]:
     return {"size": [int(x) for x in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
+@dataclass
+class _Split:
+    """What every demo artefact is written from: easy-vqa's images with their measured facts and their
+    questions, the COCO-style ids and the JPEG files every format shares."""
+
+    train: list[ImageFacts]
+    test: list[ImageFacts]
+    train_qa: list[tuple[str, str, int]]
+    test_qa: list[tuple[str, str, int]]
+    image_id: dict[tuple[str, int], int]
+    coco_files: dict[tuple[str, int], Path] = field(default_factory=dict)
+    jpegs: dict[tuple[str, int], bytes] = field(default_factory=dict)
+
+    COCO_SPLIT = {"train": "train2014", "test": "val2014"}
+
+
 def _build(root: Path, seed: int) -> dict[str, int]:
+    """Write every demo artefact under ``root`` (one random stream, ``seed``, drawn in this order)."""
     rng = random.Random(seed)
     train, train_qa = _load_split("train")
     test, test_qa = _load_split("test")
-    coco_split = {"train": "train2014", "test": "val2014"}
     # COCO-style ids: unique across splits, >= 1.
     image_id = {("train", f.index): f.index + 1 for f in train}
     image_id.update({("test", f.index): 100_000 + f.index + 1 for f in test})
+    data = _Split(train, test, train_qa, test_qa, image_id)
+    _write_coco_images(root, data)
+    shard_counts = _write_pretraining_shards(root, data, rng)
+    paths = _paths(root, shard_counts)
+    _write_vqav2(paths, data)
+    _write_coco_annotations(paths, data)
+    _write_nlvr2(root, paths, data, rng)
+    _write_imagefolders(paths, data)
+    return shard_counts
 
-    # ---- COCO images (JPEG, as COCO ships) ----
-    coco_files: dict[tuple[str, int], Path] = {}
-    jpegs: dict[tuple[str, int], bytes] = {}
-    for sub in coco_split.values():
+
+def _write_coco_images(root: Path, data: _Split) -> None:
+    """The images as COCO ships them (JPEG, ``COCO_<split>_<id>.jpg``)."""
+    for sub in data.COCO_SPLIT.values():
         (root / "coco" / sub).mkdir(parents=True)
-    for f in train + test:
-        sub = coco_split[f.split]
-        p = root / "coco" / sub / f"COCO_{sub}_{image_id[(f.split, f.index)]:012d}.jpg"
-        jpegs[(f.split, f.index)] = _jpeg(f.png)
-        p.write_bytes(jpegs[(f.split, f.index)])
-        coco_files[(f.split, f.index)] = p
+    for f in data.train + data.test:
+        sub = data.COCO_SPLIT[f.split]
+        p = root / "coco" / sub / f"COCO_{sub}_{data.image_id[(f.split, f.index)]:012d}.jpg"
+        data.jpegs[(f.split, f.index)] = _jpeg(f.png)
+        p.write_bytes(data.jpegs[(f.split, f.index)])
+        data.coco_files[(f.split, f.index)] = p
 
-    # ---- pretraining shards ----
+
+def _write_pretraining_shards(root: Path, data: _Split, rng: random.Random) -> dict[str, int]:
+    """The webdataset shards of the three pretraining streams (img2dataset's layout); shards per stream."""
     shard_counts: dict[str, int] = {}
-    for split, facts, qa in (("train", train, train_qa), ("val", test, test_qa)):
+    shard_counts: dict[str, int] = {}
+    for split, facts, qa in (("train", data.train, data.train_qa), ("val", data.test, data.test_qa)):
         by_image: dict[int, list[str]] = {}
         for q, a, i in qa:
             by_image.setdefault(i, []).append(f"{q} {a}.")
         streams = {"pairs": [], "images": [], "texts": []}
         for n, f in enumerate(facts):
             key = f"{n // 10_000:05d}{n % 10_000:04d}"  # img2dataset's 9-digit keys
-            jpg = jpegs[(f.split, f.index)]
+            jpg = data.jpegs[(f.split, f.index)]
             caption = rng.choice(captions(f))
             height, width = f.mask.shape
             streams["pairs"].append(
@@ -468,15 +496,17 @@ def _build(root: Path, seed: int) -> dict[str, int]:
                     sink.write(s)
             shard_counts[f"{split}/{stream}"] = len(sink.paths)
 
-    paths = _paths(root, shard_counts)
+    return shard_counts
 
-    # ---- VQAv2 ----
-    for split, qa in (("train", train_qa), ("test", test_qa)):
-        sub = coco_split[split]
+
+def _write_vqav2(paths: DemoPaths, data: _Split) -> None:
+    """easy-vqa's questions as VQAv2 question and annotation files (10 identical human answers each)."""
+    for split, qa in (("train", data.train_qa), ("test", data.test_qa)):
+        sub = data.COCO_SPLIT[split]
         questions, annotations, per_image = [], [], {}
         for q, a, i in qa:
             k = per_image[i] = per_image.get(i, -1) + 1
-            iid = image_id[(split, i)]
+            iid = data.image_id[(split, i)]
             qid = iid * 100 + k
             questions.append({"image_id": iid, "question": q, "question_id": qid})
             annotations.append(
@@ -506,16 +536,18 @@ def _build(root: Path, seed: int) -> dict[str, int]:
         atomic_write_json(afile, {"info": info, "license": {}, "data_subtype": sub, "annotations": annotations})
     from vlmoe.data.vqav2 import AnswerVocab
 
-    AnswerVocab.from_counts(Counter(a for _, a, _ in train_qa + test_qa), min_count=1).save(paths.vqa_answers)
+    AnswerVocab.from_counts(Counter(a for _, a, _ in data.train_qa + data.test_qa), min_count=1).save(paths.vqa_answers)
 
-    # ---- COCO captions, Karpathy split, instances ----
+
+def _write_coco_annotations(paths: DemoPaths, data: _Split) -> None:
+    """COCO caption and instance files and the Karpathy split file (with its ground-truth files)."""
     karpathy, sentid = [], 0
-    for split, facts in (("train", train), ("test", test)):
-        sub = coco_split[split]
+    for split, facts in (("train", data.train), ("test", data.test)):
+        sub = data.COCO_SPLIT[split]
         images, cap_anns, inst_anns = [], [], []
         for n, f in enumerate(facts):
-            iid = image_id[(split, f.index)]
-            fname = coco_files[(split, f.index)].name
+            iid = data.image_id[(split, f.index)]
+            fname = data.coco_files[(split, f.index)].name
             h, w = f.mask.shape
             images.append({"id": iid, "file_name": fname, "width": w, "height": h, "license": 0})
             caps = captions(f)
@@ -589,8 +621,10 @@ def _build(root: Path, seed: int) -> dict[str, int]:
     atomic_write_json(paths.coco_karpathy_val_gt, _karpathy_gt(karpathy, "val"))
     atomic_write_json(paths.coco_karpathy_test_gt, _karpathy_gt(karpathy, "test"))
 
-    # ---- NLVR2 ----
-    # each pair's images are hard links to one PNG per easy-vqa image (NLVR2 names every pair's files)
+
+def _write_nlvr2(root: Path, paths: DemoPaths, data: _Split, rng: random.Random) -> None:
+    """NLVR2 statements over pairs of easy-vqa images; each pair's images are hard links to one PNG per
+    easy-vqa image (NLVR2 names every pair's files)."""
     pool = root / ".nlvr2_pool"
     pool.mkdir()
     pooled: dict[tuple[str, int], Path] = {}
@@ -601,11 +635,11 @@ def _build(root: Path, seed: int) -> dict[str, int]:
             pooled[(f.split, f.index)].write_bytes(f.png)
         return pooled[(f.split, f.index)]
 
-    half = len(test) // 2
+    half = len(data.test) // 2
     for split, facts, num_sets in (
-        ("train", train, NLVR2_SETS["train"]),
-        ("dev", test[:half], NLVR2_SETS["dev"]),
-        ("test1", test[half:], NLVR2_SETS["test1"]),
+        ("train", data.train, NLVR2_SETS["train"]),
+        ("dev", data.test[:half], NLVR2_SETS["dev"]),
+        ("test1", data.test[half:], NLVR2_SETS["test1"]),
     ):
         rows = []
         for row, x, y in _nlvr2_examples(rng, facts, split, num_sets):
@@ -618,14 +652,16 @@ def _build(root: Path, seed: int) -> dict[str, int]:
         atomic_write_text(target, "\n".join(rows) + "\n")
     shutil.rmtree(pool)
 
-    # ---- ImageFolders (hard links to the COCO-layout JPEGs where the filesystem allows) ----
-    for split, facts in (("train", train), ("val", test)):
+
+def _write_imagefolders(paths: DemoPaths, data: _Split) -> None:
+    """Image folders by shape and by colour + shape (hard links to the COCO-layout JPEGs where the
+    filesystem allows)."""
+    for split, facts in (("train", data.train), ("val", data.test)):
         for f in facts:
-            src = coco_files[(f.split, f.index)]
+            src = data.coco_files[(f.split, f.index)]
             name = f"{f.split}_{f.index:05d}.jpg"
             _link_or_copy(src, paths.imagefolder_shape / split / f.shape / name)
             _link_or_copy(src, paths.imagefolder_color_shape / split / f"{f.color}_{f.shape}" / name)
-    return shard_counts
 
 
 @contextlib.contextmanager
