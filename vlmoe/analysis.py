@@ -100,8 +100,8 @@ def patch_expert_maps(model: nn.Module, image: Tensor) -> dict[str, Tensor]:
     out = {}
     for name, first in got.items():
         heads = moes[name].config.heads
-        per = first.view(B, 1 + gh * gw, heads)[:, 1:]  # drop the CLS token
-        out[name] = per.permute(0, 2, 1).reshape(B, heads, gh, gw)
+        per = first.view(B, 1 + gh * gw, heads)[:, 1:]  # (B*(1+gh*gw)*heads,) -> (B, 1+gh*gw, heads); drop CLS
+        out[name] = per.permute(0, 2, 1).reshape(B, heads, gh, gw)  # (B, gh*gw, heads) -> (B, heads, gh, gw)
     return out
 
 
@@ -118,7 +118,7 @@ def plot_patch_maps(images: Tensor, maps: dict[str, Tensor], num_experts: dict[s
     fig, axes = plt.subplots(B, 1 + len(cols), figsize=(6.4, 6.4 * B / (1 + len(cols)) + 0.6), squeeze=False)
     S = images.shape[-1]
     for b in range(B):
-        img = images[b].permute(1, 2, 0).clamp(0, 1).numpy()
+        img = images[b].permute(1, 2, 0).clamp(0, 1).numpy()  # (3, S, S) -> (S, S, 3)
         axes[b, 0].imshow(img)
         for j, (name, h) in enumerate(cols, start=1):
             ax = axes[b, j]
@@ -235,7 +235,7 @@ def expert_choice_by_group(model: nn.Module, batches: Iterable[dict[str, Any]], 
         else:
             return
         if pad is not None:
-            sample = sample[~pad.reshape(-1).bool().cpu()]
+            sample = sample[~pad.reshape(-1).bool().cpu()]  # (B, L) or (B*(Lv+Lt),) -> one flag per row
         sample = sample.repeat_interleave(layer.config.heads)  # MH-MoE: h sub-token rows per token
         if s.assignments is None or s.assignments.shape[0] != sample.shape[0]:
             return  # Stratified MoE: no per-token record
@@ -243,6 +243,7 @@ def expert_choice_by_group(model: nn.Module, batches: Iterable[dict[str, Any]], 
         E = s.tokens_per_expert.numel()
         c = counts.setdefault(s.name, torch.zeros(G, E, dtype=torch.long))
         g = ctx["group"][sample].unsqueeze(1).expand_as(a)
+        # counts (G, E) -> (G*E,) bins; ids g*E + a (rows, k) -> (rows*k,)
         c.view(-1).index_add_(0, (g * E + a).reshape(-1), torch.ones(a.numel(), dtype=torch.long))
 
     with record_routing(bb, on_stats=count):

@@ -70,8 +70,8 @@ def routing_picture(predictor: Predictor, image: Any) -> tuple[Any, str]:
     if not maps:
         return None, "this model's vision MoE layers record no per-patch choice (Stratified MoE)"
     pre = predictor.preprocess
-    mean = torch.tensor(pre.mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    std = torch.tensor(pre.std, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    mean = torch.tensor(pre.mean, dtype=x.dtype, device=x.device).view(3, 1, 1)  # (3,) -> (3, 1, 1)
+    std = torch.tensor(pre.std, dtype=x.dtype, device=x.device).view(3, 1, 1)  # (3,) -> (3, 1, 1)
     experts = {m.stats_name: m.config.num_experts for m in moes}
     fig = plot_patch_maps((x * std + mean).float().cpu(), maps, experts, "first-choice expert per image patch")
     heads = max(m.shape[1] for m in maps.values())

@@ -72,7 +72,7 @@ class NaiveLoopMoE(nn.Module):
         probs = self.gate(x).softmax(-1)
         w, idx = probs.topk(self.k, dim=-1)
         w = w / w.sum(-1, keepdim=True)
-        flat = idx.reshape(-1)
+        flat = idx.reshape(-1)  # (T, k) -> (T*k,)
         order = flat.argsort(stable=True)
         tok = order // self.k
         counts = torch.bincount(flat, minlength=self.E).tolist()
@@ -82,7 +82,7 @@ class NaiveLoopMoE(nn.Module):
             h = F.gelu(xs[s : s + n] @ self.w1[e] + self.b1[e])
             outs.append(h @ self.w2[e] + self.b2[e])
             s += n
-        ys = torch.cat(outs) * w.reshape(-1)[order, None]
+        ys = torch.cat(outs) * w.reshape(-1)[order, None]  # w (T, k) -> (T*k,) -> sorted (T*k, 1)
         return torch.zeros_like(x).index_add_(0, tok, ys)
 
 

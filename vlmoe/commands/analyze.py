@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sample = batches[0]["image"][: args.samples]
         maps = patch_expert_maps(pred.model, sample)
         if maps:  # the patch -> expert map of a few images (denormalised for display)
+            # (3,) -> (3, 1, 1) each, broadcast over sample (n, 3, S, S)
             mean, std = torch.tensor(pre.mean).view(3, 1, 1), torch.tensor(pre.std).view(3, 1, 1)
             experts = {n: len(reports[name]["streams"]["vision"][n]["counts"]) for n in maps}
             fig = plot_patch_maps(sample * std + mean, maps, experts, f"{name}: first-choice expert per image patch")

@@ -247,7 +247,7 @@ class COCOInstances(Dataset):
                 keep.append(i)
         anns = [anns[i] for i in keep]
         target: dict[str, Any] = {
-            "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),  # (N, 4) xyxy; (0,) -> (0, 4) when no box
             "labels": torch.tensor([self.category_to_label[a["category_id"]] for a in anns], dtype=torch.int64),
             "category_ids": torch.tensor([a["category_id"] for a in anns], dtype=torch.int64),
             "area": torch.tensor([float(a.get("area", 0.0)) for a in anns], dtype=torch.float32),

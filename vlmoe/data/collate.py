@@ -126,7 +126,7 @@ class Collator:
         if to_float:
             mean, std = resolve_mean_std(self.mean_std)
             scale = torch.tensor([1.0 / (255.0 * x) for x in std]).view(3, 1, 1)  # (3,) -> (3, 1, 1)
-            shift = torch.tensor([m / x for m, x in zip(mean, std)]).view(3, 1, 1)
+            shift = torch.tensor([m / x for m, x in zip(mean, std)]).view(3, 1, 1)  # (3,) -> (3, 1, 1)
             for i, v in enumerate(values):
                 # Convert and normalise one image at a time while its 600 KB are still in cache:
                 # cheaper than three passes over the whole batch (measured: no table lookup or

@@ -128,7 +128,7 @@ def normalize_batch(images: Tensor, mean_std: str | MeanStd, out: Tensor | None 
     """
     mean, std = resolve_mean_std(mean_std)
     scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(1, 3, 1, 1)  # (3,) -> (1, 3, 1, 1)
-    shift = torch.tensor([m / s for m, s in zip(mean, std)]).view(1, 3, 1, 1)
+    shift = torch.tensor([m / s for m, s in zip(mean, std)]).view(1, 3, 1, 1)  # (3,) -> (1, 3, 1, 1)
     out = torch.empty(images.shape, dtype=torch.float32) if out is None else out
     if out.data_ptr() != images.data_ptr():
         out.copy_(images)

@@ -128,6 +128,7 @@ class MultiwayAttention(nn.Module):
         qkv = qv if qt is None else qt if qv is None else torch.cat([qv, qt], dim=1)  # (B, L, 3D)
         B, L, _ = qkv.shape
         num_vision = 0 if xv is None else xv.shape[1]
+        # (B, L, 3D) -> (B, L, 3, H, hd) -> (3, B, H, L, hd): q, k, v each (B, H, L, hd)
         q, k, v = qkv.view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, H, L_cached + L, hd)

@@ -229,10 +229,11 @@ class MultiwayFFN(nn.Module):
         rows = torch.cat([xv.reshape(B * Lv, D), xt.reshape(B * Lt, D)])  # (B*Lv + B*Lt, D)
         res = None
         if rv is not None and rt is not None:
-            res = torch.cat([rv.reshape(B * Lv, D), rt.reshape(B * Lt, D)])
+            res = torch.cat([rv.reshape(B * Lv, D), rt.reshape(B * Lt, D)])  # (B*Lv + B*Lt, D)
         pad = None
         if text_padding_mask is not None:
+            # (B, Lt) -> (B*Lt,) after B*Lv zeros (vision is never padding): (B*Lv + B*Lt,)
             pad = torch.cat([text_padding_mask.new_zeros(B * Lv), text_padding_mask.reshape(B * Lt)])
         y, aux = _ffn(moe, rows, pad, res)
         yv, yt = y.split([B * Lv, B * Lt])
-        return yv.view(B, Lv, D), yt.view(B, Lt, D), aux
+        return yv.view(B, Lv, D), yt.view(B, Lt, D), aux  # (B*Lv, D) -> (B, Lv, D), (B*Lt, D) -> (B, Lt, D)

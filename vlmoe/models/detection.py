@@ -50,8 +50,8 @@ def window_partition(x: Tensor, window: int) -> tuple[Tensor, tuple[int, int]]:
     if ph or pw:
         x = F.pad(x, (0, 0, 0, pw, 0, ph))
     Hp, Wp = H + ph, W + pw
-    x = x.view(B, Hp // window, window, Wp // window, window, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window, window, C), (Hp, Wp)
+    x = x.view(B, Hp // window, window, Wp // window, window, C)  # (B, Hp, Wp, C) -> (B, nH, window, nW, window, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window, window, C), (Hp, Wp)  # -> (B*nH*nW, window, window, C)
 
 
 def window_unpartition(windows: Tensor, window: int, padded: tuple[int, int], size: tuple[int, int]) -> Tensor:
@@ -59,8 +59,9 @@ def window_unpartition(windows: Tensor, window: int, padded: tuple[int, int], si
     Hp, Wp = padded
     H, W = size
     B = windows.shape[0] // ((Hp // window) * (Wp // window))
+    # (B*nH*nW, window, window, C) -> (B, nH, nW, window, window, C)
     x = windows.view(B, Hp // window, Wp // window, window, window, -1)
-    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, -1)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, -1)  # -> (B, nH, window, nW, window, C) -> (B, Hp, Wp, C)
     return x[:, :H, :W].contiguous()
 
 
@@ -135,18 +136,19 @@ class ViTDetBackbone(nn.Module):
         gh, gw = ve.grid_size
         if (gh, gw) == tuple(grid):
             return table
-        t = table.reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
+        t = table.reshape(1, gh, gw, -1).permute(0, 3, 1, 2)  # (gh*gw, D) -> (1, gh, gw, D) -> (1, D, gh, gw)
         t = F.interpolate(t.float(), size=grid, mode="bicubic", align_corners=False).to(table.dtype)
-        return t.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)
+        return t.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)  # (1, D, *grid) -> (grid[0]*grid[1], D)
 
     def _block(self, blk: nn.Module, x: Tensor, window: int) -> tuple[Tensor, MoEAux | None]:
         B, H, W, D = x.shape
-        flat = x.reshape(B, H * W, D)
+        flat = x.reshape(B, H * W, D)  # (B, H, W, D) -> (B, H*W, D)
         h, _ = blk.norm1(flat, None)
         if window > 0:
-            h, padded = window_partition(h.view(B, H, W, D), window)
-            h = h.view(-1, window * window, D)
+            h, padded = window_partition(h.view(B, H, W, D), window)  # (B, H*W, D) -> (B, H, W, D)
+            h = h.view(-1, window * window, D)  # (B*nH*nW, window, window, D) -> (B*nH*nW, window*window, D)
             h, _ = blk.attn(h, None)
+            # (B*nH*nW, window*window, D) -> (B*nH*nW, window, window, D) -> (B, H, W, D) -> (B, H*W, D)
             h = window_unpartition(h.view(-1, window, window, D), window, padded, (H, W)).view(B, H * W, D)
         else:
             h, _ = blk.attn(h, None)
@@ -154,15 +156,16 @@ class ViTDetBackbone(nn.Module):
         flat = flat + h
         h, _, aux = blk.mlp(*blk.norm2(flat, None), text_padding_mask=None, residual=(flat, None))
         h, _ = blk.drop_path2(h, None)
-        return (flat + h).view(B, H, W, D), aux
+        return (flat + h).view(B, H, W, D), aux  # (B, H*W, D) -> (B, H, W, D)
 
     def forward_features(self, images: Tensor) -> Tensor:
         """``(B, 3, H, W)`` (sides multiples of the patch size) -> the ``(B, D, H/p, W/p)`` map."""
         vit, ve = self.vit, self.vit.vision_embed
         x = ve.patch_embed.proj(images)  # (B, D, gh, gw)
         B, D, gh, gw = x.shape
+        # (B, D, gh, gw) -> (B, gh*gw, D)
         x = x.flatten(2).transpose(1, 2) + self._positions((gh, gw)).to(x.dtype)
-        x = x.view(B, gh, gw, D)
+        x = x.view(B, gh, gw, D)  # (B, gh*gw, D) -> (B, gh, gw, D)
         aux = MoEAux.zero(x.device)
         for i, blk in enumerate(vit.blocks):
             window = 0 if (i in self.global_blocks or self.window_size <= 0) else self.window_size
@@ -173,7 +176,7 @@ class ViTDetBackbone(nn.Module):
             if a is not None:
                 aux = aux + a
         self.aux = aux
-        return x.permute(0, 3, 1, 2)
+        return x.permute(0, 3, 1, 2)  # (B, gh, gw, D) -> (B, D, gh, gw)
 
     def forward(self, images: Tensor) -> OrderedDict[str, Tensor]:
         """The pyramid: ``{"0": stride p/4, "1": p/2, "2": p, "3": 2p, "pool": 4p}``, ``out_channels`` each."""

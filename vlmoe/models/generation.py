@@ -120,6 +120,7 @@ def beam_search(state: DecodeState, batch_size: int, bos: int, eos: int, max_len
     done = [False] * B
     for _ in range(max_len - 1):
         cur_len = tokens.shape[1]
+        # lp (B*K, V) -> (B, K, V), + beam scores (B, K, 1) -> (B, K*V)
         scores = (beam_scores[:, :, None] + lp.view(B, K, V)).view(B, K * V)
         top_scores, top_idx = scores.topk(2 * K, dim=1)
         top_beam, top_tok = (top_idx // V).tolist(), (top_idx % V).tolist()
@@ -150,6 +151,7 @@ def beam_search(state: DecodeState, batch_size: int, bos: int, eos: int, max_len
             break
         src = torch.tensor(next_src, device=device)
         tokens = torch.cat([tokens[src], torch.tensor(next_tok, device=device)[:, None]], dim=1)
+        # next_scores (B*K,) -> (B, K)
         beam_scores = torch.tensor(next_scores, dtype=torch.float64, device=device).view(B, K)
         if tokens.shape[1] >= max_len:
             break

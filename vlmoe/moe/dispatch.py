@@ -49,7 +49,7 @@ class DispatchPlan:
 def count_experts(idx: Tensor, n: int) -> Tensor:
     """(n,) occurrences of each value in idx. Unlike ``torch.bincount`` this never syncs a CUDA device
     (bincount reads the maximum to size its output)."""
-    flat = idx.reshape(-1)
+    flat = idx.reshape(-1)  # any shape, e.g. (T, k) -> (T*k,)
     return torch.zeros(n, dtype=torch.long, device=idx.device).index_add_(0, flat, torch.ones_like(flat))
 
 
@@ -71,6 +71,7 @@ def make_plan(
     device = indices.device
     flat_cm = indices.t().reshape(-1)  # (k*T,) choice-major: c = j*T + t
     if valid is not None:  # invalid slots go to a sentinel expert E, which sorts last
+        # valid (T, k) -> (k*T,), choice-major like flat_cm
         flat_cm = torch.where(valid.t().reshape(-1), flat_cm, torch.full_like(flat_cm, num_experts))
     routed = count_experts(flat_cm, num_experts + 1)[:num_experts]  # (E,)
     order = torch.sort(flat_cm, stable=True).indices  # choice-major ids, expert-sorted
@@ -158,8 +159,10 @@ class _Combine(torch.autograd.Function):
         grad_w = None
         if need_w:
             dots = (g_rows * rows).sum(-1)  # (M,) d out / d gate, per sorted row
+            # (M,) gate grads scattered into (T*k,) -> (T, k) = w.shape
             grad_w = dots.new_zeros(w.numel()).index_copy_(0, perm, dots).view(w.shape)
             grad_w = grad_w.to(ctx.weights_dtype)
+        # w (T, k) -> (T*k,) -> (M,) gates of the sorted rows -> (M, 1), times g_rows (M, d)
         grad_rows = g_rows.mul_(w.reshape(-1).index_select(0, perm).unsqueeze(1)) if need_rows else None
         return grad_rows, grad_w, None, None, None
 

@@ -210,9 +210,10 @@ class HeteroExperts(nn.Module):
         """Views of expert e's weights: w1 (dim, F_e), [w3 (dim, F_e)], w2 (F_e, dim), biases."""
         d, f = self.dim, self.sizes[e]
         o = sum(self.sizes[:e])
+        # flat (d*f,) slices -> w1 (d, f), w2 (f, d)
         out = {"w1": self.w1[d * o : d * (o + f)].view(d, f), "w2": self.w2[d * o : d * (o + f)].view(f, d)}
         if self.w3 is not None:
-            out["w3"] = self.w3[d * o : d * (o + f)].view(d, f)
+            out["w3"] = self.w3[d * o : d * (o + f)].view(d, f)  # (d*f,) -> (d, f)
         if self.b1 is not None:
             out["b1"] = self.b1[o : o + f]
             out["b2"] = self.b2[e * d : (e + 1) * d]
@@ -241,7 +242,7 @@ class HeteroExperts(nn.Module):
                 h = F.silu(h) * ragged_linear(x, cast(self.w3), cast(self.b3), up)
             else:
                 h = F.gelu(h)
-            return ragged_linear(h, cast(self.w2), cast(self.b2), down).view(M, d)
+            return ragged_linear(h, cast(self.w2), cast(self.b2), down).view(M, d)  # flat (M*d,) -> (M, d)
 
     def expert_forward(self, e: int, x: Tensor) -> Tensor:
         w = self.expert_weights(e)

@@ -195,8 +195,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         raise ValueError(f"linear: input of shape {tuple(x.shape)} does not match a weight of shape "
                          f"{tuple(weight.shape)} (in_features {weight.shape[1]})")
     lead = x.shape[:-1]
-    y = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias)
-    return y.view(*lead, weight.shape[0])
+    y = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias)  # (*lead, in) -> (N, in)
+    return y.view(*lead, weight.shape[0])  # (N, out) -> (*lead, out)
 
 
 class Linear(nn.Linear):

@@ -160,7 +160,7 @@ def _folded_ln_fc2_backward(a: Tensor, g: Tensor, z: Tensor, mu: Tensor, rs: Ten
             nt_g.mul_(gamma.unsqueeze(1)).addr_(beta, gsum)
     if glb is not None:
         glb[e] = w2 @ gsum
-    mu, rs = mu.view(-1), rs.view(-1)
+    mu, rs = mu.view(-1), rs.view(-1)  # (n, 1) -> (n,)
     c1 = (g @ wg.sum(0)).div_(F)
     c2 = ((g * z).sum(1).div_(F) - mu * c1).mul_(rs)
     p = -rs.square() * c2
@@ -257,6 +257,7 @@ class _ExpertFFN(torch.autograd.Function):
                             zs = workspace.empty((M, D), dtype=x.dtype, device=x.device)
                         zs[s : s + n].copy_(o)
                     const = ln_b[e] @ w2[e] if b2e is None else torch.addmv(b2e, w2[e].t(), ln_b[e])
+                    # mu * rs: (n, 1) -> (n,); its outer product with colsum (D,) is (n, D), like o
                     o.mul_(rs).addr_((mu * rs).view(-1), wg.sum(0), alpha=-1).add_(const)
                     mean[s : s + n].copy_(mu)
                     rstd[s : s + n].copy_(rs)
@@ -264,8 +265,8 @@ class _ExpertFFN(torch.autograd.Function):
                 else:
                     if ln:
                         a, mu, rs = torch.ops.aten.native_layer_norm(a, [F], ln_w[e], ln_b[e], eps)
-                        mean[s : s + n].copy_(mu.view(n, 1))
-                        rstd[s : s + n].copy_(rs.view(n, 1))
+                        mean[s : s + n].copy_(mu.view(n, 1))  # -> (n, 1) rows of the (M, 1) buffer
+                        rstd[s : s + n].copy_(rs.view(n, 1))  # -> (n, 1) rows of the (M, 1) buffer
                     rows_mm(a, w2[e], o, dnn, b2e)
                 del a, h
             s += n
@@ -462,8 +463,8 @@ class _RaggedLinear(torch.autograd.Function):
         out = workspace.empty((layout.y_numel,), dtype=x.dtype, device=x.device)
         for _, n, k, m, xo, yo, wo, bo in layout.blocks():
             if n:
-                o = torch.mm(x[xo : xo + n * k].view(n, k), w[wo : wo + k * m].view(k, m),
-                             out=out[yo : yo + n * m].view(n, m))
+                o = torch.mm(x[xo : xo + n * k].view(n, k), w[wo : wo + k * m].view(k, m),  # x_e (n, k) @ W_e (k, m)
+                             out=out[yo : yo + n * m].view(n, m))  # -> y_e (n, m)
                 if b is not None:
                     o.add_(b[bo : bo + m])
         ctx.save_for_backward(x, w)
@@ -484,11 +485,12 @@ class _RaggedLinear(torch.autograd.Function):
                 if gw is not None:  # an idle expert's weight gradient is zero
                     gw[wo : wo + k * m].zero_()
                 continue
-            gs = g[yo : yo + n * m].view(n, m)
-            we = w[wo : wo + k * m].view(k, m)
+            gs = g[yo : yo + n * m].view(n, m)  # flat -> g_e (n, m)
+            we = w[wo : wo + k * m].view(k, m)  # flat -> W_e (k, m)
             if gx is not None:
-                torch.mm(gs, we.t(), out=gx[xo : xo + n * k].view(n, k))
+                torch.mm(gs, we.t(), out=gx[xo : xo + n * k].view(n, k))  # gx_e (n, k) = g_e (n, m) @ W_e^T (m, k)
             if gw is not None:
+                # gw_e (k, m) = x_e^T (k, n) @ g_e (n, m)
                 torch.mm(x[xo : xo + n * k].view(n, k).t(), gs, out=gw[wo : wo + k * m].view(k, m))
             if gb is not None:
                 torch.sum(gs, 0, out=gb[bo : bo + m])
@@ -502,4 +504,5 @@ def ragged_linear(x: Tensor, w: Tensor, b: Tensor | None, layout: RaggedLayout) 
             f"ragged_linear: input has {x.numel()} values (layout wants {layout.x_numel}), weight has "
             f"{w.numel()} (layout wants {layout.w_numel})"
         )
+    # each -> 1-D: x (x_numel,), w (w_numel,), b (b_numel,)
     return _RaggedLinear.apply(x.reshape(-1), w.reshape(-1), None if b is None else b.reshape(-1), layout)

@@ -157,7 +157,7 @@ class MoE(nn.Module):
             raise ValueError(f"residual shape {tuple(residual.shape)} does not match input {tuple(x.shape)}")
         shape = x.shape
         flat = x.reshape(-1, self.dim)  # (N, d)
-        res = residual.reshape(-1, self.dim) if residual is not None else None
+        res = residual.reshape(-1, self.dim) if residual is not None else None  # (..., d) -> (N, d)
         keep = None
         if padding_mask is not None:
             keep = (~padding_mask.reshape(-1).bool()).nonzero().squeeze(1)  # (T,) non-padding rows
@@ -169,7 +169,7 @@ class MoE(nn.Module):
         y, aux = self._forward_tokens(flat, res)
         if keep is not None:
             y = y.new_zeros(shape[:-1].numel(), self.dim).index_copy(0, keep, y)
-        return y.view(shape), aux
+        return y.view(shape), aux  # (N, d) -> (..., d)
 
     def _forward_tokens(self, x: Tensor, residual: Tensor | None) -> tuple[Tensor, MoEAux]:
         """(T, d) non-padding tokens -> (T, d)."""
@@ -181,6 +181,7 @@ class MoE(nn.Module):
         if c.strata is not None:
             from .stratified import stratified_forward
 
+            # residual (T, d) -> (T*h, d/h), like sub
             res_sub = None if residual is None or self.head_proj is not None else residual.reshape(T * h, -1)
             y, losses, stats = stratified_forward(self, sub, res_sub)
         else:
@@ -191,7 +192,7 @@ class MoE(nn.Module):
             stats = self.routing_stats(plan, T * h, route)
             if self.record_assignments:
                 stats.assignments = route.indices.detach()
-        y = y.reshape(T, self.dim)  # merge the h sub-tokens back
+        y = y.reshape(T, self.dim)  # (T*h, d/h) -> (T, d): merge the h sub-tokens back
         if self.merge_proj is not None:
             y = self.merge_proj(y)
         loss = sum(losses.values()) if losses else x.new_zeros((), dtype=torch.float32)

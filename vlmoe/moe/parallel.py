@@ -130,6 +130,7 @@ def _even(ranges: list[range]) -> bool:
 def _src_major_to_expert_major(recv_counts: Tensor) -> tuple[Tensor, Tensor]:
     """Permutation taking rows ordered (src, expert) to (expert, src), and its inverse."""
     W, E = recv_counts.shape
+    # (W, E) -> (W*E,) exclusive cumsum -> (W, E): first row of each (src, expert) block
     starts = (torch.cumsum(recv_counts.reshape(-1), 0) - recv_counts.reshape(-1)).view(W, E)
     pieces = [
         torch.arange(int(starts[s, e]), int(starts[s, e]) + int(recv_counts[s, e]))

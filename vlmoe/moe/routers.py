@@ -251,7 +251,7 @@ class CosineRouter(Router):
         # checkpoints written while the temperature was a 0-d parameter still load
         key = prefix + "log_temperature"
         if key in state_dict and state_dict[key].dim() == 0:
-            state_dict[key] = state_dict[key].reshape(1)
+            state_dict[key] = state_dict[key].reshape(1)  # () -> (1,)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def compute_logits(self, x: Tensor) -> tuple[Tensor, Tensor | None]:

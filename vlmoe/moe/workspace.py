@@ -123,7 +123,7 @@ def empty_like(t: Tensor) -> Tensor:
     if not t.permute(order).is_contiguous():  # not a permutation of a dense tensor: row-major
         return empty(t.shape, dtype=t.dtype, device=t.device)
     buf = empty(tuple(t.shape[i] for i in order), dtype=t.dtype, device=t.device)
-    return buf.permute(tuple(order.index(i) for i in range(t.dim())))
+    return buf.permute(tuple(order.index(i) for i in range(t.dim())))  # storage-order dims -> t.shape, with t's strides
 
 
 def _take(nbytes: int) -> torch.UntypedStorage | None:

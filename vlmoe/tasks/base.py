@@ -344,7 +344,8 @@ class VLMoETask(pl.LightningModule):
         if not self.check_finite or not terms:
             return
         flagged = [s for s in stats if s.nonfinite is not None]
-        values = torch.stack([t.detach().float().reshape(()) for t in terms.values()])
+        values = torch.stack([t.detach().float().reshape(()) for t in terms.values()])  # each term -> (); (n_terms,)
+        # () flags; stacked (n_flagged,)
         flags = torch.stack([s.nonfinite.reshape(()) for s in flagged]) if flagged else None
         bad_here = (~torch.isfinite(values)).any().float()
         if flags is not None:

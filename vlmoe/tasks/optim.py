@@ -141,7 +141,7 @@ class AdamW(torch.optim.AdamW):
             same = [x for x in per_param if isinstance(x[i], Tensor) and x[i].dim() == p.dim()]
             if all(x[i].shape == p.shape and x[i].stride() == p.stride() for x in same):
                 for x in same:
-                    x[i] = x[i].permute(order)
+                    x[i] = x[i].permute(order)  # p's dims in storage order: a contiguous view
         return out
 
 

@@ -43,14 +43,14 @@ def patchify(images: Tensor, patch_size: int) -> Tensor:
         raise ValueError(f"image {H}x{W} is not a multiple of patch size {p}")
     x = images.reshape(B, C, H // p, p, W // p, p)  # (B, C, h, p, w, p)
     x = x.permute(0, 2, 4, 3, 5, 1)  # (B, h, w, p, p, C)
-    return x.reshape(B, (H // p) * (W // p), p * p * C)
+    return x.reshape(B, (H // p) * (W // p), p * p * C)  # (B, h, w, p, p, C) -> (B, N, p*p*C), N = h*w
 
 
 def _to_unit_range(images: Tensor, mean_std: str | tuple) -> Tensor:
     """Undo the data's normalisation: normalised images -> pixels in [0, 1]."""
     mean, std = resolve_mean_std(mean_std)
-    m = images.new_tensor(mean).view(1, -1, 1, 1)
-    s = images.new_tensor(std).view(1, -1, 1, 1)
+    m = images.new_tensor(mean).view(1, -1, 1, 1)  # (C,) -> (1, C, 1, 1)
+    s = images.new_tensor(std).view(1, -1, 1, 1)  # (C,) -> (1, C, 1, 1)
     return (images * s + m).clamp(0.0, 1.0)
 
 
@@ -410,6 +410,7 @@ class TeacherTarget(MIMTarget):
         mean, std = resolve_mean_std(self.mean_std)
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False)
+        # mean / std: (3,) -> (1, 3, 1, 1), broadcast over x (B, 3, S, S)
         x = (x - x.new_tensor(mean).view(1, -1, 1, 1)) / x.new_tensor(std).view(1, -1, 1, 1)
         f = self._features(x).float()  # (B, n, C)
         B, n, C = f.shape
