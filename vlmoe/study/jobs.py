@@ -17,7 +17,7 @@ from typing import Any
 
 from .variants import VARIANTS, variant_config
 
-__all__ = ["BUDGETS", "METRICS", "TASKS", "Job", "collect", "plan", "read_result", "run_job", "run_study"]
+__all__ = ["BUDGETS", "METRICS", "REPORTED", "TASKS", "Job", "collect", "plan", "read_result", "run_job", "run_study"]
 
 RESULT_VERSION = 1
 
@@ -30,6 +30,8 @@ def _finetune_specs() -> dict[str, Any]:
 
 
 _SPECS = _finetune_specs()
+# the pretraining loss terms reported besides the total (masked language / image modeling per stream)
+PRETRAIN_TERMS = ("mlm_text", "mlm_pair", "mim_image", "mim_pair")
 TASKS = ("pretrain", "routing", *_SPECS)
 
 # task -> (metric keys kept from <run>/predictions/val_metrics.json, the headline metric); the finetuning
@@ -38,6 +40,12 @@ METRICS: dict[str, tuple[tuple[str, ...], str]] = {
     **{n: (s.study_metrics, s.metric) for n, s in _SPECS.items()},
     "pretrain": (("val_loss", "samples_per_s"), "val_loss"),
     "routing": (("activation_ratio", "load_entropy"), "activation_ratio"),
+}
+
+# what the report shows per task: the metrics above, and the pretraining's loss terms where a run logs them
+REPORTED: dict[str, tuple[str, ...]] = {
+    **{t: keys for t, (keys, _) in METRICS.items()},
+    "pretrain": ("val_loss", *(f"val_{t}" for t in PRETRAIN_TERMS), "samples_per_s"),
 }
 
 _QUIET = ["--trainer.enable_progress_bar=false", "--data.num_workers=1"]
@@ -165,8 +173,8 @@ def collect(job: Job) -> dict[str, Any]:
         if not val:
             raise ValueError(f"{logs[-1]}: no val/loss row (the pretraining run did not validate)")
         out: dict[str, Any] = {"val_loss": float(val[-1]["val/loss"])}
-        out.update({k.replace("val/", "val_"): float(v) for k, v in val[-1].items()
-                    if k.startswith("val/loss/") and v})
+        out.update({f"val_{term}": float(val[-1][f"val/{term}"]) for term in PRETRAIN_TERMS
+                    if val[-1].get(f"val/{term}")})
         speed = [float(r["perf/samples_per_s"]) for r in rows if r.get("perf/samples_per_s")]
         out["samples_per_s"] = sum(speed[1:]) / len(speed[1:]) if len(speed) > 1 else (speed[0] if speed else 0.0)
         return out

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .jobs import METRICS, TASKS, Job, read_result
+from .jobs import METRICS, REPORTED, TASKS, Job, read_result
 from .stats import aggregate
 from .variants import VARIANTS, flop_table
 
@@ -24,6 +24,8 @@ def _fmt(row: dict[str, Any], scale: float) -> str:
 _SHOW = {"accuracy": ("accuracy (%)", 100), "top1": ("top-1 (%)", 100), "CIDEr": ("CIDEr", 100),
          "Bleu_4": ("BLEU-4", 100), "bbox_AP": ("box AP", 100), "segm_AP": ("mask AP", 100),
          "average_score": ("mean R@1/5/10 (%)", 100), "val_loss": ("val loss", 1),
+         "val_mlm_text": ("val MLM, texts", 1), "val_mlm_pair": ("val MLM, pairs", 1),
+         "val_mim_image": ("val MIM, images", 1), "val_mim_pair": ("val MIM, pairs", 1),
          "samples_per_s": ("samples/s", 1), "activation_ratio": ("activation ratio", 1),
          "load_entropy": ("load entropy", 1)}
 
@@ -51,7 +53,7 @@ def write_report(out: Path, jobs: Sequence[Job], variants: Sequence[str]) -> dic
     for task in TASKS:
         if task not in agg:
             continue
-        for metric in METRICS[task][0]:
+        for metric in REPORTED[task]:
             rows = agg[task].get(metric)
             if not rows:
                 continue
