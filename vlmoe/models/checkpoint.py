@@ -313,6 +313,7 @@ def load_checkpoint(
     strict: bool = False,
     upcycle_noise: float = 0.0,
     allow_partial: bool = False,
+    source: str | None = None,
 ) -> LoadReport:
     """Load a BEiT-3, timm ViT or vlmoe checkpoint into a backbone or a task model (layout detected
     from the keys).
@@ -332,8 +333,10 @@ def load_checkpoint(
         upcycle_noise: noise std for dense -> MoE copies.
         allow_partial: accept a checkpoint that provides under half of the backbone's weights (see
             :func:`load_state_dict`).
+        source: the file a loaded mapping was read from, for messages and the report.
     """
     sd, where = read_state_dict(src, key)
+    where = source or where
     sd = legacy_head_keys(strip_prefix(sd, ("module.",)))
     body, heads = split_task_state(sd)
     fmt = detect_format(body) if format == "auto" else format

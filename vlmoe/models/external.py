@@ -31,6 +31,7 @@ def load_beit3(
     strict: bool = False,
     upcycle_noise: float = 0.0,
     key: str | None = None,
+    source: str | None = None,
     **overrides: Any,
 ) -> tuple[VLMoE, LoadReport]:
     """Build a backbone and load an official BEiT-3 checkpoint into it.
@@ -50,12 +51,14 @@ def load_beit3(
         strict: raise unless the checkpoint fits the model exactly.
         upcycle_noise: noise std for dense -> MoE copies.
         key: container key to unwrap.
+        source: the file a loaded mapping was read from, for messages and the report.
         overrides: config fields to change (``img_size=384``, ``modalities=["vision"]`` ...).
 
     Returns:
         ``(model, report)``.
     """
     sd, where = read_state_dict(src, key)
+    where = source or where
     sd = strip_prefix(sd, ("module.",))
     if config is None:
         config = beit3_config(sd, **overrides)
@@ -67,7 +70,7 @@ def load_beit3(
             )
         overrides = {}
     model = VLMoE(resolve_config(config, overrides))
-    report = load_checkpoint(model, sd, format="beit3", strict=strict, upcycle_noise=upcycle_noise)
+    report = load_checkpoint(model, sd, format="beit3", strict=strict, upcycle_noise=upcycle_noise, source=where)
     report.source = where
     return model, report
 
@@ -119,6 +122,7 @@ def load_timm_vit(
     *,
     strict: bool = False,
     key: str | None = None,
+    source: str | None = None,
     **overrides: Any,
 ) -> tuple[VLMoE, LoadReport]:
     """Build a model and load a timm ``VisionTransformer`` checkpoint into its vision branch.
@@ -133,11 +137,12 @@ def load_timm_vit(
         ``(model, report)``.
     """
     sd, where = read_state_dict(src, key)
+    where = source or where
     if config is None:
         config = timm_vit_config(sd, **overrides)
         overrides = {}
     model = VLMoE(resolve_config(config, overrides))
-    report = load_checkpoint(model, sd, format="timm", strict=False)
+    report = load_checkpoint(model, sd, format="timm", strict=False, source=where)
     report.source = where
     if strict and not report.complete:
         raise ValueError(str(report) + "\n(strict=True)")

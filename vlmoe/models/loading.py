@@ -169,10 +169,8 @@ def load_into(model: nn.Module, source: Source, *, strict: bool = False, upcycle
               allow_partial: bool = False) -> LoadReport:
     """Fill ``model`` (a backbone or a task model) from a :class:`Source` already read (see
     :func:`~vlmoe.models.load_checkpoint`: dense -> MoE upcycling, resized positions, heads)."""
-    report = load_checkpoint(model, source.state_dict, format=source.format, strict=strict,
-                             upcycle_noise=upcycle_noise, allow_partial=allow_partial)
-    report.source = source.where
-    return report
+    return load_checkpoint(model, source.state_dict, format=source.format, strict=strict,
+                           upcycle_noise=upcycle_noise, allow_partial=allow_partial, source=source.where)
 
 
 def load(
@@ -205,9 +203,10 @@ def load(
     """
     source = read_source(src, key=key, format=format)
     if source.kind == "beit3":
-        model, report = load_beit3(source.state_dict, config, strict=strict, upcycle_noise=upcycle_noise, **overrides)
+        model, report = load_beit3(source.state_dict, config, strict=strict, upcycle_noise=upcycle_noise,
+                                   source=source.where, **overrides)
     elif source.kind == "timm":
-        model, report = load_timm_vit(source.state_dict, config, strict=strict, **overrides)
+        model, report = load_timm_vit(source.state_dict, config, strict=strict, source=source.where, **overrides)
     else:
         base = source.config if config is None else resolve_config(config)
         if base is None:
