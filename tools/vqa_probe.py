@@ -35,6 +35,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=64, help="image side (px)")
     p.add_argument("--init", default=None, help="checkpoint to start from (default: random init)")
     p.add_argument("--allow_partial", action="store_true", help="accept a checkpoint with under half the weights")
+    p.add_argument("--format", default="auto", help="checkpoint layout (auto, vlmoe, beit3, timm)")
     p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--head_lr", type=float, default=10.0, help="lr multiplier of the pooler and head")
@@ -69,7 +70,7 @@ def main() -> None:
     over.setdefault("final_norm", False)  # BEiT-3's VQA model, as VQATask builds it
     model = VLMoEForVQA(create_model(a.preset, img_size=a.size, vocab_size=dm.vocab_size, **over), dm.answers)
     if a.init:
-        print(load_checkpoint(model, a.init, allow_partial=a.allow_partial))
+        print(load_checkpoint(model, a.init, allow_partial=a.allow_partial, format=a.format))
 
     with open(dm.resolve()["val_annotations"]) as f:
         types = {x["question_id"]: x["answer_type"] for x in json.load(f)["annotations"]}
