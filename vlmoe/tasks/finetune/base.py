@@ -51,6 +51,7 @@ __all__ = [
     "DEMO",
     "DEMO_PRETRAIN_CHECKPOINT",
     "SMOKE_BUDGET",
+    "WHOLE_IMAGES",
     "FinetuneDataModule",
     "FinetuneTask",
     "control_metrics",
@@ -68,6 +69,11 @@ _DEMO_COMMON = {"model.init_checkpoint": DEMO, "model.min_lr": 1.0e-5, "data.num
 # the study's ``smoke`` budget of a task: a few steps on a few samples (tests)
 SMOKE_BUDGET = ["--trainer.max_steps=2", "--trainer.max_epochs=-1", "--data.limit_train_samples=32",
                 "--data.batch_size=16", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1"]
+
+
+# the vision-language demos' images as they are: no RandAugment, crop or flip (the texts name the
+# shape's colour, kind, size and side, which those change)
+WHOLE_IMAGES = {"data.randaug": "", "data.scale": [1.0, 1.0], "data.hflip": 0.0}
 
 
 def demo_recipe(options: dict[str, Any]) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from vlmoe.metrics.captioning import CaptionEvaluator, results_list
 from vlmoe.models import VLMoE, VLMoEForCaptioning
 
 from ..registry import Input, Prediction, TaskSpec, register_task
-from .base import DEMO, SMOKE_BUDGET, FinetuneDataModule, FinetuneTask, demo_recipe
+from .base import DEMO, SMOKE_BUDGET, WHOLE_IMAGES, FinetuneDataModule, FinetuneTask, demo_recipe
 
 __all__ = ["CaptionCollator", "CaptioningDataModule", "CaptioningTask", "caption_loss"]
 
@@ -334,9 +334,7 @@ register_task(TaskSpec(
         "data.batch_size": 64,
         "data.val_batch_size": 100,
         "data.max_len": 24,
-        "data.randaug": "",
-        "data.scale": [1.0, 1.0],
-        "data.hflip": 0.0,
+        **WHOLE_IMAGES,
     }),
     trainer={"max_epochs": 3, "max_steps": -1},
     description="Image captioning (BEiT-3's masked seq2seq; KV-cached beam search; BLEU/METEOR/ROUGE-L/CIDEr).",

@@ -19,7 +19,7 @@ from vlmoe.metrics.nlvr2 import NLVR2Evaluator
 from vlmoe.models import VLMoE, VLMoEForNLVR2
 
 from ..registry import Input, Prediction, TaskSpec, register_task
-from .base import DEMO, SMOKE_BUDGET, FinetuneDataModule, FinetuneTask, demo_recipe
+from .base import DEMO, SMOKE_BUDGET, WHOLE_IMAGES, FinetuneDataModule, FinetuneTask, demo_recipe
 
 __all__ = ["NLVR2DataModule", "NLVR2Task"]
 
@@ -128,9 +128,7 @@ register_task(TaskSpec(
         "data.batch_size": 32,
         "data.val_batch_size": 120,
         "data.max_len": 24,
-        "data.randaug": "",
-        "data.scale": [1.0, 1.0],
-        "data.hflip": 0.0,
+        **WHOLE_IMAGES,
     }),
     trainer={"max_epochs": 2, "max_steps": -1},
     description="NLVR2 finetuning (BEiT-3's two-image head; accuracy and consistency).",

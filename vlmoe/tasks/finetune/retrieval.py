@@ -26,7 +26,7 @@ from vlmoe.metrics.retrieval import RetrievalEvaluator
 from vlmoe.models import VLMoE, VLMoEForRetrieval
 
 from ..registry import Input, Prediction, TaskSpec, register_task
-from .base import DEMO, SMOKE_BUDGET, FinetuneDataModule, FinetuneTask, demo_recipe
+from .base import DEMO, SMOKE_BUDGET, WHOLE_IMAGES, FinetuneDataModule, FinetuneTask, demo_recipe
 
 __all__ = ["RetrievalCollator", "RetrievalDataModule", "RetrievalTask", "clip_loss", "gather_features"]
 
@@ -206,9 +206,7 @@ register_task(TaskSpec(
         "data.batch_size": 64,
         "data.val_batch_size": 100,
         "data.max_len": 24,
-        "data.randaug": "",
-        "data.scale": [1.0, 1.0],
-        "data.hflip": 0.0,
+        **WHOLE_IMAGES,
     }),
     trainer={"max_epochs": 2, "max_steps": -1},
     description="Image-text retrieval, dual encoder (BEiT-3's heads; contrastive loss over all ranks; R@1/5/10).",
