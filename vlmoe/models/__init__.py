@@ -20,6 +20,7 @@ from .heads import Pooler, TwoLayerMLP, select_tokens, vqa_classifier
 from .loading import Source, load, read_source
 from .output import BackboneOutput
 from .report import LoadReport
+from .segmentation import VLMoEForSegmentation
 from .task_models import (
     TASK_MODELS,
     TaskModel,
@@ -51,6 +52,7 @@ __all__ = [
     "VLMoEForNLVR2",
     "VLMoEForPretraining",
     "VLMoEForRetrieval",
+    "VLMoEForSegmentation",
     "VLMoEForVQA",
     "VLMoE",
     "VLMoEConfig",
