@@ -47,10 +47,10 @@ def _args(demo, out: Path, ckpt: Path, *extra: str) -> list[str]:
 def test_registered_and_lists_its_tasks(capsys) -> None:
     vlmoe_main(["finetune", "--help"])
     out = capsys.readouterr().out
-    assert all(t in out for t in ("vqav2", "nlvr2", "imagenet", "captioning", "retrieval", "detection"))
+    assert all(t in out for t in ("vqav2", "nlvr2", "imagenet", "captioning", "retrieval", "detection", "segmentation"))
     with pytest.raises(SystemExit) as e:
         vlmoe_main(["finetune", "vqa3"])
-    known = "['captioning', 'detection', 'imagenet', 'nlvr2', 'retrieval', 'vqav2']"
+    known = "['captioning', 'detection', 'imagenet', 'nlvr2', 'retrieval', 'segmentation', 'vqav2']"
     assert e.value.code == 2 and f"unknown finetuning task 'vqa3'; choose from {known}" in \
         capsys.readouterr().err
 

@@ -155,7 +155,7 @@ def test_finetune_config_parses(path: Path) -> None:
         assert cfg.trainer.strategy == "ddp_find_unused_parameters_true"
 
 
-@pytest.mark.parametrize("task", ["vqav2", "nlvr2", "imagenet", "captioning", "retrieval", "detection"])
+@pytest.mark.parametrize("task", ["vqav2", "nlvr2", "imagenet", "captioning", "retrieval", "detection", "segmentation"])
 def test_finetune_demo_yaml_is_the_default_run(task: str) -> None:
     default = _plain(parse_finetune(task))
     demo = _plain(parse_finetune(task, "--config", str(ROOT / "finetune" / task / "demo.yaml")))

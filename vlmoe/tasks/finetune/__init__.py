@@ -15,6 +15,7 @@ from .imagenet import ImageNetDataModule, ImageNetTask
 from .captioning import CaptioningDataModule, CaptioningTask, caption_loss
 from .detection import DetectionDataModule, DetectionTask
 from .retrieval import RetrievalDataModule, RetrievalTask, clip_loss
+from .segmentation import SegmentationDataModule, SegmentationTask
 # isort: on
 
 __all__ = [
@@ -31,6 +32,8 @@ __all__ = [
     "NLVR2Task",
     "RetrievalDataModule",
     "RetrievalTask",
+    "SegmentationDataModule",
+    "SegmentationTask",
     "VQADataModule",
     "VQATask",
     "caption_loss",
