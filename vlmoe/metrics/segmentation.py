@@ -26,7 +26,8 @@ from vlmoe.protocols.segmentation import IGNORE_INDEX, read_label_map
 
 from .base import Evaluator
 
-__all__ = ["SegmentationEvaluator", "intersect_and_union", "score_folders", "segmentation_scores"]
+__all__ = ["SegmentationEvaluator", "intersect_and_union", "score_folders", "segmentation_record",
+           "segmentation_scores"]
 
 
 def intersect_and_union(pred: np.ndarray, label: np.ndarray, num_classes: int,
@@ -43,6 +44,13 @@ def intersect_and_union(pred: np.ndarray, label: np.ndarray, num_classes: int,
     area_pred = np.bincount(p[inside], minlength=num_classes)[:num_classes]
     area_label = np.bincount(y, minlength=num_classes)[:num_classes]
     return inter.astype(np.int64), area_pred.astype(np.int64), area_label.astype(np.int64)
+
+
+def segmentation_record(image_id: Any, pred: np.ndarray, label: np.ndarray, num_classes: int,
+                        ignore_index: int = IGNORE_INDEX) -> dict[str, Any]:
+    """The evaluator's record of one image: its per-class areas (:func:`intersect_and_union`)."""
+    i, p, lab = intersect_and_union(pred, label, num_classes, ignore_index)
+    return {"image_id": image_id, "intersect": i.tolist(), "pred": p.tolist(), "label": lab.tolist()}
 
 
 def segmentation_scores(inter: np.ndarray, area_pred: np.ndarray, area_label: np.ndarray,
@@ -84,8 +92,7 @@ class SegmentationEvaluator(Evaluator):
 
     def record(self, image_id: Any, pred: np.ndarray, label: np.ndarray) -> dict[str, Any]:
         """The record of one image's prediction (class indices) against its label map."""
-        i, p, lab = intersect_and_union(pred, label, self.num_classes, self.ignore_index)
-        return {"image_id": image_id, "intersect": i.tolist(), "pred": p.tolist(), "label": lab.tolist()}
+        return segmentation_record(image_id, pred, label, self.num_classes, self.ignore_index)
 
     def check(self, record: dict[str, Any]) -> None:
         for k in ("intersect", "pred", "label"):

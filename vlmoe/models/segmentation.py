@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from vlmoe.moe import MoEAux
 
 from .backbone import VLMoE
-from .task_models import TaskModel, register_task_model
+from .task_models import TaskModel, class_count, register_task_model
 
 __all__ = ["SegmentationNeck", "VLMoEForSegmentation", "default_out_indices"]
 
@@ -76,12 +76,7 @@ class VLMoEForSegmentation(TaskModel):
         super().__init__(backbone)
         from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
 
-        if class_names is not None:
-            if num_classes is not None and num_classes != len(class_names):
-                raise ValueError(f"num_classes={num_classes} but {len(class_names)} class names")
-            num_classes = len(class_names)
-        if not num_classes:
-            raise ValueError("VLMoEForSegmentation needs num_classes or class_names")
+        num_classes = class_count(num_classes, class_names, type(self).__name__)
         c = backbone.config
         if not c.has_vision:
             raise ValueError(f"VLMoEForSegmentation needs a vision branch (modalities {list(c.modalities)})")

@@ -58,6 +58,18 @@ def register_task_model(cls: type[TaskModel]) -> type[TaskModel]:
     return cls
 
 
+def class_count(num_classes: int | None, class_names: list[str] | None, owner: str) -> int:
+    """The number of classes a head is given, as ``num_classes`` or as the length of ``class_names``
+    (both: they must agree); neither is an error naming ``owner``."""
+    if class_names is not None:
+        if num_classes is not None and num_classes != len(class_names):
+            raise ValueError(f"num_classes={num_classes} but {len(class_names)} class names")
+        num_classes = len(class_names)
+    if not num_classes:
+        raise ValueError(f"{owner} needs num_classes or class_names")
+    return num_classes
+
+
 def build_task_model(backbone: VLMoE, task: dict[str, Any] | None) -> nn.Module:
     """The task model a ``task_config()`` describes, on ``backbone`` (the backbone alone for None)."""
     if not task:
@@ -285,12 +297,7 @@ class VLMoEForImageClassification(TaskModel):
         init_scale: float = 1e-3,
     ) -> None:
         super().__init__(backbone)
-        if class_names is not None:
-            if num_classes is not None and num_classes != len(class_names):
-                raise ValueError(f"num_classes={num_classes} but {len(class_names)} class names")
-            num_classes = len(class_names)
-        if not num_classes:
-            raise ValueError("VLMoEForImageClassification needs num_classes or class_names")
+        num_classes = class_count(num_classes, class_names, type(self).__name__)
         c = backbone.config
         self.num_classes, self.class_names, self.init_scale = num_classes, class_names, init_scale
         self.fc_norm = nn.LayerNorm(c.dim, eps=c.layernorm_eps)

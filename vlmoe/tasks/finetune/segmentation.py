@@ -27,7 +27,7 @@ from torch import Tensor
 from vlmoe.data import Collator
 from vlmoe.data.inputs import as_list
 from vlmoe.data.segmentation import COCOSemantic, SegmentationFolder, SegmentationTransform, ade20k_folders
-from vlmoe.metrics.segmentation import SegmentationEvaluator
+from vlmoe.metrics.segmentation import SegmentationEvaluator, segmentation_record
 from vlmoe.models import VLMoE, VLMoEForSegmentation
 from vlmoe.protocols.segmentation import IGNORE_INDEX
 
@@ -79,12 +79,12 @@ class SegmentationTask(FinetuneTask):
 
     def eval_step(self, batch: dict[str, Any]) -> tuple[Tensor | None, list[dict[str, Any]]]:
         logits = self.model(batch["image"])  # (B, C, S, S)
-        ev = self.evaluators.get("val") or next(iter(self.evaluators.values()))
         records = []
         for i, label in enumerate(batch["label"]):  # each at its own resolution
             up = F.interpolate(logits[i : i + 1].float(), size=label.shape[-2:], mode="bilinear", align_corners=False)
             pred = up.argmax(1)[0]  # (1, C, H, W) -> (H, W)
-            records.append(ev.record(batch["image_id"][i], pred.cpu().numpy(), label.cpu().numpy()))
+            records.append(segmentation_record(batch["image_id"][i], pred.cpu().numpy(), label.cpu().numpy(),
+                                               len(self.class_names)))
         return None, records
 
 
@@ -150,7 +150,7 @@ class SegmentationDataModule(FinetuneDataModule):
 
     def transform(self, train: bool) -> Any:
         size = self.resolved_image_size()
-        return SegmentationTransform(train, size, short_side=self.short_side or size, ratio=self.ratio,
+        return SegmentationTransform(train, size, short_side=self.short_side, ratio=self.ratio,
                                      hflip=self.hflip, photometric=self.photometric)
 
     def _dataset(self, split: str) -> Any:
